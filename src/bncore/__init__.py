@@ -1,0 +1,39 @@
+"""bncore: normalization layers on one C core, for any DLPack tensor.
+
+    >>> import numpy as np, bncore
+    >>> x = np.random.default_rng(0).normal(size=(8, 3, 4, 4)).astype(np.float32)
+    >>> y = bncore.batch_norm(x, training=True)          # NumPy in, NumPy out
+"""
+from __future__ import annotations
+
+import os as _os
+
+from . import _core
+from ._core import (BncoreError, InternalError, InvalidArgumentError, OutOfMemoryError, OverlapError,
+                    ShapeMismatchError, UnsupportedDeviceError, UnsupportedDtypeError, get_num_threads,
+                    set_num_threads)
+from .functional import (MissingRunningStatsError, batch_norm, batch_norm_backward, batch_norm_forward)
+from .layers import BatchNorm
+
+__version__ = _core.version_string()
+
+__all__ = [
+    "BatchNorm", "BncoreError", "InternalError", "InvalidArgumentError", "MissingRunningStatsError",
+    "OutOfMemoryError", "OverlapError", "ShapeMismatchError", "UnsupportedDeviceError", "UnsupportedDtypeError",
+    "batch_norm", "batch_norm_backward", "batch_norm_forward", "get_include", "get_library",
+    "get_num_threads", "set_num_threads", "__version__",
+]
+
+
+def get_include() -> str:
+    """The folder holding bncore/bncore.h and dlpack/dlpack.h, for C and C++ builds."""
+    return _os.path.join(_os.path.dirname(__file__), "include")
+
+
+def get_library() -> str:
+    """The path of the installed C shared library."""
+    here = _os.path.dirname(__file__)
+    for name in sorted(_os.listdir(here)):
+        if name.startswith("libbncore") and ".so" in name or name.endswith(".dylib"):
+            return _os.path.join(here, name)
+    raise FileNotFoundError(f"no libbncore shared library in {here}")

@@ -1,0 +1,114 @@
+"""Tensors in, the caller's own array type out.
+
+Inputs are imported through DLPack by `bncore._core.import_tensor`. Outputs are
+allocated by the library the input came from (NumPy, PyTorch, CuPy) so that the
+caller gets its own type back, on its device, in its layout; frameworks without
+a writable `empty` (JAX) receive a bncore-owned buffer through DLPack instead.
+"""
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+
+from . import _core
+
+FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+HALF_DTYPES = ("float16", "bfloat16")
+
+
+def family_of(obj) -> str:
+    """Which library made `obj`: 'numpy', 'torch', 'cupy', 'jax' or 'other'."""
+    root = type(obj).__module__.split(".")[0]
+    if root in ("numpy", "torch", "cupy"):
+        return root
+    if root in ("jax", "jaxlib"):
+        return "jax"
+    return "other"
+
+
+def detach(obj):
+    """A PyTorch tensor that requires grad cannot be exported; its data can."""
+    if getattr(obj, "requires_grad", False) and hasattr(obj, "detach"):
+        return obj.detach()
+    return obj
+
+
+def import_tensor(obj, what: str, writable: bool = False):
+    if obj is None:
+        return None
+    return _core.import_tensor(detach(obj), what, writable)
+
+
+class Allocator:
+    """Allocates outputs in the family of a reference tensor `like` (the input)."""
+
+    def __init__(self, like, like_tensor):
+        self.like = like
+        self.family = family_of(like)
+        self.device = like_tensor.device
+        self._pending = []  # bncore Buffers to hand over to a framework at the end
+
+    def empty(self, shape, dtype: str, like_layout=None):
+        """A writable tensor of `shape` and `dtype`; `like_layout` (an input) gives its strides."""
+        fam = self.family
+        if fam == "numpy":
+            if like_layout is not None and like_layout.dtype.name == dtype:
+                return np.empty_like(like_layout)
+            return np.empty(shape, dtype=np.dtype(dtype))
+        if fam == "torch":
+            torch = sys.modules["torch"]
+            tdtype = getattr(torch, dtype)
+            if like_layout is not None and like_layout.dtype == tdtype:
+                return torch.empty_like(like_layout, memory_format=torch.preserve_format)
+            return torch.empty(tuple(shape), dtype=tdtype, device=self.like.device)
+        if fam == "cupy":
+            cupy = sys.modules["cupy"]
+            return cupy.empty(tuple(shape), dtype=dtype)
+        buf = _core.Buffer(shape, dtype)
+        self._pending.append(buf)
+        return buf
+
+    def finish(self, obj):
+        """The caller-facing form of a tensor made by `empty`."""
+        if obj is None or not isinstance(obj, _core.Buffer):
+            return obj
+        if self.family == "jax":
+            import jax.numpy as jnp
+
+            return jnp.from_dlpack(obj)
+        ns = getattr(self.like, "__array_namespace__", None)
+        if ns is not None and self.family == "other":
+            return ns().from_dlpack(obj)
+        return np.from_dlpack(obj)
+
+
+def stat_dtype(dtype: str) -> str:
+    """Saved statistics are float32 for half inputs, else the input's dtype."""
+    return "float32" if dtype in HALF_DTYPES else dtype
+
+
+def check_float(t, what: str):
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{what}: expected a floating dtype (float16, bfloat16, float32 or float64), got {t.dtype}")
+
+
+def check_same_device(tensors):
+    """tensors: (name, imported tensor or None) pairs; all must share a device."""
+    first = None
+    for name, t in tensors:
+        if t is None:
+            continue
+        if first is None:
+            first = (name, t.device)
+        elif t.device != first[1]:
+            raise ValueError(f"{name}: expected a tensor on the device of {first[0]} {describe_device(first[1])}, "
+                             f"got one on {describe_device(t.device)}")
+
+
+_DEVICE_NAMES = {1: "cpu", 2: "cuda", 3: "cuda_host", 10: "rocm", 13: "cuda_managed"}
+
+
+def describe_device(dev) -> str:
+    kind, idx = dev
+    return f"{_DEVICE_NAMES.get(kind, f'device type {kind}')}:{idx}"

@@ -1,0 +1,464 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, embedsignature=True
+"""The thin layer between Python and bncore's C ABI.
+
+It imports DLPack tensors from any producer (zero-copy), exports bncore-owned
+buffers, maps C statuses onto exception classes and calls the C library with
+the GIL released. It holds no math: every number is computed behind the C ABI.
+"""
+from cpython.pycapsule cimport (PyCapsule_CheckExact, PyCapsule_GetName, PyCapsule_GetPointer,
+                                PyCapsule_IsValid, PyCapsule_New, PyCapsule_SetName)
+from cpython.ref cimport Py_DECREF, Py_INCREF
+from libc.stdint cimport int64_t, uint64_t
+from libc.stdlib cimport free, malloc
+from libc.string cimport memset
+from posix.stdlib cimport posix_memalign
+
+from bncore.capi cimport *
+
+# ---------------------------------------------------------------- statuses -> exceptions
+
+
+class BncoreError(Exception):
+    """Base class of every error bncore raises for a C status. `status` is the C code."""
+    status = None
+
+
+class InvalidArgumentError(BncoreError, ValueError):
+    status = BN_STATUS_INVALID_ARGUMENT
+
+
+class ShapeMismatchError(BncoreError, ValueError):
+    status = BN_STATUS_SHAPE_MISMATCH
+
+
+class UnsupportedDtypeError(BncoreError, TypeError):
+    status = BN_STATUS_UNSUPPORTED_DTYPE
+
+
+class UnsupportedDeviceError(BncoreError, ValueError):
+    status = BN_STATUS_UNSUPPORTED_DEVICE
+
+
+class OverlapError(BncoreError, ValueError):
+    status = BN_STATUS_OVERLAP
+
+
+class OutOfMemoryError(BncoreError, MemoryError):
+    status = BN_STATUS_OUT_OF_MEMORY
+
+
+class InternalError(BncoreError, RuntimeError):
+    status = BN_STATUS_INTERNAL
+
+
+STATUS_ERRORS = {
+    BN_STATUS_INVALID_ARGUMENT: InvalidArgumentError,
+    BN_STATUS_SHAPE_MISMATCH: ShapeMismatchError,
+    BN_STATUS_UNSUPPORTED_DTYPE: UnsupportedDtypeError,
+    BN_STATUS_UNSUPPORTED_DEVICE: UnsupportedDeviceError,
+    BN_STATUS_OVERLAP: OverlapError,
+    BN_STATUS_OUT_OF_MEMORY: OutOfMemoryError,
+    BN_STATUS_INTERNAL: InternalError,
+}
+STATUS_COUNT = BN_STATUS_COUNT
+
+
+def status_string(int status):
+    """The C library's static description of a status code."""
+    return bn_status_string(<bn_status_t>status).decode()
+
+
+def error_for_status(int status, str message):
+    """The exception instance bncore raises for `status` (None for success)."""
+    if status == BN_STATUS_SUCCESS:
+        return None
+    cls = STATUS_ERRORS.get(status, InternalError)
+    return cls(f"{message} [{status_string(status)}]")
+
+
+cdef int check(bn_status_t status) except -1:
+    if status == BN_STATUS_SUCCESS:
+        return 0
+    raise error_for_status(status, bn_last_error().decode("utf-8", "replace"))
+
+
+# ---------------------------------------------------------------- library facts
+
+
+def version_string():
+    """The version of the loaded C library."""
+    return bn_version_string().decode()
+
+
+def version():
+    """BN_VERSION of the loaded C library: major * 10000 + minor * 100 + patch."""
+    return bn_version()
+
+
+def set_num_threads(int n):
+    """Threads bncore's kernels use (n <= 0: the OpenMP default). Results do not depend on it."""
+    check(bn_set_num_threads(n))
+
+
+def get_num_threads():
+    return bn_get_num_threads()
+
+
+MAX_NDIM = BN_MAX_NDIM
+FLAG_RMS = BN_FLAG_RMS
+FLAG_USE_RUNNING_STATS = BN_FLAG_USE_RUNNING_STATS
+FLAG_UPDATE_RUNNING_STATS = BN_FLAG_UPDATE_RUNNING_STATS
+FLAG_RUNNING_VAR_BIASED = BN_FLAG_RUNNING_VAR_BIASED
+
+# ---------------------------------------------------------------- DLPack import
+
+_DTYPE_NAMES = {(0, 8): "int8", (0, 16): "int16", (0, 32): "int32", (0, 64): "int64",
+                (1, 8): "uint8", (1, 16): "uint16", (1, 32): "uint32", (1, 64): "uint64",
+                (2, 16): "float16", (2, 32): "float32", (2, 64): "float64", (4, 16): "bfloat16",
+                (5, 64): "complex64", (5, 128): "complex128", (6, 8): "bool"}
+_DTYPE_CODES = {v: k for k, v in _DTYPE_NAMES.items()}
+_IMMUTABLE_MODULES = ("jax", "jaxlib", "tensorflow")
+
+
+cdef class Tensor:
+    """A tensor imported through DLPack. It owns the producer's managed tensor until
+    `release()` (or garbage collection) calls the producer's deleter, exactly once."""
+    cdef DLTensor *t
+    cdef DLManagedTensorVersioned *managed_v
+    cdef DLManagedTensor *managed
+    cdef readonly bint read_only
+    cdef readonly object source
+
+    def __dealloc__(self):
+        self._release()
+
+    cdef void _release(self) noexcept:
+        if self.managed_v is not NULL:
+            if self.managed_v.deleter is not NULL:
+                self.managed_v.deleter(self.managed_v)
+            self.managed_v = NULL
+        if self.managed is not NULL:
+            if self.managed.deleter is not NULL:
+                self.managed.deleter(self.managed)
+            self.managed = NULL
+        self.t = NULL
+
+    def release(self):
+        """Gives the tensor back to its producer now."""
+        self._release()
+        self.source = None
+
+    @property
+    def shape(self):
+        return tuple(self.t.shape[i] for i in range(self.t.ndim))
+
+    @property
+    def strides(self):
+        """Strides in elements (compact row-major when the producer gave none)."""
+        if self.t.strides is not NULL:
+            return tuple(self.t.strides[i] for i in range(self.t.ndim))
+        out, s = [], 1
+        for i in reversed(range(self.t.ndim)):
+            out.append(s)
+            s *= self.t.shape[i]
+        return tuple(reversed(out))
+
+    @property
+    def ndim(self):
+        return self.t.ndim
+
+    @property
+    def dtype(self):
+        key = (self.t.dtype.code, self.t.dtype.bits)
+        name = _DTYPE_NAMES.get(key, f"code{key[0]}/{key[1]}bits")
+        return name if self.t.dtype.lanes == 1 else f"{name}x{self.t.dtype.lanes}"
+
+    @property
+    def device(self):
+        """(DLDeviceType, device id) as DLPack numbers them: (1, 0) is the CPU."""
+        return (<int>self.t.device.device_type, self.t.device.device_id)
+
+    @property
+    def data_ptr(self):
+        return <size_t>self.t.data + self.t.byte_offset
+
+
+cdef object _capsule_of(object obj, str what):
+    if PyCapsule_CheckExact(obj):
+        return obj
+    if not hasattr(obj, "__dlpack__"):
+        raise TypeError(f"{what}: expected a tensor that supports DLPack (NumPy, PyTorch, JAX, CuPy, ...), "
+                        f"got {type(obj).__module__}.{type(obj).__qualname__}")
+    try:
+        return obj.__dlpack__(max_version=(DLPACK_MAJOR_VERSION, DLPACK_MINOR_VERSION))
+    except TypeError:
+        return obj.__dlpack__()  # a producer older than DLPack 1.0 takes no max_version
+
+
+def import_tensor(object obj, str what, bint writable=False):
+    """Imports `obj` (a DLPack producer or a DLPack capsule) without copying.
+
+    A raw capsule is consumed: a second import of it fails. `writable` refuses
+    read-only tensors (read-only NumPy arrays, JAX arrays)."""
+    cdef Tensor t = Tensor.__new__(Tensor)
+    cdef DLManagedTensorVersioned *mv
+    capsule = _capsule_of(obj, what)
+    if PyCapsule_IsValid(capsule, b"dltensor_versioned"):
+        mv = <DLManagedTensorVersioned *>PyCapsule_GetPointer(capsule, b"dltensor_versioned")
+        if mv.version.major > DLPACK_MAJOR_VERSION:
+            raise BufferError(f"{what}: DLPack version {mv.version.major}.{mv.version.minor} is newer than "
+                              f"the {DLPACK_MAJOR_VERSION}.x that bncore reads")
+        PyCapsule_SetName(capsule, b"used_dltensor_versioned")
+        t.managed_v = mv
+        t.t = &mv.dl_tensor
+        t.read_only = (mv.flags & DLPACK_FLAG_BITMASK_READ_ONLY) != 0
+    elif PyCapsule_IsValid(capsule, b"dltensor"):
+        t.managed = <DLManagedTensor *>PyCapsule_GetPointer(capsule, b"dltensor")
+        PyCapsule_SetName(capsule, b"used_dltensor")
+        t.t = &t.managed.dl_tensor
+        t.read_only = False
+    else:
+        name = PyCapsule_GetName(capsule) if PyCapsule_CheckExact(capsule) else None
+        if name is not None and name.startswith(b"used_"):
+            raise ValueError(f"{what}: this DLPack capsule was already consumed; a capsule can be read only "
+                             f"once, so pass the tensor itself or a fresh capsule")
+        raise TypeError(f"{what}: expected a DLPack capsule named 'dltensor' or 'dltensor_versioned', "
+                        f"got {name!r}")
+    t.source = obj
+    if type(obj).__module__.split(".")[0] in _IMMUTABLE_MODULES:
+        t.read_only = True
+    if writable and t.read_only:
+        kind = f"{type(obj).__module__}.{type(obj).__qualname__}"
+        t._release()
+        raise ValueError(f"{what}: the tensor is read-only ({kind}) and bncore writes into it in place; "
+                         f"pass a writable NumPy array or PyTorch tensor, or keep the statistics in "
+                         f"bncore's own state objects (bncore.BatchNorm)")
+    return t
+
+
+# ---------------------------------------------------------------- bncore-owned buffers (DLPack export)
+
+
+cdef void _buffer_capsule_deleter(object capsule) noexcept:
+    # A capsule never consumed still owns its managed tensor.
+    if PyCapsule_IsValid(capsule, b"dltensor_versioned"):
+        mv = <DLManagedTensorVersioned *>PyCapsule_GetPointer(capsule, b"dltensor_versioned")
+        mv.deleter(mv)
+    elif PyCapsule_IsValid(capsule, b"dltensor"):
+        mu = <DLManagedTensor *>PyCapsule_GetPointer(capsule, b"dltensor")
+        mu.deleter(mu)
+
+
+cdef struct _Export:
+    DLManagedTensorVersioned v
+    DLManagedTensor u
+    int64_t shape[16]
+    int64_t strides[16]
+    void *owner
+
+
+cdef void _export_release(_Export *e) noexcept with gil:
+    Py_DECREF(<object>e.owner)
+    free(e)
+
+
+cdef void _delete_versioned(DLManagedTensorVersioned *self) noexcept with gil:
+    _export_release(<_Export *>self.manager_ctx)
+
+
+cdef void _delete_unversioned(DLManagedTensor *self) noexcept with gil:
+    _export_release(<_Export *>self.manager_ctx)
+
+
+cdef class Buffer:
+    """Compact row-major memory owned by bncore, 64-byte aligned, exported through
+    DLPack. It lets frameworks without a writable empty() (JAX) receive bncore's
+    results, in every dtype bncore computes (bfloat16 included), without a copy."""
+    cdef void *data
+    cdef readonly tuple shape
+    cdef readonly str dtype
+    cdef DLDataType dl_dtype
+
+    def __cinit__(self, shape, str dtype):
+        if dtype not in _DTYPE_CODES:
+            raise TypeError(f"Buffer: unknown dtype {dtype!r}")
+        code, bits = _DTYPE_CODES[dtype]
+        self.shape = tuple(int(s) for s in shape)
+        if len(self.shape) > 16:
+            raise ValueError("Buffer: at most 16 dimensions")
+        self.dtype = dtype
+        self.dl_dtype.code = code
+        self.dl_dtype.bits = bits
+        self.dl_dtype.lanes = 1
+        cdef size_t nbytes = bits // 8
+        for s in self.shape:
+            nbytes *= <size_t>s
+        if posix_memalign(&self.data, 64, nbytes if nbytes > 0 else 64) != 0:
+            raise MemoryError(f"Buffer: cannot allocate {nbytes} bytes")
+        memset(self.data, 0, nbytes)
+
+    def __dealloc__(self):
+        free(self.data)
+
+    def __dlpack_device__(self):
+        return (<int>kDLCPU, 0)
+
+    def __dlpack__(self, *, stream=None, max_version=None, dl_device=None, copy=None):
+        if copy:
+            raise BufferError("Buffer: copy=True is not supported")
+        cdef _Export *e = <_Export *>malloc(sizeof(_Export))
+        if e is NULL:
+            raise MemoryError("Buffer: cannot allocate the DLPack export")
+        Py_INCREF(self)
+        e.owner = <void *>self
+        cdef DLTensor *t
+        cdef int i
+        cdef int64_t s = 1
+        for i in reversed(range(len(self.shape))):
+            e.shape[i] = self.shape[i]
+            e.strides[i] = s
+            s *= self.shape[i]
+        versioned = max_version is not None and max_version[0] >= 1
+        if versioned:
+            e.v.version.major = DLPACK_MAJOR_VERSION
+            e.v.version.minor = DLPACK_MINOR_VERSION
+            e.v.manager_ctx = e
+            e.v.deleter = _delete_versioned
+            e.v.flags = 0
+            t = &e.v.dl_tensor
+        else:
+            e.u.manager_ctx = e
+            e.u.deleter = _delete_unversioned
+            t = &e.u.dl_tensor
+        t.data = self.data
+        t.device.device_type = kDLCPU
+        t.device.device_id = 0
+        t.ndim = len(self.shape)
+        t.dtype = self.dl_dtype
+        t.shape = e.shape
+        t.strides = e.strides
+        t.byte_offset = 0
+        if versioned:
+            return PyCapsule_New(&e.v, b"dltensor_versioned", _buffer_capsule_deleter)
+        return PyCapsule_New(&e.u, b"dltensor", _buffer_capsule_deleter)
+
+
+# ---------------------------------------------------------------- problem descriptions
+
+
+cdef class Desc:
+    """bn_norm_desc_t: what to normalize (see bncore.h)."""
+    cdef bn_norm_desc_t d
+
+    @staticmethod
+    def batch(int ndim, int axis, double eps):
+        cdef Desc s = Desc.__new__(Desc)
+        check(bn_norm_desc_init_batch(&s.d, ndim, axis, eps))
+        return s
+
+    @staticmethod
+    def layer(int ndim, int normalized_ndim, double eps):
+        cdef Desc s = Desc.__new__(Desc)
+        check(bn_norm_desc_init_layer(&s.d, ndim, normalized_ndim, eps))
+        return s
+
+    @staticmethod
+    def rms(int ndim, int normalized_ndim, double eps):
+        cdef Desc s = Desc.__new__(Desc)
+        check(bn_norm_desc_init_rms(&s.d, ndim, normalized_ndim, eps))
+        return s
+
+    @staticmethod
+    def instance(int ndim, double eps):
+        cdef Desc s = Desc.__new__(Desc)
+        check(bn_norm_desc_init_instance(&s.d, ndim, eps))
+        return s
+
+    @staticmethod
+    def group(int ndim, int64_t num_groups, double eps):
+        cdef Desc s = Desc.__new__(Desc)
+        check(bn_norm_desc_init_group(&s.d, ndim, num_groups, eps))
+        return s
+
+    @staticmethod
+    def axes(uint64_t reduce_axes, uint64_t param_axes, double eps, unsigned int flags=0):
+        cdef Desc s = Desc.__new__(Desc)
+        s.d.reduce_axes = reduce_axes
+        s.d.param_axes = param_axes
+        s.d.split_axis = -1
+        s.d.reserved = 0
+        s.d.num_groups = 0
+        s.d.eps = eps
+        s.d.momentum = 0.0
+        s.d.flags = flags
+        return s
+
+    def with_options(self, unsigned int flags, double momentum=0.0):
+        """A copy with `flags` added and `momentum` set."""
+        cdef Desc s = Desc.__new__(Desc)
+        s.d = self.d
+        s.d.flags = self.d.flags | flags
+        s.d.momentum = momentum
+        return s
+
+    @property
+    def reduce_axes(self):
+        return self.d.reduce_axes
+
+    @property
+    def param_axes(self):
+        return self.d.param_axes
+
+    @property
+    def flags(self):
+        return self.d.flags
+
+    @property
+    def eps(self):
+        return self.d.eps
+
+    def __repr__(self):
+        return (f"Desc(reduce_axes={self.d.reduce_axes:#x}, param_axes={self.d.param_axes:#x}, "
+                f"split_axis={self.d.split_axis}, num_groups={self.d.num_groups}, eps={self.d.eps}, "
+                f"momentum={self.d.momentum}, flags={self.d.flags:#x})")
+
+
+# ---------------------------------------------------------------- calls
+
+
+cdef inline DLTensor *_ptr(Tensor t):
+    return NULL if t is None else t.t
+
+
+def norm_forward(Desc desc, Tensor x, Tensor weight, Tensor bias, Tensor running_mean,
+                 Tensor running_var, Tensor y, Tensor save_mean, Tensor save_rstd):
+    """bn_norm_forward over imported tensors (None for an absent one)."""
+    cdef bn_status_t st
+    cdef DLTensor *px = _ptr(x)
+    cdef DLTensor *pw = _ptr(weight)
+    cdef DLTensor *pb = _ptr(bias)
+    cdef DLTensor *prm = _ptr(running_mean)
+    cdef DLTensor *prv = _ptr(running_var)
+    cdef DLTensor *py = _ptr(y)
+    cdef DLTensor *psm = _ptr(save_mean)
+    cdef DLTensor *psr = _ptr(save_rstd)
+    with nogil:
+        st = bn_norm_forward(&desc.d, px, pw, pb, prm, prv, py, psm, psr)
+    check(st)
+
+
+def norm_backward(Desc desc, Tensor x, Tensor dy, Tensor weight, Tensor save_mean, Tensor save_rstd,
+                  Tensor dx, Tensor dweight, Tensor dbias):
+    """bn_norm_backward over imported tensors (None for an absent one)."""
+    cdef bn_status_t st
+    cdef DLTensor *px = _ptr(x)
+    cdef DLTensor *pdy = _ptr(dy)
+    cdef DLTensor *pw = _ptr(weight)
+    cdef DLTensor *psm = _ptr(save_mean)
+    cdef DLTensor *psr = _ptr(save_rstd)
+    cdef DLTensor *pdx = _ptr(dx)
+    cdef DLTensor *pdw = _ptr(dweight)
+    cdef DLTensor *pdb = _ptr(dbias)
+    with nogil:
+        st = bn_norm_backward(&desc.d, px, pdy, pw, psm, psr, pdx, pdw, pdb)
+    check(st)

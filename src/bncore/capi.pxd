@@ -1,0 +1,97 @@
+# Cython declarations of bncore's C ABI: a mirror of bncore/bncore.h and the DLPack
+# structures it uses. Installed with the package so that other Cython projects can
+# `from bncore cimport capi` and link against the same library (bncore.get_library()).
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
+
+cdef extern from "dlpack/dlpack.h" nogil:
+    ctypedef struct DLPackVersion:
+        uint32_t major
+        uint32_t minor
+
+    ctypedef enum DLDeviceType:
+        kDLCPU
+        kDLCUDA
+        kDLCUDAHost
+
+    ctypedef struct DLDevice:
+        DLDeviceType device_type
+        int32_t device_id
+
+    ctypedef struct DLDataType:
+        uint8_t code
+        uint8_t bits
+        uint16_t lanes
+
+    ctypedef struct DLTensor:
+        void *data
+        DLDevice device
+        int32_t ndim
+        DLDataType dtype
+        int64_t *shape
+        int64_t *strides
+        uint64_t byte_offset
+
+    ctypedef struct DLManagedTensor:
+        DLTensor dl_tensor
+        void *manager_ctx
+        void (*deleter)(DLManagedTensor *)
+
+    ctypedef struct DLManagedTensorVersioned:
+        DLPackVersion version
+        void *manager_ctx
+        void (*deleter)(DLManagedTensorVersioned *)
+        uint64_t flags
+        DLTensor dl_tensor
+
+    uint64_t DLPACK_FLAG_BITMASK_READ_ONLY
+    int DLPACK_MAJOR_VERSION
+    int DLPACK_MINOR_VERSION
+
+cdef extern from "bncore/bncore.h" nogil:
+    ctypedef enum bn_status_t:
+        BN_STATUS_SUCCESS
+        BN_STATUS_INVALID_ARGUMENT
+        BN_STATUS_SHAPE_MISMATCH
+        BN_STATUS_UNSUPPORTED_DTYPE
+        BN_STATUS_UNSUPPORTED_DEVICE
+        BN_STATUS_OVERLAP
+        BN_STATUS_OUT_OF_MEMORY
+        BN_STATUS_INTERNAL
+        BN_STATUS_COUNT
+
+    const char *bn_status_string(bn_status_t status)
+    const char *bn_last_error()
+    uint32_t bn_version()
+    const char *bn_version_string()
+    bn_status_t bn_set_num_threads(int32_t n)
+    int32_t bn_get_num_threads()
+
+    int BN_MAX_NDIM
+    uint32_t BN_FLAG_RMS
+    uint32_t BN_FLAG_USE_RUNNING_STATS
+    uint32_t BN_FLAG_UPDATE_RUNNING_STATS
+    uint32_t BN_FLAG_RUNNING_VAR_BIASED
+    uint32_t BN_FLAG_ALL
+
+    ctypedef struct bn_norm_desc_t:
+        uint64_t reduce_axes
+        uint64_t param_axes
+        int32_t split_axis
+        int32_t reserved
+        int64_t num_groups
+        double eps
+        double momentum
+        uint32_t flags
+
+    bn_status_t bn_norm_desc_init_batch(bn_norm_desc_t *desc, int32_t ndim, int32_t channel_axis, double eps)
+    bn_status_t bn_norm_desc_init_layer(bn_norm_desc_t *desc, int32_t ndim, int32_t normalized_ndim, double eps)
+    bn_status_t bn_norm_desc_init_rms(bn_norm_desc_t *desc, int32_t ndim, int32_t normalized_ndim, double eps)
+    bn_status_t bn_norm_desc_init_instance(bn_norm_desc_t *desc, int32_t ndim, double eps)
+    bn_status_t bn_norm_desc_init_group(bn_norm_desc_t *desc, int32_t ndim, int64_t num_groups, double eps)
+
+    bn_status_t bn_norm_forward(const bn_norm_desc_t *desc, const DLTensor *x, const DLTensor *weight,
+                                const DLTensor *bias, DLTensor *running_mean, DLTensor *running_var,
+                                DLTensor *y, DLTensor *save_mean, DLTensor *save_rstd)
+    bn_status_t bn_norm_backward(const bn_norm_desc_t *desc, const DLTensor *x, const DLTensor *dy,
+                                 const DLTensor *weight, const DLTensor *save_mean, const DLTensor *save_rstd,
+                                 DLTensor *dx, DLTensor *dweight, DLTensor *dbias)

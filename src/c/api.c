@@ -1,0 +1,257 @@
+/* Public entry points: validate -> plan -> dispatch (device, dtype) -> commit. */
+#include <inttypes.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "internal.h"
+
+static bn_status_t check_desc(const bn_norm_desc_t *desc, const DLTensor *x) {
+  if (!desc) return bn_fail(BN_STATUS_INVALID_ARGUMENT, "desc: expected a problem description, got NULL");
+  if (desc->flags & ~BN_FLAG_ALL)
+    return bn_fail(BN_STATUS_INVALID_ARGUMENT, "desc.flags: unknown bits 0x%x", (unsigned)(desc->flags & ~BN_FLAG_ALL));
+  if (desc->reserved != 0) return bn_fail(BN_STATUS_INVALID_ARGUMENT, "desc.reserved: expected 0");
+  if (!isfinite(desc->eps) || desc->eps < 0)
+    return bn_fail(BN_STATUS_INVALID_ARGUMENT, "eps: expected a finite value >= 0, got %g", desc->eps);
+  if ((desc->flags & BN_FLAG_UPDATE_RUNNING_STATS) && !(desc->momentum >= 0 && desc->momentum <= 1))
+    return bn_fail(BN_STATUS_INVALID_ARGUMENT, "momentum: expected a value in [0, 1], got %g", desc->momentum);
+  if ((desc->flags & BN_FLAG_USE_RUNNING_STATS) && (desc->flags & BN_FLAG_UPDATE_RUNNING_STATS))
+    return bn_fail(BN_STATUS_INVALID_ARGUMENT,
+                   "desc.flags: USE_RUNNING_STATS (eval) and UPDATE_RUNNING_STATS (training) exclude each other");
+  if ((desc->flags & BN_FLAG_RMS) && (desc->flags & (BN_FLAG_USE_RUNNING_STATS | BN_FLAG_UPDATE_RUNNING_STATS)))
+    return bn_fail(BN_STATUS_INVALID_ARGUMENT, "desc.flags: RMS normalization keeps no running statistics");
+  const uint64_t axes = x->ndim >= 64 ? ~0ull : ((1ull << x->ndim) - 1);
+  if ((desc->reduce_axes | desc->param_axes) & ~axes)
+    return bn_fail(BN_STATUS_INVALID_ARGUMENT, "desc: reduce_axes 0x%llx / param_axes 0x%llx name axes beyond the %d of x",
+                   (unsigned long long)desc->reduce_axes, (unsigned long long)desc->param_axes, (int)x->ndim);
+  if (desc->split_axis != -1) {
+    if (desc->split_axis < 0 || desc->split_axis >= x->ndim)
+      return bn_fail(BN_STATUS_INVALID_ARGUMENT, "desc.split_axis: expected -1 or an axis of x (ndim %d), got %d",
+                     (int)x->ndim, (int)desc->split_axis);
+    if ((desc->reduce_axes >> desc->split_axis) & 1u)
+      return bn_fail(BN_STATUS_INVALID_ARGUMENT, "desc.split_axis: axis %d must not also be in reduce_axes",
+                     (int)desc->split_axis);
+  }
+  return BN_STATUS_SUCCESS;
+}
+
+/* weight / bias / running statistic / saved statistic: optional, float, CPU, `count` values */
+static bn_status_t check_small(const DLTensor *t, const char *what, int64_t count, const char *per) {
+  if (!t) return BN_STATUS_SUCCESS;
+  bn_dtype_t dt;
+  bn_status_t st = bn_check_tensor(t, what, &dt);
+  return st ? st : bn_check_numel(t, what, count, per);
+}
+
+/* One allocation for every per-group and per-parameter array of a call. */
+typedef struct scratch_t {
+  double *mean, *rstd, *weight, *bias, *s1, *s2, *pa, *pb, *pc, *run_mean, *run_var;
+  int64_t *param_of_group;
+  void *block;
+} scratch_t;
+
+static bn_status_t scratch_alloc(scratch_t *s, int64_t ng, int64_t np) {
+  const size_t g = (size_t)(ng > 0 ? ng : 1), p = (size_t)(np > 0 ? np : 1);
+  s->block = calloc(4 * g + 7 * p + g, sizeof(double));
+  if (!s->block) return bn_fail(BN_STATUS_OUT_OF_MEMORY, "statistics for %" PRId64 " groups", ng);
+  double *d = s->block;
+  s->mean = d, d += g;
+  s->rstd = d, d += g;
+  s->s1 = d, d += g;
+  s->s2 = d, d += g;
+  s->weight = d, d += p;
+  s->bias = d, d += p;
+  s->pa = d, d += p;
+  s->pb = d, d += p;
+  s->pc = d, d += p;
+  s->run_mean = d, d += p;
+  s->run_var = d, d += p;
+  s->param_of_group = (int64_t *)d;
+  return BN_STATUS_SUCCESS;
+}
+
+/* Sums per-group values into their parameter index, in group order. */
+static void sum_groups_into_params(const scratch_t *s, int64_t ng, const double *by_group, double *by_param) {
+  for (int64_t g = 0; g < ng; g++) by_param[s->param_of_group[g]] += by_group[g];
+}
+
+bn_status_t bn_norm_forward(const bn_norm_desc_t *desc, const DLTensor *x, const DLTensor *weight,
+                            const DLTensor *bias, DLTensor *running_mean, DLTensor *running_var, DLTensor *y,
+                            DLTensor *save_mean, DLTensor *save_rstd) {
+  bn_clear_error();
+  bn_dtype_t dt, dty;
+  bn_status_t st;
+  if ((st = bn_check_tensor(x, "x", &dt))) return st;
+  if ((st = check_desc(desc, x))) return st;
+  if ((st = bn_check_tensor(y, "y", &dty))) return st;
+  if ((st = bn_check_same_shape(y, "y", x, "x"))) return st;
+  if (dty != dt)
+    return bn_fail(BN_STATUS_UNSUPPORTED_DTYPE, "y: expected x's dtype %s, got %s", bn_dtype_name(dt),
+                   bn_dtype_name(dty));
+  if ((st = bn_check_overlap(y, "y", x, "x", 1))) return st;
+
+  bn_plan_t plan;
+  if ((st = bn_plan_build(desc, x, NULL, y, dt, &plan))) return st;
+  const int64_t ng = plan.ngroups, np = plan.nparams;
+  const uint32_t flags = desc->flags;
+  const int use_running = (flags & BN_FLAG_USE_RUNNING_STATS) != 0;
+  const int update_running = (flags & BN_FLAG_UPDATE_RUNNING_STATS) != 0;
+  const char *per_param = "parameter index (the product of the parameter axes' sizes)";
+  const char *per_group = "statistic group";
+  if ((st = check_small(weight, "weight", np, per_param)) || (st = check_small(bias, "bias", np, per_param)))
+    return st;
+  if ((st = check_small(save_mean, "save_mean", ng, per_group)) ||
+      (st = check_small(save_rstd, "save_rstd", ng, per_group)))
+    return st;
+  if (use_running || update_running) {
+    if (!running_mean || !running_var)
+      return bn_fail(BN_STATUS_INVALID_ARGUMENT, "running_mean and running_var: both required %s",
+                     use_running ? "in evaluation mode (USE_RUNNING_STATS)" : "to update them (UPDATE_RUNNING_STATS)");
+    if ((st = check_small(running_mean, "running_mean", np, per_param)) ||
+        (st = check_small(running_var, "running_var", np, per_param)))
+      return st;
+    if (!plan.params_in_groups)
+      return bn_fail(BN_STATUS_INVALID_ARGUMENT,
+                     "running statistics: every parameter axis must separate statistic groups (not be reduced)");
+    if (update_running && !(flags & BN_FLAG_RUNNING_VAR_BIASED) && plan.group_size == 1)
+      return bn_fail(BN_STATUS_INVALID_ARGUMENT,
+                     "x: expected more than 1 value per statistic group to update the unbiased running variance");
+    const DLTensor *outs[] = {y, save_mean, save_rstd};
+    const char *names[] = {"y", "save_mean", "save_rstd"};
+    for (int i = 0; i < 3; i++) {
+      if ((st = bn_check_overlap(running_mean, "running_mean", outs[i], names[i], 0)) ||
+          (st = bn_check_overlap(running_var, "running_var", outs[i], names[i], 0)))
+        return st;
+    }
+  }
+
+  scratch_t s;
+  if ((st = scratch_alloc(&s, ng, np))) return st;
+  if (weight) bn_gather_f64(weight, s.weight);
+  if (bias) bn_gather_f64(bias, s.bias);
+
+  if (use_running) {
+    bn_plan_group_params(&plan, s.param_of_group);
+    bn_gather_f64(running_mean, s.run_mean);
+    bn_gather_f64(running_var, s.run_var);
+    for (int64_t g = 0; g < ng; g++) {
+      const int64_t p = s.param_of_group[g];
+      s.mean[g] = s.run_mean[p];
+      s.rstd[g] = 1.0 / sqrt(s.run_var[p] + desc->eps);
+    }
+  } else {
+    if ((st = bn_cpu_moments(&plan, s.mean, s.rstd))) goto done; /* rstd holds m2 for now */
+    const double n = (double)plan.group_size;
+    for (int64_t g = 0; g < ng; g++) {
+      double var = n > 0 ? s.rstd[g] / n : 0.0;
+      if (flags & BN_FLAG_RMS) var += s.mean[g] * s.mean[g], s.mean[g] = 0.0;
+      s.s1[g] = var; /* biased variance, kept for the running update */
+      s.rstd[g] = 1.0 / sqrt(var + desc->eps);
+    }
+  }
+
+  bn_coef_t coef = {.mean = s.mean, .rstd = s.rstd, .weight = weight ? s.weight : NULL,
+                    .bias = bias ? s.bias : NULL};
+  bn_cpu_apply_forward(&plan, &coef);
+  if (save_mean) bn_scatter_f64(save_mean, s.mean);
+  if (save_rstd) bn_scatter_f64(save_rstd, s.rstd);
+
+  if (update_running && plan.group_size > 0) {
+    /* all-or-nothing: the new values are computed in full, then written. The batch value
+     * of a parameter index is the average over its groups (one group each in batch norm). */
+    bn_plan_group_params(&plan, s.param_of_group);
+    const double n = (double)plan.group_size, f = desc->momentum;
+    const double unbias = (flags & BN_FLAG_RUNNING_VAR_BIASED) ? 1.0 : n / (n - 1.0);
+    for (int64_t g = 0; g < ng; g++) s.s1[g] *= unbias;
+    sum_groups_into_params(&s, ng, s.mean, s.pa);
+    sum_groups_into_params(&s, ng, s.s1, s.pb);
+    for (int64_t g = 0; g < ng; g++) s.pc[s.param_of_group[g]] += 1.0;
+    bn_gather_f64(running_mean, s.run_mean);
+    bn_gather_f64(running_var, s.run_var);
+    for (int64_t p = 0; p < np; p++) {
+      s.run_mean[p] = (1.0 - f) * s.run_mean[p] + f * (s.pa[p] / s.pc[p]);
+      s.run_var[p] = (1.0 - f) * s.run_var[p] + f * (s.pb[p] / s.pc[p]);
+    }
+    bn_scatter_f64(running_mean, s.run_mean);
+    bn_scatter_f64(running_var, s.run_var);
+  }
+done:
+  free(s.block);
+  return st;
+}
+
+bn_status_t bn_norm_backward(const bn_norm_desc_t *desc, const DLTensor *x, const DLTensor *dy,
+                             const DLTensor *weight, const DLTensor *save_mean, const DLTensor *save_rstd,
+                             DLTensor *dx, DLTensor *dweight, DLTensor *dbias) {
+  bn_clear_error();
+  bn_dtype_t dt, dt2;
+  bn_status_t st;
+  if ((st = bn_check_tensor(x, "x", &dt))) return st;
+  if ((st = check_desc(desc, x))) return st;
+  if ((st = bn_check_tensor(dy, "grad_output", &dt2))) return st;
+  if ((st = bn_check_same_shape(dy, "grad_output", x, "x"))) return st;
+  if (dt2 != dt)
+    return bn_fail(BN_STATUS_UNSUPPORTED_DTYPE, "grad_output: expected x's dtype %s, got %s", bn_dtype_name(dt),
+                   bn_dtype_name(dt2));
+  if (dx) {
+    if ((st = bn_check_tensor(dx, "grad_input", &dt2))) return st;
+    if ((st = bn_check_same_shape(dx, "grad_input", x, "x"))) return st;
+    if (dt2 != dt)
+      return bn_fail(BN_STATUS_UNSUPPORTED_DTYPE, "grad_input: expected x's dtype %s, got %s", bn_dtype_name(dt),
+                     bn_dtype_name(dt2));
+    if ((st = bn_check_overlap(dx, "grad_input", x, "x", 0)) ||
+        (st = bn_check_overlap(dx, "grad_input", dy, "grad_output", 1)))
+      return st;
+  }
+  bn_plan_t plan;
+  if ((st = bn_plan_build(desc, x, dy, dx, dt, &plan))) return st;
+  const int64_t ng = plan.ngroups, np = plan.nparams;
+  const int rms = (desc->flags & BN_FLAG_RMS) != 0;
+  const int training = !(desc->flags & BN_FLAG_USE_RUNNING_STATS);
+  const char *per_param = "parameter index (the product of the parameter axes' sizes)";
+  if ((st = check_small(weight, "weight", np, per_param)) || (st = check_small(dweight, "grad_weight", np, per_param)) ||
+      (st = check_small(dbias, "grad_bias", np, per_param)))
+    return st;
+  if (!save_rstd || (!save_mean && !rms))
+    return bn_fail(BN_STATUS_INVALID_ARGUMENT, "%s: required for the backward pass, got NULL",
+                   save_rstd ? "save_mean" : "save_rstd");
+  if ((st = check_small(save_mean, "save_mean", ng, "statistic group")) ||
+      (st = check_small(save_rstd, "save_rstd", ng, "statistic group")))
+    return st;
+
+  scratch_t s;
+  if ((st = scratch_alloc(&s, ng, np))) return st;
+  if (weight) bn_gather_f64(weight, s.weight);
+  if (save_mean && !rms) bn_gather_f64(save_mean, s.mean);
+  bn_gather_f64(save_rstd, s.rstd);
+  bn_coef_t coef = {.mean = s.mean, .rstd = s.rstd, .weight = weight ? s.weight : NULL,
+                    .inv_n = plan.group_size > 0 ? 1.0 / (double)plan.group_size : 0.0};
+  const int want_params = dweight || dbias;
+
+  if (plan.params_in_groups && (training || want_params)) {
+    /* one reduction per group gives both: sum(dy) and sum(dy*xhat); weight factors out */
+    bn_coef_t plain = coef;
+    plain.weight = NULL;
+    if ((st = bn_cpu_grad_sums(&plan, &plain, BN_TARGET_GROUP, s.s1, s.s2))) goto done;
+    bn_plan_group_params(&plan, s.param_of_group);
+    sum_groups_into_params(&s, ng, s.s1, s.pb);
+    sum_groups_into_params(&s, ng, s.s2, s.pa);
+    for (int64_t g = 0; g < ng && weight; g++) {
+      const double w = s.weight[s.param_of_group[g]];
+      s.s1[g] *= w, s.s2[g] *= w;
+    }
+  } else {
+    if (training && (st = bn_cpu_grad_sums(&plan, &coef, BN_TARGET_GROUP, s.s1, s.s2))) goto done;
+    if (want_params && (st = bn_cpu_grad_sums(&plan, &coef, BN_TARGET_PARAM, s.pb, s.pa))) goto done;
+  }
+  if (dx) {
+    coef.sum_dy = training && !rms ? s.s1 : NULL;
+    coef.sum_dyx = training ? s.s2 : NULL;
+    bn_cpu_apply_backward(&plan, &coef);
+  }
+  if (dweight) bn_scatter_f64(dweight, s.pa);
+  if (dbias) bn_scatter_f64(dbias, s.pb);
+done:
+  free(s.block);
+  return st;
+}

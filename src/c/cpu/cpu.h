@@ -1,0 +1,43 @@
+/* Row kernels of the CPU backend: one table per element type (cpu/kernels.c). */
+#ifndef BNCORE_CPU_CPU_H
+#define BNCORE_CPU_CPU_H
+
+#include "../internal.h"
+
+/* Elements per piece of a row: pieces are reduced two-pass while in L1, then merged. */
+#define BN_PIECE 2048
+
+/* One row of the canonical problem: the innermost dim at fixed outer indices. */
+typedef struct bn_row_t {
+  int64_t n;
+  const char *x;
+  int64_t sx;
+  const char *dy;
+  int64_t sdy;
+  char *out;
+  int64_t so;
+  int64_t g, sg; /* statistic-group index of element 0, and its stride along the row */
+  int64_t p, sp; /* parameter index of element 0, and its stride along the row */
+} bn_row_t;
+
+typedef struct bn_kernels_t {
+  void (*moments_row)(const bn_row_t *row, double *mean, double *m2);
+  void (*moments_cols)(const bn_row_t *row, int64_t rows, int64_t rs, double *tmean, double *tm2);
+  void (*grad_sums)(const bn_row_t *row, const bn_coef_t *c, int target, int64_t t, int64_t ts, double *acc_a,
+                    double *acc_b);
+  void (*apply_forward)(const bn_row_t *row, const bn_coef_t *c);
+  void (*apply_backward)(const bn_row_t *row, const bn_coef_t *c);
+} bn_kernels_t;
+
+const bn_kernels_t *bn_cpu_kernels(bn_dtype_t dt);
+
+/* Chan et al.: merge (nb, mb, m2b) into the running (cnt, mean, m2). */
+static inline void bn_chan_merge(double *cnt, double *mean, double *m2, double nb, double mb, double m2b) {
+  if (nb == 0.0) return;
+  const double na = *cnt, n = na + nb, d = mb - *mean;
+  *mean += d * (nb / n);
+  *m2 += m2b + d * d * (na * nb / n);
+  *cnt = n;
+}
+
+#endif /* BNCORE_CPU_CPU_H */

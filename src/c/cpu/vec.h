@@ -1,0 +1,66 @@
+/*
+ * The thin element layer: loads and stores of each element type in its
+ * compute type. Half types are converted by bit manipulation so that the
+ * library builds with any C11 compiler; rounding is to nearest, ties to even.
+ */
+#ifndef BNCORE_CPU_VEC_H
+#define BNCORE_CPU_VEC_H
+
+#include <stdint.h>
+#include <string.h>
+
+static inline float bn_bits_to_f32(uint32_t u) {
+  float f;
+  memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+static inline uint32_t bn_f32_to_bits(float f) {
+  uint32_t u;
+  memcpy(&u, &f, sizeof u);
+  return u;
+}
+
+static inline float bn_bf16_to_f32(uint16_t h) { return bn_bits_to_f32((uint32_t)h << 16); }
+
+static inline uint16_t bn_f32_to_bf16(float f) {
+  uint32_t u = bn_f32_to_bits(f);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u); /* quiet NaN */
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return (uint16_t)(u >> 16);
+}
+
+static inline float bn_f16_to_f32(uint16_t h) {
+  uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
+  uint32_t exp = (h >> 10) & 0x1fu;
+  uint32_t man = h & 0x3ffu;
+  if (exp == 0x1fu) return bn_bits_to_f32(sign | 0x7f800000u | (man << 13)); /* inf / NaN */
+  if (exp == 0) {
+    /* zero or subnormal: man * 2^-24 is exact in float */
+    float v = (float)man * 5.9604644775390625e-8f;
+    return sign ? -v : v;
+  }
+  return bn_bits_to_f32(sign | ((exp + 112u) << 23) | (man << 13));
+}
+
+static inline uint16_t bn_f32_to_f16(float f) {
+  uint32_t u = bn_f32_to_bits(f);
+  uint16_t sign = (uint16_t)((u >> 16) & 0x8000u);
+  uint32_t a = u & 0x7fffffffu;
+  if (a > 0x7f800000u) return (uint16_t)(sign | 0x7e00u); /* NaN */
+  if (a >= 0x477ff000u) return (uint16_t)(sign | 0x7c00u); /* rounds to inf (>= 65520) */
+  if (a < 0x38800000u) {
+    /* result is subnormal or zero: round a * 2^24 to an integer, ties to even */
+    float v = bn_bits_to_f32(a) * 16777216.0f;
+    uint32_t m = (uint32_t)v;
+    float rem = v - (float)m;
+    if (rem > 0.5f || (rem == 0.5f && (m & 1u))) m++;
+    return (uint16_t)(sign | m);
+  }
+  /* normal: rebias the exponent and round the 13 dropped mantissa bits */
+  uint32_t r = a - 0x38000000u;
+  r += 0xfffu + ((r >> 13) & 1u);
+  return (uint16_t)(sign | (r >> 13));
+}
+
+#endif /* BNCORE_CPU_VEC_H */

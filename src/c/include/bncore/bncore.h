@@ -1,0 +1,237 @@
+/*
+ * bncore: normalization layers (batch, layer, instance, group, RMS) over DLPack tensors.
+ *
+ * This is the one public header of the C library. It includes only <stdint.h>,
+ * the version header generated from the project's single version, and the
+ * DLPack structure definitions.
+ *
+ * ABI rule: functions and types declared here keep their signatures and
+ * layouts for all releases with the same BN_VERSION_MAJOR. A minor release may
+ * add functions, statuses (before BN_STATUS_COUNT moves, so COUNT grows) and
+ * flags; it never changes the meaning of existing ones. Compare the runtime
+ * bn_version() with the compile-time BN_VERSION if you need to know which
+ * library was loaded.
+ *
+ * Conventions for every function:
+ *  - The return value is a bn_status_t; BN_STATUS_SUCCESS (0) means success.
+ *    On failure bn_last_error() gives a message naming the argument, what was
+ *    expected and what was given. No input a caller can pass reaches an
+ *    assert or abort.
+ *  - Tensor arguments are borrowed DLTensor pointers: the library never keeps
+ *    them, nor the memory they describe, after the call returns.
+ *  - Inputs come first, in-out arguments next, outputs last.
+ *  - On failure, outputs may hold partial results but in-out state (running
+ *    statistics) is left bit for bit as it was: updates are computed into
+ *    temporaries and committed last.
+ *  - The library is thread-safe: calls on different tensors may run
+ *    concurrently. Results are bitwise identical for any thread count.
+ */
+#ifndef BNCORE_BNCORE_H
+#define BNCORE_BNCORE_H
+
+#include <stdint.h>
+
+#include "bncore/version.h"
+#include "dlpack/dlpack.h"
+
+#if defined(_WIN32)
+#  if defined(BNCORE_BUILDING)
+#    define BN_API __declspec(dllexport)
+#  else
+#    define BN_API __declspec(dllimport)
+#  endif
+#else
+#  define BN_API __attribute__((visibility("default")))
+#endif
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* ------------------------------------------------------------------ statuses */
+
+/* Every public function returns one of these. Values are stable. */
+typedef enum bn_status_t {
+  BN_STATUS_SUCCESS = 0,
+  BN_STATUS_INVALID_ARGUMENT = 1,   /* a NULL required pointer, unknown flag bit, bad eps, bad axis */
+  BN_STATUS_SHAPE_MISMATCH = 2,     /* tensors whose shapes or sizes do not fit together */
+  BN_STATUS_UNSUPPORTED_DTYPE = 3,  /* a dtype the operation does not take (ints, complex, lanes > 1) */
+  BN_STATUS_UNSUPPORTED_DEVICE = 4, /* a device this build cannot compute on, or mixed devices */
+  BN_STATUS_OVERLAP = 5,            /* an output partly overlaps an input (exact aliasing is allowed where documented) */
+  BN_STATUS_OUT_OF_MEMORY = 6,      /* a workspace allocation failed */
+  BN_STATUS_INTERNAL = 7,           /* a bug in bncore: please report it */
+  BN_STATUS_COUNT                   /* sentinel: number of statuses, not a status */
+} bn_status_t;
+
+/* A static, never-NULL description of a status ("invalid argument", ...).
+ * Values outside [0, BN_STATUS_COUNT) give "unknown status". */
+BN_API const char *bn_status_string(bn_status_t status);
+
+/* The detail message of the last failing call on this thread (thread-local,
+ * owned by the library, valid until this thread's next bncore call). "" when
+ * the last call succeeded. Never NULL. */
+BN_API const char *bn_last_error(void);
+
+/* ------------------------------------------------------------------ version */
+
+/* BN_VERSION of the loaded library: major * 10000 + minor * 100 + patch. */
+BN_API uint32_t bn_version(void);
+/* BN_VERSION_STRING of the loaded library, e.g. "0.1.0". Static, never NULL. */
+BN_API const char *bn_version_string(void);
+
+/* ------------------------------------------------------------------ threads */
+
+/* Sets the number of OpenMP threads bncore's kernels use; n <= 0 restores
+ * the OpenMP default. Process-wide. Results do not depend on it.
+ * Returns BN_STATUS_SUCCESS. */
+BN_API bn_status_t bn_set_num_threads(int32_t n);
+/* The thread count kernels will use now (1 in a build without OpenMP). */
+BN_API int32_t bn_get_num_threads(void);
+
+/* ------------------------------------------------------------------ problem description */
+
+/* The largest tensor rank bncore accepts. */
+#define BN_MAX_NDIM 16
+
+/*
+ * Option bits of bn_norm_desc_t.flags. Unknown bits are refused with
+ * BN_STATUS_INVALID_ARGUMENT.
+ *
+ * BN_FLAG_RMS
+ *   forward:  no mean is subtracted: xhat = x * rstd, rstd = 1/sqrt(mean(x^2) + eps);
+ *             save_mean, if given, receives zeros.
+ *   backward: the matching gradient (the mean terms vanish).
+ * BN_FLAG_USE_RUNNING_STATS
+ *   forward:  statistics are not computed from x; mean and variance come from
+ *             running_mean / running_var (eval-mode batch norm, instance norm
+ *             with use_input_stats=False). Requires the parameter axes to be
+ *             statistic-group axes.
+ *   backward: the statistics are treated as constants: dx = dy * weight * rstd.
+ * BN_FLAG_UPDATE_RUNNING_STATS
+ *   forward:  (training only) running_mean and running_var are updated in place:
+ *             r = (1 - momentum) * r + momentum * batch, where the batch value for a
+ *             parameter index is the average over the statistic groups mapped to it.
+ *             running_var receives the unbiased variance unless
+ *             BN_FLAG_RUNNING_VAR_BIASED is set. Groups of zero elements leave
+ *             the running statistics untouched.
+ *   backward: ignored.
+ * BN_FLAG_RUNNING_VAR_BIASED
+ *   forward:  store the biased variance in running_var (Keras's convention).
+ *   backward: ignored.
+ */
+#define BN_FLAG_RMS                  (1u << 0)
+#define BN_FLAG_USE_RUNNING_STATS    (1u << 1)
+#define BN_FLAG_UPDATE_RUNNING_STATS (1u << 2)
+#define BN_FLAG_RUNNING_VAR_BIASED   (1u << 3)
+#define BN_FLAG_ALL                  (0xfu)
+
+/*
+ * What to normalize: a plain struct the caller fills (or gets from one of the
+ * bn_norm_desc_init_* functions below). Axes are axes of x; bit d of a mask is
+ * axis d.
+ *
+ * The elements of x are split into statistic groups: two elements share a
+ * group when their indices agree on every axis NOT in reduce_axes. Each group
+ * is normalized by its own mean and variance. weight, bias, running_mean and
+ * running_var are indexed by the axes in param_axes (row-major over them, in
+ * axis order).
+ *
+ * split_axis (group norm): -1 for none; otherwise an axis of size C, not in
+ * reduce_axes, that is read as (num_groups, C / num_groups): the outer part
+ * separates groups, the inner part is reduced. If the axis is in param_axes,
+ * parameters are indexed by the whole axis.
+ */
+typedef struct bn_norm_desc_t {
+  uint64_t reduce_axes;  /* statistics are taken over these axes */
+  uint64_t param_axes;   /* weight / bias / running statistics are indexed by these axes */
+  int32_t split_axis;    /* -1, or the axis read as (num_groups, C / num_groups) */
+  int32_t reserved;      /* must be 0 */
+  int64_t num_groups;    /* with split_axis >= 0: the number of groups, dividing that axis */
+  double eps;            /* added to the variance; finite and >= 0 */
+  double momentum;       /* running-statistics factor in [0, 1] (BN_FLAG_UPDATE_RUNNING_STATS) */
+  uint32_t flags;        /* BN_FLAG_* bits */
+} bn_norm_desc_t;
+
+/*
+ * Variants as mappings onto bn_norm_desc_t. Each writes *desc (out, caller
+ * owned) with momentum 0 and no flags; the caller may then set flags and momentum.
+ * Returns BN_STATUS_SUCCESS, or BN_STATUS_INVALID_ARGUMENT for a NULL desc,
+ * ndim outside [1, BN_MAX_NDIM], an axis out of range, bad eps or groups.
+ *
+ *  batch:    statistics over every axis but `channel_axis` (negative counts from
+ *            the end); parameters per channel. ndim >= 2.
+ *  layer:    statistics over the trailing `normalized_ndim` axes; parameters per element of them.
+ *  rms:      as layer, with BN_FLAG_RMS.
+ *  instance: statistics over the axes after 1 (N, C, *); parameters per channel (axis 1). ndim >= 3.
+ *  group:    axis 1 (C) split into num_groups; statistics over (C / num_groups, *);
+ *            parameters per channel. ndim >= 2.
+ */
+BN_API bn_status_t bn_norm_desc_init_batch(bn_norm_desc_t *desc, int32_t ndim, int32_t channel_axis,
+                                           double eps);
+BN_API bn_status_t bn_norm_desc_init_layer(bn_norm_desc_t *desc, int32_t ndim, int32_t normalized_ndim,
+                                           double eps);
+BN_API bn_status_t bn_norm_desc_init_rms(bn_norm_desc_t *desc, int32_t ndim, int32_t normalized_ndim,
+                                         double eps);
+BN_API bn_status_t bn_norm_desc_init_instance(bn_norm_desc_t *desc, int32_t ndim, double eps);
+BN_API bn_status_t bn_norm_desc_init_group(bn_norm_desc_t *desc, int32_t ndim, int64_t num_groups,
+                                           double eps);
+
+/* ------------------------------------------------------------------ forward and backward */
+
+/*
+ * Forward:  y = (x - mean_g) * rstd_g * weight[p] + bias[p],  rstd_g = 1 / sqrt(var_g + eps)
+ * with mean_g, var_g (biased) the statistics of the element's group g, or the
+ * running statistics with BN_FLAG_USE_RUNNING_STATS, and p its parameter index.
+ *
+ *  desc          in, borrowed: the problem (see bn_norm_desc_t).
+ *  x             in, borrowed: any strides, float16 / bfloat16 / float32 / float64, CPU.
+ *  weight, bias  in, borrowed, may be NULL (then 1 and 0): one value per parameter
+ *                index (numel = product of the param_axes sizes), any float dtype.
+ *  running_mean, running_var
+ *                in-out, borrowed: one value per parameter index, float32 or float64.
+ *                Read with BN_FLAG_USE_RUNNING_STATS, written with
+ *                BN_FLAG_UPDATE_RUNNING_STATS, else unused and may be NULL.
+ *  y             out, borrowed: x's shape and dtype, any strides. May be x itself
+ *                (same data and strides); must not otherwise overlap x.
+ *  save_mean, save_rstd
+ *                out, borrowed, may be NULL: one value per statistic group (numel =
+ *                number of groups; group index row-major over the non-reduced axes,
+ *                with the split axis's group part), any float dtype: the mean and
+ *                rstd actually used.
+ *
+ * Returns SUCCESS, INVALID_ARGUMENT, SHAPE_MISMATCH, UNSUPPORTED_DTYPE,
+ * UNSUPPORTED_DEVICE, OVERLAP, OUT_OF_MEMORY.
+ */
+BN_API bn_status_t bn_norm_forward(const bn_norm_desc_t *desc, const DLTensor *x, const DLTensor *weight,
+                                   const DLTensor *bias, DLTensor *running_mean, DLTensor *running_var,
+                                   DLTensor *y, DLTensor *save_mean, DLTensor *save_rstd);
+
+/*
+ * Backward of bn_norm_forward, with xhat = (x - mean_g) * rstd_g and n_g the group size:
+ *   dweight[p] = sum over elements with index p of dy * xhat        (assigned, not accumulated)
+ *   dbias[p]   = sum over elements with index p of dy               (assigned, not accumulated)
+ *   dx = rstd_g * (dy*w - mean_g(dy*w) - xhat * mean_g(dy*w*xhat))  (training)
+ *   dx = rstd_g * dy * w                                            (BN_FLAG_USE_RUNNING_STATS)
+ *
+ *  x, dy         in, borrowed: same shape and dtype, any strides.
+ *  weight        in, borrowed, may be NULL (1).
+ *  save_mean, save_rstd
+ *                in, borrowed: as written by bn_norm_forward (any float dtype).
+ *                save_mean may be NULL with BN_FLAG_RMS.
+ *  dx            out, borrowed, may be NULL: x's shape and dtype. May be dy itself; must
+ *                not otherwise overlap x or dy.
+ *  dweight, dbias out, borrowed, may be NULL: one value per parameter index.
+ *
+ * Returns SUCCESS, INVALID_ARGUMENT, SHAPE_MISMATCH, UNSUPPORTED_DTYPE,
+ * UNSUPPORTED_DEVICE, OVERLAP, OUT_OF_MEMORY.
+ */
+BN_API bn_status_t bn_norm_backward(const bn_norm_desc_t *desc, const DLTensor *x, const DLTensor *dy,
+                                    const DLTensor *weight, const DLTensor *save_mean,
+                                    const DLTensor *save_rstd, DLTensor *dx, DLTensor *dweight,
+                                    DLTensor *dbias);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* BNCORE_BNCORE_H */
