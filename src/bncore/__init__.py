@@ -12,8 +12,11 @@ from . import _core
 from ._core import (BncoreError, InternalError, InvalidArgumentError, OutOfMemoryError, OverlapError,
                     ShapeMismatchError, UnsupportedDeviceError, UnsupportedDtypeError, get_num_threads,
                     set_num_threads)
-from .functional import (MissingRunningStatsError, batch_norm, batch_norm_backward, batch_norm_forward)
-from .layers import BatchNorm
+from .functional import (MissingRunningStatsError, batch_norm, batch_norm_backward, batch_norm_forward, group_norm,
+                         group_norm_backward, group_norm_forward, instance_norm, instance_norm_backward,
+                         instance_norm_forward, layer_norm, layer_norm_backward, layer_norm_forward, normalize,
+                         normalize_backward, normalize_forward, rms_norm, rms_norm_backward, rms_norm_forward)
+from .layers import BatchNorm, GroupNorm, InstanceNorm, LayerNorm, RMSNorm
 
 __version__ = _core.version_string()
 
@@ -21,6 +24,10 @@ __all__ = [
     "BatchNorm", "BncoreError", "InternalError", "InvalidArgumentError", "MissingRunningStatsError",
     "OutOfMemoryError", "OverlapError", "ShapeMismatchError", "UnsupportedDeviceError", "UnsupportedDtypeError",
     "batch_norm", "batch_norm_backward", "batch_norm_forward", "get_include", "get_library",
+    "GroupNorm", "InstanceNorm", "LayerNorm", "RMSNorm", "group_norm", "group_norm_backward", "group_norm_forward",
+    "instance_norm", "instance_norm_backward", "instance_norm_forward", "layer_norm", "layer_norm_backward",
+    "layer_norm_forward", "normalize", "normalize_backward", "normalize_forward", "rms_norm", "rms_norm_backward",
+    "rms_norm_forward",
     "get_num_threads", "set_num_threads", "__version__",
 ]
 

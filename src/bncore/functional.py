@@ -1,19 +1,29 @@
 """The functional API: PyTorch's signatures over any DLPack tensor.
 
-Every function here checks its arguments (naming the argument, what was
-expected and what was given), describes the problem with a `bncore._core.Desc`
-and makes one call into the C core. Nothing here computes a number.
+Every function checks its arguments (naming the argument, what was expected and
+what was given), describes the problem with a `bncore._core.Desc` and makes one
+call into the C core through `_forward` / `_backward`. Nothing here computes a
+number: each variant is only a different description of statistic groups and
+parameter axes, and `normalize` takes that description directly.
 """
 from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from . import _core
-from ._arrays import (Allocator, check_float, check_same_device, import_tensor, stat_dtype)
+from ._arrays import Allocator, check_float, check_same_device, import_tensor, stat_dtype
+
+_F32_EPS = float(np.finfo(np.float32).eps)
+_F64_EPS = float(np.finfo(np.float64).eps)
 
 
 class MissingRunningStatsError(_core.InvalidArgumentError, RuntimeError):
     """Evaluation mode needs running statistics (PyTorch raises RuntimeError here)."""
+
+
+# ---------------------------------------------------------------- argument checks
 
 
 def _shape_text(shape) -> str:
@@ -21,36 +31,83 @@ def _shape_text(shape) -> str:
 
 
 def _check_eps(eps):
-    if not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
+    if isinstance(eps, bool) or not isinstance(eps, (int, float, np.floating)) or not math.isfinite(eps) or eps < 0:
         raise ValueError(f"eps: expected a finite number >= 0, got {eps!r}")
 
 
 def _check_momentum(momentum):
-    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)):
+    if isinstance(momentum, bool) or not isinstance(momentum, (int, float, np.floating)):
         raise TypeError(f"momentum: expected a float, got {type(momentum).__name__}")
     if not 0.0 <= momentum <= 1.0:
         raise ValueError(f"momentum: expected a value in [0, 1], got {momentum}")
 
 
-def _check_per_channel(t, what: str, count: int, per: str):
+def _check_param(t, what: str, shape, per: str):
+    """A parameter or statistic tensor: floating, exactly `shape`."""
     if t is None:
         return
     check_float(t, what)
-    if t.ndim != 1 or t.shape[0] != count:
-        raise ValueError(f"{what}: expected shape ({count},) (one value per {per}), got {_shape_text(t.shape)}")
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{what}: expected shape {_shape_text(shape)} (one value per {per}), "
+                         f"got {_shape_text(t.shape)}")
 
 
-def _channel_axis(axis, ndim: int) -> int:
-    if isinstance(axis, bool) or not isinstance(axis, int):
-        raise TypeError(f"axis: expected an int, got {type(axis).__name__}")
+def _check_input(x, what: str, min_ndim: int, layout: str):
+    check_float(x, what)
+    if x.ndim < min_ndim:
+        raise ValueError(f"{what}: expected at least {min_ndim} dimensions {layout}, got {x.ndim} "
+                         f"(shape {_shape_text(x.shape)})")
+
+
+def _axis(axis, ndim: int, what: str) -> int:
+    if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)):
+        raise TypeError(f"{what}: expected an int, got {type(axis).__name__}")
     if not -ndim <= axis < ndim:
-        raise ValueError(f"axis: expected a channel axis in [{-ndim}, {ndim}) for a {ndim}-dimensional input, "
-                         f"got {axis}")
-    return axis % ndim
+        raise ValueError(f"{what}: expected an axis in [{-ndim}, {ndim}) for a {ndim}-dimensional input, got {axis}")
+    return int(axis) % ndim
+
+
+def _axes(axes, ndim: int, what: str):
+    """A sorted tuple of distinct axes; `axes` may be one int or a sequence."""
+    seq = (axes,) if isinstance(axes, (int, np.integer)) else tuple(axes)
+    if not seq:
+        raise ValueError(f"{what}: expected at least one axis, got none")
+    out = [_axis(a, ndim, what) for a in seq]
+    if len(set(out)) != len(out):
+        raise ValueError(f"{what}: expected distinct axes, got {tuple(seq)} (repeated after wrapping: "
+                         f"{tuple(out)})")
+    return tuple(sorted(out))
+
+
+def _normalized_shape(normalized_shape, x, what="normalized_shape"):
+    """Checks that normalized_shape is the input's trailing dims; returns it as a tuple."""
+    shape = (normalized_shape,) if isinstance(normalized_shape, (int, np.integer)) else tuple(normalized_shape)
+    if not shape:
+        raise ValueError(f"{what}: expected at least one dimension, got an empty shape")
+    k = len(shape)
+    if k > x.ndim or tuple(x.shape[x.ndim - k:]) != tuple(int(s) for s in shape):
+        raise ValueError(f"{what}: expected the input's trailing dimensions; given normalized_shape="
+                         f"{list(shape)}, the input must have shape [*, {', '.join(str(s) for s in shape)}], "
+                         f"but got input of size {list(x.shape)}")
+    return tuple(int(s) for s in shape)
+
+
+def _values_per_group(x, reduce_axes) -> int:
+    n = 1
+    for a in reduce_axes:
+        n *= x.shape[a]
+    return n
+
+
+def _mask(axes) -> int:
+    m = 0
+    for a in axes:
+        m |= 1 << a
+    return m
 
 
 class _Call:
-    """The imported tensors of one call, released (handed back to their producers) at the end."""
+    """The imported tensors of one call, handed back to their producers at the end."""
 
     def __init__(self):
         self.tensors = []
@@ -70,6 +127,75 @@ class _Call:
         return False
 
 
+# ---------------------------------------------------------------- the one forward and backward
+
+
+def _forward(call, desc, input, x, w, b, rm, rv, out, group_shape):
+    """Runs bn_norm_forward; returns (output, save_mean, save_rstd) in the caller's array type."""
+    check_same_device([("input", x), ("weight", w), ("bias", b), ("running_mean", rm), ("running_var", rv)])
+    alloc = Allocator(input, x)
+    y_obj = out if out is not None else alloc.empty(x.shape, x.dtype, like_layout=input)
+    y = call.add(y_obj, "out", writable=True)
+    sdt = stat_dtype(x.dtype)
+    mean_obj = alloc.empty(group_shape, sdt)
+    rstd_obj = alloc.empty(group_shape, sdt)
+    _core.norm_forward(desc, x, w, b, rm, rv, y, call.add(mean_obj, "save_mean", True),
+                       call.add(rstd_obj, "save_rstd", True))
+    return alloc.finish(y_obj), alloc.finish(mean_obj), alloc.finish(rstd_obj)
+
+
+def _backward(call, desc, input, x, grad_output, w, sm, sr, param_shape, want_bias_grad=True):
+    """Runs bn_norm_backward; returns (grad_input, grad_weight, grad_bias), the last two None without weight."""
+    dy = call.add(grad_output, "grad_output")
+    check_float(dy, "grad_output")
+    if tuple(dy.shape) != tuple(x.shape):
+        raise ValueError(f"grad_output: expected the input's shape {_shape_text(x.shape)}, "
+                         f"got {_shape_text(dy.shape)}")
+    if dy.dtype != x.dtype:
+        raise TypeError(f"grad_output: expected the input's dtype {x.dtype}, got {dy.dtype}")
+    check_same_device([("input", x), ("grad_output", dy), ("weight", w), ("save_mean", sm), ("save_rstd", sr)])
+    alloc = Allocator(input, x)
+    dx_obj = alloc.empty(x.shape, x.dtype, like_layout=input)
+    dw_obj = db_obj = None
+    if w is not None:
+        dw_obj = alloc.empty(param_shape, w.dtype)
+        if want_bias_grad:
+            db_obj = alloc.empty(param_shape, w.dtype)
+    _core.norm_backward(desc, x, dy, w, sm, sr, call.add(dx_obj, "grad_input", True),
+                        call.add(dw_obj, "grad_weight", True), call.add(db_obj, "grad_bias", True))
+    return alloc.finish(dx_obj), alloc.finish(dw_obj), alloc.finish(db_obj)
+
+
+def _saved(call, save_mean, save_rstd, group_shape, rstd_name="save_rstd", need_mean=True):
+    sm = call.add(save_mean, "save_mean") if need_mean else None
+    sr = call.add(save_rstd, rstd_name)
+    for name, t in (("save_mean", sm), (rstd_name, sr)):
+        if t is None and (need_mean or name == rstd_name):
+            raise ValueError(f"{name}: required for the backward pass, got None")
+        _check_param(t, name, group_shape, "statistic group")
+    return sm, sr
+
+
+def _running(call, running_mean, running_var, shape, per, writable):
+    rm = call.add(running_mean, "running_mean", writable)
+    rv = call.add(running_var, "running_var", writable)
+    if (rm is None) != (rv is None):
+        raise ValueError("running_mean and running_var: pass both or neither")
+    _check_param(rm, "running_mean", shape, per)
+    _check_param(rv, "running_var", shape, per)
+    return rm, rv
+
+
+# ---------------------------------------------------------------- batch norm
+
+
+def _batch_setup(call, input, axis):
+    x = call.add(input, "input")
+    _check_input(x, "input", 2, "(N, C, ...)")
+    ax = _axis(axis, x.ndim, "axis")
+    return x, ax, x.shape[ax]
+
+
 def batch_norm_forward(input, running_mean=None, running_var=None, weight=None, bias=None, training=False,
                        momentum=0.1, eps=1e-5, *, axis=1, out=None):
     """Batch norm forward; returns ``(output, save_mean, save_invstd)``.
@@ -82,51 +208,24 @@ def batch_norm_forward(input, running_mean=None, running_var=None, weight=None, 
     """
     _check_eps(eps)
     with _Call() as call:
-        x = call.add(input, "input")
-        check_float(x, "input")
-        if x.ndim < 2:
-            raise ValueError(f"input: expected at least 2 dimensions (N, C, ...), got {x.ndim} "
-                             f"(shape {_shape_text(x.shape)})")
-        ax = _channel_axis(axis, x.ndim)
-        channels = x.shape[ax]
-        w = call.add(weight, "weight")
-        b = call.add(bias, "bias")
-        rm = call.add(running_mean, "running_mean", writable=bool(training))
-        rv = call.add(running_var, "running_var", writable=bool(training))
-        for name, t in (("weight", w), ("bias", b), ("running_mean", rm), ("running_var", rv)):
-            _check_per_channel(t, name, channels, f"channel of axis {ax}")
-        if (rm is None) != (rv is None):
-            raise ValueError("running_mean and running_var: pass both or neither")
-        use_batch_stats = training or rm is None
-        flags = 0
-        if use_batch_stats:
-            per_channel = 1
-            for d, s in enumerate(x.shape):
-                if d != ax:
-                    per_channel *= s
-            if per_channel == 1:
+        x, ax, channels = _batch_setup(call, input, axis)
+        per = f"channel of axis {ax}"
+        w, b = call.add(weight, "weight"), call.add(bias, "bias")
+        _check_param(w, "weight", (channels,), per)
+        _check_param(b, "bias", (channels,), per)
+        rm, rv = _running(call, running_mean, running_var, (channels,), per, writable=bool(training))
+        flags = momentum_used = 0
+        if training or rm is None:
+            if _values_per_group(x, [d for d in range(x.ndim) if d != ax]) == 1:
                 raise ValueError(f"Expected more than 1 value per channel when training, got input size "
                                  f"{_shape_text(x.shape)}")
             if rm is not None:
                 _check_momentum(momentum)
-                flags = _core.FLAG_UPDATE_RUNNING_STATS
+                flags, momentum_used = _core.FLAG_UPDATE_RUNNING_STATS, float(momentum)
         else:
-            if rm is None:
-                raise MissingRunningStatsError("running_mean must be defined in evaluation mode")
             flags = _core.FLAG_USE_RUNNING_STATS
-        check_same_device([("input", x), ("weight", w), ("bias", b), ("running_mean", rm),
-                           ("running_var", rv)])
-        alloc = Allocator(input, x)
-        y_obj = out if out is not None else alloc.empty(x.shape, x.dtype, like_layout=input)
-        y = call.add(y_obj, "out", writable=True)
-        sdt = stat_dtype(x.dtype)
-        mean_obj = alloc.empty((channels,), sdt)
-        rstd_obj = alloc.empty((channels,), sdt)
-        desc = _core.Desc.batch(x.ndim, ax, float(eps)).with_options(
-            flags, float(momentum) if flags & _core.FLAG_UPDATE_RUNNING_STATS else 0.0)
-        _core.norm_forward(desc, x, w, b, rm, rv, y, call.add(mean_obj, "save_mean", True),
-                           call.add(rstd_obj, "save_invstd", True))
-    return alloc.finish(y_obj), alloc.finish(mean_obj), alloc.finish(rstd_obj)
+        desc = _core.Desc.batch(x.ndim, ax, float(eps)).with_options(flags, momentum_used)
+        return _forward(call, desc, input, x, w, b, rm, rv, out, (channels,))
 
 
 def batch_norm(input, running_mean=None, running_var=None, weight=None, bias=None, training=False, momentum=0.1,
@@ -149,33 +248,234 @@ def batch_norm_backward(grad_output, input, weight, save_mean, save_invstd, *, t
     ``weight`` is None.
     """
     with _Call() as call:
-        x = call.add(input, "input")
-        check_float(x, "input")
-        if x.ndim < 2:
-            raise ValueError(f"input: expected at least 2 dimensions (N, C, ...), got {x.ndim}")
-        ax = _channel_axis(axis, x.ndim)
-        channels = x.shape[ax]
-        dy = call.add(grad_output, "grad_output")
-        check_float(dy, "grad_output")
-        if dy.shape != x.shape:
-            raise ValueError(f"grad_output: expected the input's shape {_shape_text(x.shape)}, "
-                             f"got {_shape_text(dy.shape)}")
+        x, ax, channels = _batch_setup(call, input, axis)
         w = call.add(weight, "weight")
-        sm = call.add(save_mean, "save_mean")
-        sr = call.add(save_invstd, "save_invstd")
-        for name, t in (("weight", w), ("save_mean", sm), ("save_invstd", sr)):
-            if t is None and name != "weight":
-                raise ValueError(f"{name}: required for the backward pass, got None")
-            _check_per_channel(t, name, channels, f"channel of axis {ax}")
-        check_same_device([("input", x), ("grad_output", dy), ("weight", w), ("save_mean", sm),
-                           ("save_invstd", sr)])
-        alloc = Allocator(input, x)
-        dx_obj = alloc.empty(x.shape, x.dtype, like_layout=input)
-        dw_obj = db_obj = None
-        if w is not None:
-            dw_obj = alloc.empty((channels,), w.dtype)
-            db_obj = alloc.empty((channels,), w.dtype)
+        _check_param(w, "weight", (channels,), f"channel of axis {ax}")
+        sm, sr = _saved(call, save_mean, save_invstd, (channels,), "save_invstd")
         desc = _core.Desc.batch(x.ndim, ax, 0.0).with_options(0 if training else _core.FLAG_USE_RUNNING_STATS)
-        _core.norm_backward(desc, x, dy, w, sm, sr, call.add(dx_obj, "grad_input", True),
-                            call.add(dw_obj, "grad_weight", True), call.add(db_obj, "grad_bias", True))
-    return alloc.finish(dx_obj), alloc.finish(dw_obj), alloc.finish(db_obj)
+        return _backward(call, desc, input, x, grad_output, w, sm, sr, (channels,))
+
+
+# ---------------------------------------------------------------- layer norm and RMS norm
+
+
+def _layer_setup(call, input, normalized_shape):
+    x = call.add(input, "input")
+    check_float(x, "input")
+    shape = _normalized_shape(normalized_shape, x)
+    return x, shape, tuple(x.shape[:x.ndim - len(shape)])
+
+
+def layer_norm_forward(input, normalized_shape, weight=None, bias=None, eps=1e-5, *, out=None):
+    """Layer norm over the trailing ``normalized_shape`` dims; returns ``(output, save_mean, save_rstd)``
+    with one statistic per leading index (shape ``input.shape[:-len(normalized_shape)]``)."""
+    _check_eps(eps)
+    with _Call() as call:
+        x, shape, lead = _layer_setup(call, input, normalized_shape)
+        w, b = call.add(weight, "weight"), call.add(bias, "bias")
+        _check_param(w, "weight", shape, "element of normalized_shape")
+        _check_param(b, "bias", shape, "element of normalized_shape")
+        desc = _core.Desc.layer(x.ndim, len(shape), float(eps))
+        return _forward(call, desc, input, x, w, b, None, None, out, lead)
+
+
+def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5, *, out=None):
+    """Layer norm, as ``torch.nn.functional.layer_norm``; returns the output."""
+    return layer_norm_forward(input, normalized_shape, weight, bias, eps, out=out)[0]
+
+
+def layer_norm_backward(grad_output, input, normalized_shape, weight, save_mean, save_rstd):
+    """Backward of layer norm: ``(grad_input, grad_weight, grad_bias)``; the last two None without weight."""
+    with _Call() as call:
+        x, shape, lead = _layer_setup(call, input, normalized_shape)
+        w = call.add(weight, "weight")
+        _check_param(w, "weight", shape, "element of normalized_shape")
+        sm, sr = _saved(call, save_mean, save_rstd, lead)
+        desc = _core.Desc.layer(x.ndim, len(shape), 0.0)
+        return _backward(call, desc, input, x, grad_output, w, sm, sr, shape)
+
+
+def _rms_eps(eps, dtype):
+    if eps is None:  # PyTorch: the machine epsilon of the type it computes in
+        return _F64_EPS if dtype == "float64" else _F32_EPS
+    _check_eps(eps)
+    return float(eps)
+
+
+def rms_norm_forward(input, normalized_shape, weight=None, eps=None, *, out=None):
+    """RMS norm: ``y = x / sqrt(mean(x^2) + eps) * weight``; returns ``(output, save_rstd)``.
+    ``eps=None`` is the machine epsilon of the compute type (float32's for half inputs)."""
+    with _Call() as call:
+        x, shape, lead = _layer_setup(call, input, normalized_shape)
+        w = call.add(weight, "weight")
+        _check_param(w, "weight", shape, "element of normalized_shape")
+        desc = _core.Desc.rms(x.ndim, len(shape), _rms_eps(eps, x.dtype))
+        y, _, rstd = _forward(call, desc, input, x, w, None, None, None, out, lead)
+        return y, rstd
+
+
+def rms_norm(input, normalized_shape, weight=None, eps=None, *, out=None):
+    """RMS norm, as ``torch.nn.functional.rms_norm``; returns the output."""
+    return rms_norm_forward(input, normalized_shape, weight, eps, out=out)[0]
+
+
+def rms_norm_backward(grad_output, input, normalized_shape, weight, save_rstd):
+    """Backward of RMS norm: ``(grad_input, grad_weight, None)``; grad_weight None without weight."""
+    with _Call() as call:
+        x, shape, lead = _layer_setup(call, input, normalized_shape)
+        w = call.add(weight, "weight")
+        _check_param(w, "weight", shape, "element of normalized_shape")
+        _, sr = _saved(call, None, save_rstd, lead, need_mean=False)
+        desc = _core.Desc.rms(x.ndim, len(shape), 0.0)
+        return _backward(call, desc, input, x, grad_output, w, None, sr, shape, want_bias_grad=False)
+
+
+# ---------------------------------------------------------------- instance norm
+
+
+def _instance_setup(call, input):
+    x = call.add(input, "input")
+    _check_input(x, "input", 3, "(N, C, L, ...)")
+    return x, x.shape[1], (x.shape[0], x.shape[1])
+
+
+def instance_norm_forward(input, running_mean=None, running_var=None, weight=None, bias=None, use_input_stats=True,
+                          momentum=0.1, eps=1e-5, *, out=None):
+    """Instance norm over the spatial dims of each (sample, channel); returns
+    ``(output, save_mean, save_invstd)`` of shape (N, C). With running statistics
+    and ``use_input_stats`` they are updated with the average over the batch of the
+    instances' mean and unbiased variance (PyTorch's rule); without
+    ``use_input_stats`` they normalize."""
+    _check_eps(eps)
+    with _Call() as call:
+        x, channels, groups = _instance_setup(call, input)
+        w, b = call.add(weight, "weight"), call.add(bias, "bias")
+        _check_param(w, "weight", (channels,), "channel")
+        _check_param(b, "bias", (channels,), "channel")
+        rm, rv = _running(call, running_mean, running_var, (channels,), "channel", writable=bool(use_input_stats))
+        flags = momentum_used = 0
+        if use_input_stats:
+            if _values_per_group(x, range(2, x.ndim)) == 1:
+                raise ValueError(f"Expected more than 1 spatial element when training, got input size "
+                                 f"{_shape_text(x.shape)}")
+            if rm is not None:
+                _check_momentum(momentum)
+                flags, momentum_used = _core.FLAG_UPDATE_RUNNING_STATS, float(momentum)
+        else:
+            if rm is None:
+                raise MissingRunningStatsError(
+                    "Expected running_mean and running_var to be defined when use_input_stats is false")
+            flags = _core.FLAG_USE_RUNNING_STATS
+        desc = _core.Desc.instance(x.ndim, float(eps)).with_options(flags, momentum_used)
+        return _forward(call, desc, input, x, w, b, rm, rv, out, groups)
+
+
+def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=None, use_input_stats=True,
+                  momentum=0.1, eps=1e-5, *, out=None):
+    """Instance norm, as ``torch.nn.functional.instance_norm``; returns the output."""
+    return instance_norm_forward(input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps,
+                                 out=out)[0]
+
+
+def instance_norm_backward(grad_output, input, weight, save_mean, save_invstd, *, use_input_stats=True):
+    """Backward of instance norm: ``(grad_input, grad_weight, grad_bias)``; the last two None without weight."""
+    with _Call() as call:
+        x, channels, groups = _instance_setup(call, input)
+        w = call.add(weight, "weight")
+        _check_param(w, "weight", (channels,), "channel")
+        sm, sr = _saved(call, save_mean, save_invstd, groups, "save_invstd")
+        desc = _core.Desc.instance(x.ndim, 0.0).with_options(0 if use_input_stats else _core.FLAG_USE_RUNNING_STATS)
+        return _backward(call, desc, input, x, grad_output, w, sm, sr, (channels,))
+
+
+# ---------------------------------------------------------------- group norm
+
+
+def _group_setup(call, input, num_groups):
+    x = call.add(input, "input")
+    _check_input(x, "input", 2, "(N, C, ...)")
+    if isinstance(num_groups, bool) or not isinstance(num_groups, (int, np.integer)) or num_groups < 1:
+        raise ValueError(f"num_groups: expected a positive int, got {num_groups!r}")
+    channels = x.shape[1]
+    if channels % num_groups:
+        raise ValueError(f"num_groups: expected the number of channels in input ({channels}) to be divisible by "
+                         f"num_groups, but got num_groups={num_groups} (input shape {_shape_text(x.shape)})")
+    return x, channels, (x.shape[0], int(num_groups))
+
+
+def group_norm_forward(input, num_groups, weight=None, bias=None, eps=1e-5, *, out=None):
+    """Group norm: channels split into ``num_groups`` groups, statistics over each
+    (sample, group); returns ``(output, save_mean, save_rstd)`` of shape (N, num_groups)."""
+    _check_eps(eps)
+    with _Call() as call:
+        x, channels, groups = _group_setup(call, input, num_groups)
+        w, b = call.add(weight, "weight"), call.add(bias, "bias")
+        _check_param(w, "weight", (channels,), "channel")
+        _check_param(b, "bias", (channels,), "channel")
+        desc = _core.Desc.group(x.ndim, int(num_groups), float(eps))
+        return _forward(call, desc, input, x, w, b, None, None, out, groups)
+
+
+def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, *, out=None):
+    """Group norm, as ``torch.nn.functional.group_norm``; returns the output."""
+    return group_norm_forward(input, num_groups, weight, bias, eps, out=out)[0]
+
+
+def group_norm_backward(grad_output, input, num_groups, weight, save_mean, save_rstd):
+    """Backward of group norm: ``(grad_input, grad_weight, grad_bias)``; the last two None without weight."""
+    with _Call() as call:
+        x, channels, groups = _group_setup(call, input, num_groups)
+        w = call.add(weight, "weight")
+        _check_param(w, "weight", (channels,), "channel")
+        sm, sr = _saved(call, save_mean, save_rstd, groups)
+        desc = _core.Desc.group(x.ndim, int(num_groups), 0.0)
+        return _backward(call, desc, input, x, grad_output, w, sm, sr, (channels,))
+
+
+# ---------------------------------------------------------------- any axes
+
+
+def _normalize_setup(call, input, axes, affine_axes):
+    x = call.add(input, "input")
+    check_float(x, "input")
+    if x.ndim < 1:
+        raise ValueError("input: expected at least 1 dimension, got a scalar")
+    red = _axes(axes, x.ndim, "axes")
+    aff = red if affine_axes is None else _axes(affine_axes, x.ndim, "affine_axes")
+    param_shape = tuple(x.shape[a] for a in aff)
+    group_shape = tuple(x.shape[a] for a in range(x.ndim) if a not in red)
+    return x, red, aff, param_shape, group_shape
+
+
+def normalize_forward(input, axes, weight=None, bias=None, *, affine_axes=None, eps=1e-5, rms=False, out=None):
+    """Statistics over ``axes`` (one group per index of the other axes); weight and
+    bias have the input's sizes at ``affine_axes`` (default: ``axes``). Runs on any
+    strides without a copy. Returns ``(output, save_mean, save_rstd)``, the
+    statistics shaped as the input without ``axes``."""
+    _check_eps(eps)
+    with _Call() as call:
+        x, red, aff, pshape, gshape = _normalize_setup(call, input, axes, affine_axes)
+        w, b = call.add(weight, "weight"), call.add(bias, "bias")
+        per = f"index of axes {aff}"
+        _check_param(w, "weight", pshape, per)
+        _check_param(b, "bias", pshape, per)
+        desc = _core.Desc.axes(_mask(red), _mask(aff), float(eps), _core.FLAG_RMS if rms else 0)
+        return _forward(call, desc, input, x, w, b, None, None, out, gshape)
+
+
+def normalize(input, axes, weight=None, bias=None, *, affine_axes=None, eps=1e-5, rms=False, out=None):
+    """The general entry point every variant is a case of; returns the output.
+    ``normalize(x, axes=(1,))`` is layer norm over the channels of an NCHW tensor."""
+    return normalize_forward(input, axes, weight, bias, affine_axes=affine_axes, eps=eps, rms=rms, out=out)[0]
+
+
+def normalize_backward(grad_output, input, axes, weight, save_mean, save_rstd, *, affine_axes=None, rms=False):
+    """Backward of ``normalize``: ``(grad_input, grad_weight, grad_bias)``; the last two None without weight
+    (grad_bias also None with ``rms``). ``save_mean`` may be None with ``rms``."""
+    with _Call() as call:
+        x, red, aff, pshape, gshape = _normalize_setup(call, input, axes, affine_axes)
+        w = call.add(weight, "weight")
+        _check_param(w, "weight", pshape, f"index of axes {aff}")
+        sm, sr = _saved(call, save_mean, save_rstd, gshape, need_mean=not rms)
+        desc = _core.Desc.axes(_mask(red), _mask(aff), 0.0, _core.FLAG_RMS if rms else 0)
+        return _backward(call, desc, input, x, grad_output, w, sm, sr, pshape, want_bias_grad=not rms)

@@ -27,7 +27,139 @@ def _to_numpy(value, what: str) -> np.ndarray:
     return np.array(value, copy=True)
 
 
-class BatchNorm:
+class _Layer:
+    """What every layer shares: mode, the state dict with PyTorch's keys, the saved forward."""
+
+    training = True
+
+    def train(self, mode: bool = True):
+        self.training = bool(mode)
+        return self
+
+    def eval(self):
+        return self.train(False)
+
+    def _state_keys(self):
+        """(key, shape) of each state entry, in PyTorch's order; shape None for a count."""
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        """PyTorch's keys and shapes, as NumPy copies."""
+        return {key: getattr(self, key).copy() for key, _ in self._state_keys()}
+
+    def load_state_dict(self, state: dict, strict: bool = True):
+        """Loads a dict with PyTorch's keys (NumPy arrays, torch tensors, any DLPack tensor).
+        Every value is checked before any is stored, so a failing load changes nothing."""
+        keys = self._state_keys()
+        names = [k for k, _ in keys]
+        missing = [k for k in names if k not in state]
+        unexpected = [k for k in state if k not in names]
+        if strict and (missing or unexpected):
+            raise KeyError(f"load_state_dict: missing keys {missing}, unexpected keys {unexpected}")
+        staged = {}
+        for key, shape in keys:
+            if key not in state:
+                continue
+            value = _to_numpy(state[key], key)
+            if shape is None:
+                if value.size != 1:
+                    raise ValueError(f"{key}: expected one value, got shape {value.shape}")
+                staged[key] = np.asarray(value.reshape(()), np.int64)
+                continue
+            if value.shape != tuple(shape):
+                raise ValueError(f"{key}: expected shape {tuple(shape)}, got {value.shape}")
+            if value.dtype.name not in FLOAT_DTYPES:
+                raise TypeError(f"{key}: expected a floating dtype, got {value.dtype}")
+            staged[key] = value.astype(self.dtype)
+        for key, value in staged.items():
+            setattr(self, key, value)
+        return self
+
+    def _store_grads(self, dw, db):
+        self.weight_grad = None if dw is None else _to_numpy(dw, "grad_weight")
+        self.bias_grad = None if db is None else _to_numpy(db, "grad_bias")
+
+    def _saved_or_raise(self):
+        if self._saved is None:
+            raise RuntimeError("backward: call the layer on an input first")
+        return self._saved
+
+    def __call__(self, x):
+        return self.forward(x)
+
+
+def _check_dtype(dtype):
+    if dtype not in ("float32", "float64"):
+        raise TypeError(f"dtype: expected 'float32' or 'float64' for the parameters, got {dtype!r}")
+
+
+def _check_count(value, what):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{what}: expected a positive int, got {value!r}")
+    return int(value)
+
+
+def _shape_tuple(normalized_shape):
+    shape = (normalized_shape,) if isinstance(normalized_shape, (int, np.integer)) else tuple(normalized_shape)
+    if not shape:
+        raise ValueError("normalized_shape: expected at least one dimension, got an empty shape")
+    return tuple(_check_count(s, "normalized_shape") for s in shape)
+
+
+class _RunningStatsLayer(_Layer):
+    """Batch and instance norm: per-channel parameters and optional running statistics."""
+
+    def _init_channels(self, num_features, eps, momentum, affine, track_running_stats, dtype):
+        self.num_features = _check_count(num_features, "num_features")
+        _check_dtype(dtype)
+        F._check_eps(eps)
+        if momentum is not None:
+            F._check_momentum(momentum)
+        self.eps = float(eps)
+        self.momentum = momentum
+        self.affine = bool(affine)
+        self.track_running_stats = bool(track_running_stats)
+        self.dtype = dtype
+        self.training = True
+        self.weight = np.ones(self.num_features, dtype) if affine else None
+        self.bias = np.zeros(self.num_features, dtype) if affine else None
+        self.weight_grad = self.bias_grad = None
+        if self.track_running_stats:
+            self.running_mean = np.zeros(self.num_features, dtype)
+            self.running_var = np.ones(self.num_features, dtype)
+            self.num_batches_tracked = np.zeros((), np.int64)
+        else:
+            self.running_mean = self.running_var = self.num_batches_tracked = None
+        self._saved = None
+
+    def _state_keys(self):
+        keys = []
+        if self.affine:
+            keys += [("weight", (self.num_features,)), ("bias", (self.num_features,))]
+        if self.track_running_stats:
+            keys += [("running_mean", (self.num_features,)), ("running_var", (self.num_features,)),
+                     ("num_batches_tracked", None)]
+        return keys
+
+    def _running_args(self):
+        """(running_mean, running_var, momentum factor, uses batch statistics, updates) for one forward."""
+        update = self.training and self.track_running_stats
+        momentum = 0.0
+        if update:
+            # PyTorch's rule: count first; momentum None is the cumulative average
+            momentum = 1.0 / float(self.num_batches_tracked + 1) if self.momentum is None else self.momentum
+        batch_stats = self.training or not self.track_running_stats
+        pass_running = self.track_running_stats and (update or not self.training)
+        rm = self.running_mean if pass_running else None
+        rv = self.running_var if pass_running else None
+        return rm, rv, momentum, batch_stats, update
+
+    def _count_batch(self, update):
+        if update:
+            self.num_batches_tracked += 1
+
+
+class BatchNorm(_RunningStatsLayer):
     """Batch normalization over the channel axis ``axis``, as ``torch.nn.BatchNorm{1,2,3}d``.
 
     State: ``weight``, ``bias`` (when affine), ``running_mean``, ``running_var`` and
@@ -37,120 +169,159 @@ class BatchNorm:
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True, *, axis=1,
                  dtype="float32"):
-        if isinstance(num_features, bool) or not isinstance(num_features, (int, np.integer)) or num_features < 1:
-            raise ValueError(f"num_features: expected a positive int, got {num_features!r}")
-        if dtype not in ("float32", "float64"):
-            raise TypeError(f"dtype: expected 'float32' or 'float64' for the parameters, got {dtype!r}")
-        F._check_eps(eps)
-        if momentum is not None:
-            F._check_momentum(momentum)
-        self.num_features = int(num_features)
-        self.eps = float(eps)
-        self.momentum = momentum
-        self.affine = bool(affine)
-        self.track_running_stats = bool(track_running_stats)
+        self._init_channels(num_features, eps, momentum, affine, track_running_stats, dtype)
         self.axis = axis
-        self.dtype = dtype
-        self.training = True
-        self.weight = np.ones(self.num_features, dtype) if affine else None
-        self.bias = np.zeros(self.num_features, dtype) if affine else None
-        self.weight_grad = None
-        self.bias_grad = None
-        if self.track_running_stats:
-            self.running_mean = np.zeros(self.num_features, dtype)
-            self.running_var = np.ones(self.num_features, dtype)
-            self.num_batches_tracked = np.zeros((), np.int64)
-        else:
-            self.running_mean = self.running_var = self.num_batches_tracked = None
-        self._saved = None
-
-    # ------------------------------------------------------------- mode
-
-    def train(self, mode: bool = True):
-        self.training = bool(mode)
-        return self
-
-    def eval(self):
-        return self.train(False)
-
-    # ------------------------------------------------------------- forward / backward
-
-    def _uses_batch_stats(self) -> bool:
-        return self.training or self.running_mean is None
 
     def forward(self, x):
         """Normalizes ``x`` (any DLPack tensor); returns the caller's array type."""
-        momentum = 0.0
-        update = self.training and self.track_running_stats
-        if update:
-            # PyTorch's rule: count first, then momentum None means the cumulative average
-            momentum = 1.0 / float(self.num_batches_tracked + 1) if self.momentum is None else self.momentum
-        # the running statistics go in only when they are used or updated
-        pass_running = self.running_mean is not None and (update or not self.training)
-        y, mean, invstd = F.batch_norm_forward(
-            x, self.running_mean if pass_running else None, self.running_var if pass_running else None,
-            self.weight, self.bias, training=self._uses_batch_stats(), momentum=momentum, eps=self.eps,
-            axis=self.axis)
-        if update:
-            self.num_batches_tracked += 1
-        self._saved = (x, mean, invstd, self._uses_batch_stats())
+        rm, rv, momentum, batch_stats, update = self._running_args()
+        y, mean, invstd = F.batch_norm_forward(x, rm, rv, self.weight, self.bias, training=batch_stats,
+                                               momentum=momentum, eps=self.eps, axis=self.axis)
+        self._count_batch(update)
+        self._saved = (x, mean, invstd, batch_stats)
         return y
-
-    __call__ = forward
 
     def backward(self, grad_output):
         """Gradient of the last forward: returns grad_input; sets weight_grad and bias_grad."""
-        if self._saved is None:
-            raise RuntimeError("backward: call the layer on an input first")
-        x, mean, invstd, batch_stats = self._saved
+        x, mean, invstd, batch_stats = self._saved_or_raise()
         dx, dw, db = F.batch_norm_backward(grad_output, x, self.weight, mean, invstd, training=batch_stats,
                                            axis=self.axis)
-        if self.affine:
-            self.weight_grad = _to_numpy(dw, "grad_weight")
-            self.bias_grad = _to_numpy(db, "grad_bias")
+        self._store_grads(dw, db)
         return dx
-
-    # ------------------------------------------------------------- state
-
-    def state_dict(self) -> dict:
-        """PyTorch's keys: weight, bias, running_mean, running_var, num_batches_tracked (copies)."""
-        out = {}
-        if self.affine:
-            out["weight"] = self.weight.copy()
-            out["bias"] = self.bias.copy()
-        if self.track_running_stats:
-            out["running_mean"] = self.running_mean.copy()
-            out["running_var"] = self.running_var.copy()
-            out["num_batches_tracked"] = self.num_batches_tracked.copy()
-        return out
-
-    def load_state_dict(self, state: dict, strict: bool = True):
-        """Loads a dict with PyTorch's keys (NumPy arrays, torch tensors, any DLPack tensor).
-        Every value is checked before any is stored."""
-        expected = list(self.state_dict().keys())
-        missing = [k for k in expected if k not in state]
-        unexpected = [k for k in state if k not in expected]
-        if strict and (missing or unexpected):
-            raise KeyError(f"load_state_dict: missing keys {missing}, unexpected keys {unexpected}")
-        staged = {}
-        for key in expected:
-            if key not in state:
-                continue
-            value = _to_numpy(state[key], key)
-            if key == "num_batches_tracked":
-                if value.size != 1:
-                    raise ValueError(f"num_batches_tracked: expected one value, got shape {value.shape}")
-                staged[key] = np.asarray(value.reshape(()), np.int64)
-                continue
-            if value.shape != (self.num_features,):
-                raise ValueError(f"{key}: expected shape ({self.num_features},), got {value.shape}")
-            if value.dtype.name not in FLOAT_DTYPES:
-                raise TypeError(f"{key}: expected a floating dtype, got {value.dtype}")
-            staged[key] = value.astype(self.dtype)
-        for key, value in staged.items():
-            setattr(self, key, value)
-        return self
 
     def __repr__(self):
         return (f"BatchNorm({self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
                 f"track_running_stats={self.track_running_stats}, axis={self.axis}, dtype={self.dtype!r})")
+
+
+class InstanceNorm(_RunningStatsLayer):
+    """Instance normalization of (N, C, *) inputs, as ``torch.nn.InstanceNorm{1,2,3}d``
+    (affine and running statistics off by default)."""
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=False, track_running_stats=False, *,
+                 dtype="float32"):
+        self._init_channels(num_features, eps, momentum, affine, track_running_stats, dtype)
+
+    def forward(self, x):
+        rm, rv, momentum, batch_stats, update = self._running_args()
+        y, mean, invstd = F.instance_norm_forward(x, rm, rv, self.weight, self.bias, use_input_stats=batch_stats,
+                                                  momentum=momentum, eps=self.eps)
+        self._count_batch(update)
+        self._saved = (x, mean, invstd, batch_stats)
+        return y
+
+    def backward(self, grad_output):
+        x, mean, invstd, batch_stats = self._saved_or_raise()
+        dx, dw, db = F.instance_norm_backward(grad_output, x, self.weight, mean, invstd,
+                                              use_input_stats=batch_stats)
+        self._store_grads(dw, db)
+        return dx
+
+    def __repr__(self):
+        return (f"InstanceNorm({self.num_features}, eps={self.eps}, momentum={self.momentum}, "
+                f"affine={self.affine}, track_running_stats={self.track_running_stats})")
+
+
+class LayerNorm(_Layer):
+    """Layer normalization over the trailing ``normalized_shape`` dims, as ``torch.nn.LayerNorm``."""
+
+    def __init__(self, normalized_shape, eps=1e-5, elementwise_affine=True, bias=True, *, dtype="float32"):
+        self.normalized_shape = _shape_tuple(normalized_shape)
+        F._check_eps(eps)
+        _check_dtype(dtype)
+        self.eps = float(eps)
+        self.elementwise_affine = bool(elementwise_affine)
+        self.dtype = dtype
+        self.weight = np.ones(self.normalized_shape, dtype) if elementwise_affine else None
+        self.bias = np.zeros(self.normalized_shape, dtype) if elementwise_affine and bias else None
+        self.weight_grad = self.bias_grad = None
+        self._saved = None
+
+    def _state_keys(self):
+        return [(k, self.normalized_shape) for k in ("weight", "bias") if getattr(self, k) is not None]
+
+    def forward(self, x):
+        y, mean, rstd = F.layer_norm_forward(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        self._saved = (x, mean, rstd)
+        return y
+
+    def backward(self, grad_output):
+        x, mean, rstd = self._saved_or_raise()
+        dx, dw, db = F.layer_norm_backward(grad_output, x, self.normalized_shape, self.weight, mean, rstd)
+        self._store_grads(dw, db if self.bias is not None else None)
+        return dx
+
+    def __repr__(self):
+        return (f"LayerNorm({self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}, "
+                f"bias={self.bias is not None})")
+
+
+class GroupNorm(_Layer):
+    """Group normalization, as ``torch.nn.GroupNorm``: ``num_channels`` split into ``num_groups``."""
+
+    def __init__(self, num_groups, num_channels, eps=1e-5, affine=True, *, dtype="float32"):
+        self.num_groups = _check_count(num_groups, "num_groups")
+        self.num_channels = _check_count(num_channels, "num_channels")
+        if self.num_channels % self.num_groups:
+            raise ValueError(f"num_channels: expected a multiple of num_groups, got num_channels="
+                             f"{self.num_channels} and num_groups={self.num_groups}")
+        F._check_eps(eps)
+        _check_dtype(dtype)
+        self.eps = float(eps)
+        self.affine = bool(affine)
+        self.dtype = dtype
+        self.weight = np.ones(self.num_channels, dtype) if affine else None
+        self.bias = np.zeros(self.num_channels, dtype) if affine else None
+        self.weight_grad = self.bias_grad = None
+        self._saved = None
+
+    def _state_keys(self):
+        return [(k, (self.num_channels,)) for k in ("weight", "bias")] if self.affine else []
+
+    def forward(self, x):
+        y, mean, rstd = F.group_norm_forward(x, self.num_groups, self.weight, self.bias, self.eps)
+        self._saved = (x, mean, rstd)
+        return y
+
+    def backward(self, grad_output):
+        x, mean, rstd = self._saved_or_raise()
+        dx, dw, db = F.group_norm_backward(grad_output, x, self.num_groups, self.weight, mean, rstd)
+        self._store_grads(dw, db)
+        return dx
+
+    def __repr__(self):
+        return f"GroupNorm({self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine})"
+
+
+class RMSNorm(_Layer):
+    """RMS normalization over the trailing ``normalized_shape`` dims, as ``torch.nn.RMSNorm``
+    (``eps=None``: the machine epsilon of the compute type)."""
+
+    def __init__(self, normalized_shape, eps=None, elementwise_affine=True, *, dtype="float32"):
+        self.normalized_shape = _shape_tuple(normalized_shape)
+        if eps is not None:
+            F._check_eps(eps)
+        _check_dtype(dtype)
+        self.eps = eps
+        self.elementwise_affine = bool(elementwise_affine)
+        self.dtype = dtype
+        self.weight = np.ones(self.normalized_shape, dtype) if elementwise_affine else None
+        self.weight_grad = self.bias_grad = None
+        self._saved = None
+
+    def _state_keys(self):
+        return [("weight", self.normalized_shape)] if self.elementwise_affine else []
+
+    def forward(self, x):
+        y, rstd = F.rms_norm_forward(x, self.normalized_shape, self.weight, self.eps)
+        self._saved = (x, rstd)
+        return y
+
+    def backward(self, grad_output):
+        x, rstd = self._saved_or_raise()
+        dx, dw, _ = F.rms_norm_backward(grad_output, x, self.normalized_shape, self.weight, rstd)
+        self._store_grads(dw, None)
+        return dx
+
+    def __repr__(self):
+        return f"RMSNorm({self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine})"
