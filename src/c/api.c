@@ -70,7 +70,7 @@ static bn_status_t scratch_alloc(scratch_t *s, int64_t ng, int64_t np) {
   return BN_STATUS_SUCCESS;
 }
 
-/* Sums per-group values into their parameter index, in group order. */
+/* Sums per-group values into their parameter index, in group order (accumulates). */
 static void sum_groups_into_params(const scratch_t *s, int64_t ng, const double *by_group, double *by_param) {
   for (int64_t g = 0; g < ng; g++) by_param[s->param_of_group[g]] += by_group[g];
 }
@@ -129,9 +129,11 @@ bn_status_t bn_norm_forward(const bn_norm_desc_t *desc, const DLTensor *x, const
   if ((st = scratch_alloc(&s, ng, np))) return st;
   if (weight) bn_gather_f64(weight, s.weight);
   if (bias) bn_gather_f64(bias, s.bias);
-
+  if (plan.params_in_groups) bn_plan_group_params(&plan, s.param_of_group);
+  bn_coef_t coef = {.mean = s.mean, .rstd = s.rstd, .var = s.s1, .weight = weight ? s.weight : NULL,
+                    .bias = bias ? s.bias : NULL, .param_of_group = plan.params_in_groups ? s.param_of_group : NULL,
+                    .eps = desc->eps, .rms = (flags & BN_FLAG_RMS) != 0};
   if (use_running) {
-    bn_plan_group_params(&plan, s.param_of_group);
     bn_gather_f64(running_mean, s.run_mean);
     bn_gather_f64(running_var, s.run_var);
     for (int64_t g = 0; g < ng; g++) {
@@ -139,32 +141,20 @@ bn_status_t bn_norm_forward(const bn_norm_desc_t *desc, const DLTensor *x, const
       s.mean[g] = s.run_mean[p];
       s.rstd[g] = 1.0 / sqrt(s.run_var[p] + desc->eps);
     }
-  } else {
-    if ((st = bn_cpu_moments(&plan, s.mean, s.rstd))) goto done; /* rstd holds m2 for now */
-    const double n = (double)plan.group_size;
-    for (int64_t g = 0; g < ng; g++) {
-      double var = n > 0 ? s.rstd[g] / n : 0.0;
-      if (flags & BN_FLAG_RMS) var += s.mean[g] * s.mean[g], s.mean[g] = 0.0;
-      s.s1[g] = var; /* biased variance, kept for the running update */
-      s.rstd[g] = 1.0 / sqrt(var + desc->eps);
-    }
   }
-
-  bn_coef_t coef = {.mean = s.mean, .rstd = s.rstd, .weight = weight ? s.weight : NULL,
-                    .bias = bias ? s.bias : NULL};
-  bn_cpu_apply_forward(&plan, &coef);
+  if ((st = bn_cpu_forward(&plan, &coef, !use_running))) goto done;
   if (save_mean) bn_scatter_f64(save_mean, s.mean);
   if (save_rstd) bn_scatter_f64(save_rstd, s.rstd);
 
   if (update_running && plan.group_size > 0) {
     /* all-or-nothing: the new values are computed in full, then written. The batch value
      * of a parameter index is the average over its groups (one group each in batch norm). */
-    bn_plan_group_params(&plan, s.param_of_group);
     const double n = (double)plan.group_size, f = desc->momentum;
     const double unbias = (flags & BN_FLAG_RUNNING_VAR_BIASED) ? 1.0 : n / (n - 1.0);
     for (int64_t g = 0; g < ng; g++) s.s1[g] *= unbias;
     sum_groups_into_params(&s, ng, s.mean, s.pa);
     sum_groups_into_params(&s, ng, s.s1, s.pb);
+    for (int64_t p = 0; p < np; p++) s.pc[p] = 0.0;
     for (int64_t g = 0; g < ng; g++) s.pc[s.param_of_group[g]] += 1.0;
     bn_gather_f64(running_mean, s.run_mean);
     bn_gather_f64(running_var, s.run_var);
@@ -224,31 +214,12 @@ bn_status_t bn_norm_backward(const bn_norm_desc_t *desc, const DLTensor *x, cons
   if (weight) bn_gather_f64(weight, s.weight);
   if (save_mean && !rms) bn_gather_f64(save_mean, s.mean);
   bn_gather_f64(save_rstd, s.rstd);
+  if (plan.params_in_groups) bn_plan_group_params(&plan, s.param_of_group);
   bn_coef_t coef = {.mean = s.mean, .rstd = s.rstd, .weight = weight ? s.weight : NULL,
-                    .inv_n = plan.group_size > 0 ? 1.0 / (double)plan.group_size : 0.0};
-  const int want_params = dweight || dbias;
-
-  if (plan.params_in_groups && (training || want_params)) {
-    /* one reduction per group gives both: sum(dy) and sum(dy*xhat); weight factors out */
-    bn_coef_t plain = coef;
-    plain.weight = NULL;
-    if ((st = bn_cpu_grad_sums(&plan, &plain, BN_TARGET_GROUP, s.s1, s.s2))) goto done;
-    bn_plan_group_params(&plan, s.param_of_group);
-    sum_groups_into_params(&s, ng, s.s1, s.pb);
-    sum_groups_into_params(&s, ng, s.s2, s.pa);
-    for (int64_t g = 0; g < ng && weight; g++) {
-      const double w = s.weight[s.param_of_group[g]];
-      s.s1[g] *= w, s.s2[g] *= w;
-    }
-  } else {
-    if (training && (st = bn_cpu_grad_sums(&plan, &coef, BN_TARGET_GROUP, s.s1, s.s2))) goto done;
-    if (want_params && (st = bn_cpu_grad_sums(&plan, &coef, BN_TARGET_PARAM, s.pb, s.pa))) goto done;
-  }
-  if (dx) {
-    coef.sum_dy = training && !rms ? s.s1 : NULL;
-    coef.sum_dyx = training ? s.s2 : NULL;
-    bn_cpu_apply_backward(&plan, &coef);
-  }
+                    .param_of_group = plan.params_in_groups ? s.param_of_group : NULL, .sum_dy = s.s1,
+                    .sum_dyx = s.s2, .inv_n = plan.group_size > 0 ? 1.0 / (double)plan.group_size : 0.0,
+                    .rms = rms};
+  if ((st = bn_cpu_backward(&plan, &coef, training, dweight ? s.pa : NULL, dbias ? s.pb : NULL))) goto done;
   if (dweight) bn_scatter_f64(dweight, s.pa);
   if (dbias) bn_scatter_f64(dbias, s.pb);
 done:

@@ -91,29 +91,35 @@ void bn_plan_group_params(const bn_plan_t *plan, int64_t *param_of_group);
 
 /* ------------------------------------------------------------------ CPU kernels (cpu/) */
 
-/* Per-group coefficients the apply passes read (all arrays in double). */
+/*
+ * The numbers of one call that the CPU backend reads and writes, per statistic
+ * group (ngroups) and per parameter index (nparams). api.c owns the arrays.
+ */
 typedef struct bn_coef_t {
-  const double *mean;    /* [ngroups] */
-  const double *rstd;    /* [ngroups] */
-  const double *weight;  /* [nparams] or NULL (1) */
-  const double *bias;    /* [nparams] or NULL (0) */
-  const double *sum_dy;  /* backward: [ngroups] sum of dy*w; NULL in eval-mode backward */
-  const double *sum_dyx; /* backward: [ngroups] sum of dy*w*xhat */
-  double inv_n;          /* 1 / group_size */
+  double *mean;               /* [ngroups] the mean used (0 for RMS); in: with given stats, else out */
+  double *rstd;               /* [ngroups] 1 / sqrt(var + eps); in or out as mean */
+  double *var;                /* [ngroups] out: biased variance (forward with computed stats) */
+  const double *weight;       /* [nparams] or NULL (1) */
+  const double *bias;         /* [nparams] or NULL (0) */
+  const void *weight_ct;      /* weight in the compute type (float, or double for float64), or NULL */
+  const void *bias_ct;        /* bias likewise */
+  const int64_t *param_of_group; /* [ngroups] when every parameter axis separates groups, else NULL */
+  double *sum_dy;             /* [ngroups] backward: sum over the group of dy*w (NULL: constant stats) */
+  double *sum_dyx;            /* [ngroups] backward: sum over the group of dy*w*xhat */
+  const void *gmean_ct, *gscale_ct, *gshift_ct, *gslope_ct; /* engine-internal per-group coefficients */
+  double eps;
+  double inv_n;               /* 1 / group_size (0 for empty groups) */
+  int rms;                    /* no mean: BN_FLAG_RMS */
 } bn_coef_t;
 
-/* Group statistics: count-free mean and m2 (sum of squared deviations) per group. */
-bn_status_t bn_cpu_moments(const bn_plan_t *plan, double *mean, double *m2);
+/* Forward: with `compute_stats`, fills mean / rstd / var from x; then writes y. */
+bn_status_t bn_cpu_forward(const bn_plan_t *plan, bn_coef_t *coef, int compute_stats);
 
-/* Backward sums keyed by `target` (BN_TARGET_GROUP: sum over the group of dy*w and
- * dy*w*xhat; BN_TARGET_PARAM: sum over the parameter index of dy and dy*xhat). */
-enum { BN_TARGET_GROUP = 0, BN_TARGET_PARAM = 1 };
-bn_status_t bn_cpu_grad_sums(const bn_plan_t *plan, const bn_coef_t *coef, int target, double *sum_a,
-                             double *sum_b);
-
-/* y = (x - mean) * rstd * w + b;  and  dx from bn_coef_t (see bncore.h). */
-void bn_cpu_apply_forward(const bn_plan_t *plan, const bn_coef_t *coef);
-void bn_cpu_apply_backward(const bn_plan_t *plan, const bn_coef_t *coef);
+/* Backward: with `training`, the group sums and dx of training mode, else dx = dy*w*rstd.
+ * dweight / dbias (nparams each, may be NULL) receive sum(dy*xhat) and sum(dy). dx is written
+ * when the plan has an output operand. */
+bn_status_t bn_cpu_backward(const bn_plan_t *plan, bn_coef_t *coef, int training, double *dweight,
+                            double *dbias);
 
 /* Thread count for parallel regions (bn_set_num_threads). */
 int bn_threads(void);

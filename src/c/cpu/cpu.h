@@ -6,6 +6,8 @@
 
 /* Elements per piece of a row: pieces are reduced two-pass while in L1, then merged. */
 #define BN_PIECE 2048
+/* Independent accumulators per piece: enough to hide add latency in wide vectors. */
+#define BN_LANES 64
 
 /* One row of the canonical problem: the innermost dim at fixed outer indices. */
 typedef struct bn_row_t {
@@ -20,6 +22,18 @@ typedef struct bn_row_t {
   int64_t p, sp; /* parameter index of element 0, and its stride along the row */
 } bn_row_t;
 
+/* Which accumulator a backward sum goes to. */
+enum { BN_TARGET_GROUP = 0, BN_TARGET_PARAM = 1 };
+
+/* Row kernels are compiled for several x86-64 levels and picked at load time
+ * (GNU ifunc), so the default build stays portable. */
+#if defined(__x86_64__) && defined(__GNUC__) && defined(__ELF__) && !defined(BNCORE_NO_MULTIVERSION) && \
+    !defined(__clang__)
+#define BN_MULTIVERSION __attribute__((target_clones("default", "arch=x86-64-v3", "arch=x86-64-v4")))
+#else
+#define BN_MULTIVERSION
+#endif
+
 typedef struct bn_kernels_t {
   void (*moments_row)(const bn_row_t *row, double *mean, double *m2);
   void (*moments_cols)(const bn_row_t *row, int64_t rows, int64_t rs, double *tmean, double *tm2);
@@ -27,6 +41,11 @@ typedef struct bn_kernels_t {
                     double *acc_b);
   void (*apply_forward)(const bn_row_t *row, const bn_coef_t *c);
   void (*apply_backward)(const bn_row_t *row, const bn_coef_t *c);
+  /* per-group coefficients (mean, scale, shift | mean, k1, c1, k2) in the compute type */
+  void (*group_coefs)(const bn_coef_t *c, int64_t ngroups, int backward, void *mean, void *scale, void *shift,
+                      void *slope);
+  void (*to_compute)(const double *src, int64_t n, void *dst);
+  size_t ct_size; /* bytes of one compute-type value */
 } bn_kernels_t;
 
 const bn_kernels_t *bn_cpu_kernels(bn_dtype_t dt);

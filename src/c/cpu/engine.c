@@ -1,12 +1,20 @@
 /*
- * Drivers that walk the canonical problem row by row and call the row kernels.
+ * Drivers that walk the canonical problem and call the row kernels.
  *
- * Determinism: reductions split the rows into blocks (an outer prefix of dims
- * whose every index is a separate target, so blocks never share a target) and
- * each block into a number of slabs fixed by the shape alone. Slab partials
- * are merged in slab order. No split depends on the thread count, so results
- * are bitwise identical for any number of threads.
+ * Two strategies, chosen by the shape alone:
+ *  - fused: when the row is a statistics dim and one group's data fits in L2,
+ *    each group is reduced and then normalized (or differentiated) while it is
+ *    still in cache, one group per thread at a time: one read of x from memory.
+ *  - two-phase: a reduction over the whole tensor, then an apply pass.
+ *
+ * Determinism: a group's reduction always runs in one fixed order. The
+ * two-phase reduction splits rows into blocks (an outer prefix of dims whose
+ * every index is a separate target, so blocks never share a target) and each
+ * block into a number of slabs fixed by the shape; slab partials merge in slab
+ * order. No split depends on the thread count, so results are bitwise identical
+ * for any number of threads.
  */
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -20,6 +28,7 @@
 #define BN_MAX_SLABS 64         /* slabs per block, at most */
 #define BN_COL_CHUNK 4096       /* elements per chunk of a column reduction, about */
 #define BN_PAR_MIN (1 << 15)    /* below this many elements a pass runs on one thread */
+#define BN_FUSE_BYTES (1 << 20) /* a group whose operands fit in this many bytes is fused */
 
 static int requested_threads = 0;
 
@@ -39,6 +48,14 @@ int bn_threads(void) {
 }
 
 int32_t bn_get_num_threads(void) { return bn_threads(); }
+
+static int thread_id(void) {
+#ifdef _OPENMP
+  return omp_get_thread_num();
+#else
+  return 0;
+#endif
+}
 
 /* Fills `row` for row number r (row-major over all dims but the last) and returns
  * the row's index under the per-dim index strides `ts` (NULL: none). */
@@ -174,11 +191,7 @@ static bn_status_t run_reduction(const reduction_t *R, int64_t ntargets, double 
   if (nslab == 1) {
 #pragma omp parallel for num_threads(nthreads) schedule(static) if (par && nblocks > 1)
     for (int64_t blk = 0; blk < nblocks; blk++) {
-      int tid = 0;
-#ifdef _OPENMP
-      tid = omp_get_thread_num();
-#endif
-      reduce_rows(R, blk * rpb, (blk + 1) * rpb, R->ts, R->t0, cnt, a, b, tmp + tid * tmp_len);
+      reduce_rows(R, blk * rpb, (blk + 1) * rpb, R->ts, R->t0, cnt, a, b, tmp + thread_id() * tmp_len);
     }
     free(tmp);
     return BN_STATUS_SUCCESS;
@@ -197,10 +210,7 @@ static bn_status_t run_reduction(const reduction_t *R, int64_t ntargets, double 
     const int64_t tblock = R->t0 + row_at(P, blk * rpb, R->ts, &first);
 #pragma omp parallel num_threads(nthreads) if (par)
     {
-      int tid = 0;
-#ifdef _OPENMP
-      tid = omp_get_thread_num();
-#endif
+      const int tid = thread_id();
 #pragma omp for schedule(static)
       for (int64_t s = 0; s < nslab; s++) {
         double *sc = ws + s * ntl * nacc, *sa = sc + ntl * (nacc - 2), *sb = sa + ntl;
@@ -223,28 +233,18 @@ static bn_status_t run_reduction(const reduction_t *R, int64_t ntargets, double 
   return BN_STATUS_SUCCESS;
 }
 
-bn_status_t bn_cpu_moments(const bn_plan_t *plan, double *mean, double *m2) {
-  reduction_t R = {.P = plan, .K = bn_cpu_kernels(plan->dtype), .moments = 1, .t0 = plan->g0};
-  for (int d = 0; d < plan->ndim; d++) R.ts[d] = plan->dim[d].sg;
-  double *cnt = malloc((size_t)(plan->ngroups > 0 ? plan->ngroups : 1) * sizeof *cnt);
-  if (!cnt) return bn_fail(BN_STATUS_OUT_OF_MEMORY, "group counts");
-  bn_status_t st = run_reduction(&R, plan->ngroups, cnt, mean, m2);
-  free(cnt);
-  return st;
+/* ------------------------------------------------------------------ shared steps */
+
+/* mean / m2 of each group -> the statistics the forward uses */
+static void finish_stats(const bn_plan_t *P, bn_coef_t *c, int64_t g) {
+  const double n = (double)P->group_size;
+  double var = n > 0 ? c->var[g] / n : 0.0; /* c->var holds m2 until here */
+  if (c->rms) var += c->mean[g] * c->mean[g], c->mean[g] = 0.0;
+  c->var[g] = var;
+  c->rstd[g] = 1.0 / sqrt(var + c->eps);
 }
 
-bn_status_t bn_cpu_grad_sums(const bn_plan_t *plan, const bn_coef_t *coef, int target, double *sum_a,
-                             double *sum_b) {
-  reduction_t R = {.P = plan, .K = bn_cpu_kernels(plan->dtype), .moments = 0, .target = target, .coef = coef,
-                   .t0 = target == BN_TARGET_GROUP ? plan->g0 : plan->p0};
-  for (int d = 0; d < plan->ndim; d++) R.ts[d] = target == BN_TARGET_GROUP ? plan->dim[d].sg : plan->dim[d].sp;
-  return run_reduction(&R, target == BN_TARGET_GROUP ? plan->ngroups : plan->nparams, NULL, sum_a, sum_b);
-}
-
-/* ------------------------------------------------------------------ apply passes */
-
-static void apply(const bn_plan_t *P, const bn_coef_t *coef, int backward) {
-  if (P->numel == 0) return;
+static void apply_rows(const bn_plan_t *P, const bn_coef_t *c, int backward) {
   const bn_kernels_t *K = bn_cpu_kernels(P->dtype);
   const int64_t nrows = row_count(P);
   const int nthreads = bn_threads();
@@ -252,10 +252,287 @@ static void apply(const bn_plan_t *P, const bn_coef_t *coef, int backward) {
   for (int64_t r = 0; r < nrows; r++) {
     bn_row_t row;
     row_at(P, r, NULL, &row);
-    if (backward) K->apply_backward(&row, coef);
-    else K->apply_forward(&row, coef);
+    if (backward) K->apply_backward(&row, c);
+    else K->apply_forward(&row, c);
   }
 }
 
-void bn_cpu_apply_forward(const bn_plan_t *plan, const bn_coef_t *coef) { apply(plan, coef, 0); }
-void bn_cpu_apply_backward(const bn_plan_t *plan, const bn_coef_t *coef) { apply(plan, coef, 1); }
+/* Workspace of the compute-type copies a pass reads; freed by release_ct. */
+typedef struct ct_arrays_t {
+  void *block;
+} ct_arrays_t;
+
+/* Fills weight_ct / bias_ct and, for rows of groups, the per-group coefficients. */
+static bn_status_t prepare_ct(const bn_plan_t *P, bn_coef_t *c, int backward, ct_arrays_t *ws) {
+  const bn_kernels_t *K = bn_cpu_kernels(P->dtype);
+  const int groups_along_row = P->dim[P->ndim - 1].sg != 0 && c->param_of_group != NULL;
+  const size_t cs = K->ct_size, np = (size_t)P->nparams, ng = groups_along_row ? (size_t)P->ngroups : 0;
+  ws->block = malloc((2 * np + 4 * ng + 1) * cs);
+  if (!ws->block) return bn_fail(BN_STATUS_OUT_OF_MEMORY, "compute-type coefficients");
+  char *p = ws->block;
+  c->weight_ct = c->bias_ct = NULL;
+  c->gmean_ct = c->gscale_ct = c->gshift_ct = c->gslope_ct = NULL;
+  if (c->weight) K->to_compute(c->weight, P->nparams, p), c->weight_ct = p;
+  p += np * cs;
+  if (c->bias) K->to_compute(c->bias, P->nparams, p), c->bias_ct = p;
+  p += np * cs;
+  if (ng) {
+    void *m = p, *a = p + ng * cs, *b = p + 2 * ng * cs, *k = p + 3 * ng * cs;
+    K->group_coefs(c, P->ngroups, backward, m, a, b, k);
+    c->gmean_ct = m, c->gscale_ct = a, c->gshift_ct = b, c->gslope_ct = k;
+  }
+  return BN_STATUS_SUCCESS;
+}
+
+/* ------------------------------------------------------------------ fused: one group at a time */
+
+/* The canonical dims but the row, split into group dims and statistic dims. */
+typedef struct group_walk_t {
+  int ngd, nrd;
+  const bn_dim_t *gd[BN_MAX_CANON], *rd[BN_MAX_CANON];
+  int64_t rows; /* rows per group */
+} group_walk_t;
+
+static void group_walk_init(const bn_plan_t *P, group_walk_t *W) {
+  W->ngd = W->nrd = 0;
+  W->rows = 1;
+  for (int d = 0; d < P->ndim - 1; d++) {
+    if (P->dim[d].sg != 0) W->gd[W->ngd++] = &P->dim[d];
+    else W->rd[W->nrd++] = &P->dim[d], W->rows *= P->dim[d].n;
+  }
+}
+
+/* Row r of the j-th group (both row-major over their dims). */
+static void group_row(const bn_plan_t *P, const group_walk_t *W, int64_t j, int64_t r, bn_row_t *row) {
+  const size_t es = bn_dtype_size(P->dtype);
+  int64_t off[BN_NOPS] = {0, 0, 0}, g = P->g0, p = P->p0;
+  for (int d = W->ngd - 1; d >= 0; d--) {
+    const int64_t i = j % W->gd[d]->n;
+    j /= W->gd[d]->n;
+    for (int k = 0; k < BN_NOPS; k++) off[k] += i * W->gd[d]->s[k];
+    g += i * W->gd[d]->sg, p += i * W->gd[d]->sp;
+  }
+  for (int d = W->nrd - 1; d >= 0; d--) {
+    const int64_t i = r % W->rd[d]->n;
+    r /= W->rd[d]->n;
+    for (int k = 0; k < BN_NOPS; k++) off[k] += i * W->rd[d]->s[k];
+    p += i * W->rd[d]->sp;
+  }
+  const bn_dim_t *in = &P->dim[P->ndim - 1];
+  row->n = in->n;
+  row->x = P->base[BN_OP_X] + off[BN_OP_X] * (int64_t)es;
+  row->dy = P->base[BN_OP_DY] ? P->base[BN_OP_DY] + off[BN_OP_DY] * (int64_t)es : NULL;
+  row->out = P->base[BN_OP_OUT] ? P->base[BN_OP_OUT] + off[BN_OP_OUT] * (int64_t)es : NULL;
+  row->sx = in->s[BN_OP_X], row->sdy = in->s[BN_OP_DY], row->so = in->s[BN_OP_OUT];
+  row->g = g, row->sg = 0;
+  row->p = p, row->sp = in->sp;
+}
+
+static int fusable(const bn_plan_t *P, int operands) {
+  return P->dim[P->ndim - 1].sg == 0 &&
+         P->group_size * (int64_t)bn_dtype_size(P->dtype) * operands <= BN_FUSE_BYTES;
+}
+
+static int64_t slab_count(const bn_plan_t *P, int64_t units) {
+  int64_t n = P->numel / BN_SLAB_ELEMS;
+  if (n > BN_MAX_SLABS) n = BN_MAX_SLABS;
+  if (n > units) n = units;
+  return n < 1 ? 1 : n;
+}
+
+static void fused_forward(const bn_plan_t *P, bn_coef_t *c) {
+  const bn_kernels_t *K = bn_cpu_kernels(P->dtype);
+  group_walk_t W;
+  group_walk_init(P, &W);
+  const int nthreads = bn_threads();
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (P->numel >= BN_PAR_MIN && P->ngroups > 1)
+  for (int64_t j = 0; j < P->ngroups; j++) {
+    bn_row_t row;
+    double cnt = 0, mean = 0, m2 = 0;
+    for (int64_t r = 0; r < W.rows; r++) { /* reduce */
+      double rm, rm2;
+      group_row(P, &W, j, r, &row);
+      K->moments_row(&row, &rm, &rm2);
+      bn_chan_merge(&cnt, &mean, &m2, (double)row.n, rm, rm2);
+    }
+    const int64_t g = row.g;
+    c->mean[g] = mean, c->var[g] = m2;
+    finish_stats(P, c, g);
+    for (int64_t r = 0; r < W.rows; r++) { /* apply, from cache */
+      group_row(P, &W, j, r, &row);
+      K->apply_forward(&row, c);
+    }
+  }
+}
+
+/* Backward, one group at a time. Parameter sums that cross groups (parameters along
+ * the row) accumulate per slab of groups and merge in slab order. */
+static bn_status_t fused_backward(const bn_plan_t *P, bn_coef_t *c, int training, double *dweight,
+                                  double *dbias) {
+  const bn_kernels_t *K = bn_cpu_kernels(P->dtype);
+  group_walk_t W;
+  group_walk_init(P, &W);
+  const int want_params = dweight || dbias, by_group = c->param_of_group != NULL;
+  const int64_t ng = P->ngroups, np = P->nparams, nslab = slab_count(P, ng);
+  const int nthreads = bn_threads();
+  /* by_group: raw sums of dy and dy*xhat per group; else per-slab parameter partials */
+  const size_t extra = by_group ? 2 * (size_t)ng : (want_params ? 2 * (size_t)(nslab * np) : 0);
+  double *ws = calloc(extra + 1, sizeof *ws);
+  if (!ws) return bn_fail(BN_STATUS_OUT_OF_MEMORY, "backward workspace");
+  bn_coef_t plain = *c;
+  plain.weight = NULL;
+  bn_coef_t apply = *c;
+  if (!training) apply.sum_dy = apply.sum_dyx = NULL;
+  else if (c->rms) apply.sum_dy = NULL;
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (P->numel >= BN_PAR_MIN && nslab > 1)
+  for (int64_t s = 0; s < nslab; s++) {
+    double *pa = ws + s * 2 * np, *pb = pa + np;
+    for (int64_t j = ng * s / nslab; j < ng * (s + 1) / nslab; j++) {
+      bn_row_t row;
+      group_row(P, &W, j, 0, &row);
+      const int64_t g = row.g;
+      if (by_group) {
+        double *ra = ws, *rb = ws + ng;
+        for (int64_t r = 0; r < W.rows; r++) {
+          group_row(P, &W, j, r, &row);
+          K->grad_sums(&row, &plain, BN_TARGET_GROUP, g, 0, ra, rb);
+        }
+        const double w = c->weight ? c->weight[c->param_of_group[g]] : 1.0;
+        c->sum_dy[g] = w * ra[g], c->sum_dyx[g] = w * rb[g];
+      } else {
+        c->sum_dy[g] = c->sum_dyx[g] = 0.0;
+        for (int64_t r = 0; r < W.rows; r++) {
+          group_row(P, &W, j, r, &row);
+          if (training) K->grad_sums(&row, c, BN_TARGET_GROUP, g, 0, c->sum_dy, c->sum_dyx);
+          if (want_params) K->grad_sums(&row, &plain, BN_TARGET_PARAM, row.p, row.sp, pa, pb);
+        }
+      }
+      if (P->base[BN_OP_OUT])
+        for (int64_t r = 0; r < W.rows; r++) { /* apply, from cache */
+          group_row(P, &W, j, r, &row);
+          K->apply_backward(&row, &apply);
+        }
+    }
+  }
+  if (want_params && by_group) {
+    for (int64_t g = 0; g < ng; g++) {
+      const int64_t p = c->param_of_group[g];
+      if (dbias) dbias[p] += ws[g];
+      if (dweight) dweight[p] += ws[ng + g];
+    }
+  } else if (want_params) {
+    for (int64_t s = 0; s < nslab; s++)
+      for (int64_t p = 0; p < np; p++) {
+        if (dbias) dbias[p] += ws[s * 2 * np + p];
+        if (dweight) dweight[p] += ws[s * 2 * np + np + p];
+      }
+  }
+  free(ws);
+  return BN_STATUS_SUCCESS;
+}
+
+/* ------------------------------------------------------------------ two-phase */
+
+static bn_status_t reduce_moments(const bn_plan_t *P, bn_coef_t *c) {
+  reduction_t R = {.P = P, .K = bn_cpu_kernels(P->dtype), .moments = 1, .t0 = P->g0};
+  for (int d = 0; d < P->ndim; d++) R.ts[d] = P->dim[d].sg;
+  double *cnt = malloc((size_t)(P->ngroups > 0 ? P->ngroups : 1) * sizeof *cnt);
+  if (!cnt) return bn_fail(BN_STATUS_OUT_OF_MEMORY, "group counts");
+  bn_status_t st = run_reduction(&R, P->ngroups, cnt, c->mean, c->var);
+  free(cnt);
+  return st;
+}
+
+static bn_status_t reduce_grads(const bn_plan_t *P, const bn_coef_t *c, int target, double *a, double *b) {
+  reduction_t R = {.P = P, .K = bn_cpu_kernels(P->dtype), .moments = 0, .target = target, .coef = c,
+                   .t0 = target == BN_TARGET_GROUP ? P->g0 : P->p0};
+  for (int d = 0; d < P->ndim; d++) R.ts[d] = target == BN_TARGET_GROUP ? P->dim[d].sg : P->dim[d].sp;
+  return run_reduction(&R, target == BN_TARGET_GROUP ? P->ngroups : P->nparams, NULL, a, b);
+}
+
+/* ------------------------------------------------------------------ entry points */
+
+bn_status_t bn_cpu_forward(const bn_plan_t *P, bn_coef_t *c, int compute_stats) {
+  bn_status_t st = BN_STATUS_SUCCESS;
+  ct_arrays_t ws = {NULL};
+  if (P->numel == 0) {
+    for (int64_t g = 0; compute_stats && g < P->ngroups; g++) c->mean[g] = c->var[g] = 0.0, finish_stats(P, c, g);
+    return st;
+  }
+  if (compute_stats && fusable(P, 2)) {
+    if ((st = prepare_ct(P, c, 0, &ws))) return st;
+    fused_forward(P, c);
+  } else {
+    if (compute_stats) {
+      if ((st = reduce_moments(P, c))) return st;
+      for (int64_t g = 0; g < P->ngroups; g++) finish_stats(P, c, g);
+    }
+    if ((st = prepare_ct(P, c, 0, &ws))) return st;
+    apply_rows(P, c, 0);
+  }
+  free(ws.block);
+  return st;
+}
+
+bn_status_t bn_cpu_backward(const bn_plan_t *P, bn_coef_t *c, int training, double *dweight, double *dbias) {
+  bn_status_t st = BN_STATUS_SUCCESS;
+  const int64_t ng = P->ngroups, np = P->nparams;
+  const int want_params = dweight || dbias, by_group = c->param_of_group != NULL;
+  for (int64_t p = 0; p < np; p++) {
+    if (dweight) dweight[p] = 0.0;
+    if (dbias) dbias[p] = 0.0;
+  }
+  for (int64_t g = 0; g < ng; g++) c->sum_dy[g] = c->sum_dyx[g] = 0.0;
+  if (P->numel == 0) return st;
+  ct_arrays_t ws = {NULL};
+  if (fusable(P, 3)) {
+    if ((st = prepare_ct(P, c, 1, &ws))) return st;
+    st = fused_backward(P, c, training, dweight, dbias);
+    free(ws.block);
+    return st;
+  }
+  double *raw = NULL;
+  if (by_group && (training || want_params)) { /* one reduction per group gives both; weight factors out */
+    raw = calloc(2 * (size_t)ng + 1, sizeof *raw);
+    if (!raw) return bn_fail(BN_STATUS_OUT_OF_MEMORY, "backward workspace");
+    bn_coef_t plain = *c;
+    plain.weight = NULL;
+    if ((st = reduce_grads(P, &plain, BN_TARGET_GROUP, raw, raw + ng))) goto done;
+    for (int64_t g = 0; g < ng; g++) {
+      const int64_t p = c->param_of_group[g];
+      const double w = c->weight ? c->weight[p] : 1.0;
+      c->sum_dy[g] = w * raw[g], c->sum_dyx[g] = w * raw[ng + g];
+      if (dbias) dbias[p] += raw[g];
+      if (dweight) dweight[p] += raw[ng + g];
+    }
+  } else {
+    if (training && (st = reduce_grads(P, c, BN_TARGET_GROUP, c->sum_dy, c->sum_dyx))) goto done;
+    if (want_params) {
+      double *tmp = calloc(2 * (size_t)np + 1, sizeof *tmp);
+      if (!tmp) {
+        st = bn_fail(BN_STATUS_OUT_OF_MEMORY, "backward workspace");
+        goto done;
+      }
+      bn_coef_t plain = *c;
+      plain.weight = NULL;
+      st = reduce_grads(P, &plain, BN_TARGET_PARAM, tmp, tmp + np);
+      for (int64_t p = 0; p < np && !st; p++) {
+        if (dbias) dbias[p] = tmp[p];
+        if (dweight) dweight[p] = tmp[np + p];
+      }
+      free(tmp);
+      if (st) goto done;
+    }
+  }
+  if (P->base[BN_OP_OUT]) {
+    bn_coef_t apply = *c;
+    if (!training) apply.sum_dy = apply.sum_dyx = NULL;
+    else if (c->rms) apply.sum_dy = NULL;
+    if ((st = prepare_ct(P, &apply, 1, &ws))) goto done;
+    apply_rows(P, &apply, 1);
+  }
+done:
+  free(raw);
+  free(ws.block);
+  return st;
+}
