@@ -102,7 +102,7 @@ def check_same_device(tensors):
         if first is None:
             first = (name, t.device)
         elif t.device != first[1]:
-            raise ValueError(f"{name}: expected a tensor on the device of {first[0]} {describe_device(first[1])}, "
+            raise _core.UnsupportedDeviceError(f"{name}: expected a tensor on the device of {first[0]} {describe_device(first[1])}, "
                              f"got one on {describe_device(t.device)}")
 
 

@@ -113,10 +113,17 @@ class _Call:
         self.tensors = []
 
     def add(self, obj, what, writable=False):
+        """Imports an optional tensor (None stays None)."""
         t = import_tensor(obj, what, writable)
         if t is not None:
             self.tensors.append(t)
         return t
+
+    def need(self, obj, what):
+        """Imports a required tensor."""
+        if obj is None:
+            raise TypeError(f"{what}: expected a tensor that supports DLPack (NumPy, PyTorch, JAX, ...), got None")
+        return self.add(obj, what)
 
     def __enter__(self):
         return self
@@ -136,6 +143,12 @@ def _forward(call, desc, input, x, w, b, rm, rv, out, group_shape):
     alloc = Allocator(input, x)
     y_obj = out if out is not None else alloc.empty(x.shape, x.dtype, like_layout=input)
     y = call.add(y_obj, "out", writable=True)
+    if tuple(y.shape) != tuple(x.shape):
+        raise _core.ShapeMismatchError(f"out: expected the input's shape {_shape_text(x.shape)}, "
+                                       f"got {_shape_text(y.shape)}")
+    if y.dtype != x.dtype:
+        raise _core.UnsupportedDtypeError(f"out: expected the input's dtype {x.dtype}, got {y.dtype}")
+    check_same_device([("input", x), ("out", y)])
     sdt = stat_dtype(x.dtype)
     mean_obj = alloc.empty(group_shape, sdt)
     rstd_obj = alloc.empty(group_shape, sdt)
@@ -146,7 +159,7 @@ def _forward(call, desc, input, x, w, b, rm, rv, out, group_shape):
 
 def _backward(call, desc, input, x, grad_output, w, sm, sr, param_shape, want_bias_grad=True):
     """Runs bn_norm_backward; returns (grad_input, grad_weight, grad_bias), the last two None without weight."""
-    dy = call.add(grad_output, "grad_output")
+    dy = call.need(grad_output, "grad_output")
     check_float(dy, "grad_output")
     if tuple(dy.shape) != tuple(x.shape):
         raise ValueError(f"grad_output: expected the input's shape {_shape_text(x.shape)}, "
@@ -190,7 +203,7 @@ def _running(call, running_mean, running_var, shape, per, writable):
 
 
 def _batch_setup(call, input, axis):
-    x = call.add(input, "input")
+    x = call.need(input, "input")
     _check_input(x, "input", 2, "(N, C, ...)")
     ax = _axis(axis, x.ndim, "axis")
     return x, ax, x.shape[ax]
@@ -215,7 +228,9 @@ def batch_norm_forward(input, running_mean=None, running_var=None, weight=None, 
         _check_param(b, "bias", (channels,), per)
         rm, rv = _running(call, running_mean, running_var, (channels,), per, writable=bool(training))
         flags = momentum_used = 0
-        if training or rm is None:
+        if not training and rm is None:
+            raise MissingRunningStatsError("running_mean must be defined in evaluation mode")
+        if training:
             if _values_per_group(x, [d for d in range(x.ndim) if d != ax]) == 1:
                 raise ValueError(f"Expected more than 1 value per channel when training, got input size "
                                  f"{_shape_text(x.shape)}")
@@ -260,7 +275,7 @@ def batch_norm_backward(grad_output, input, weight, save_mean, save_invstd, *, t
 
 
 def _layer_setup(call, input, normalized_shape):
-    x = call.add(input, "input")
+    x = call.need(input, "input")
     check_float(x, "input")
     shape = _normalized_shape(normalized_shape, x)
     return x, shape, tuple(x.shape[:x.ndim - len(shape)])
@@ -334,7 +349,7 @@ def rms_norm_backward(grad_output, input, normalized_shape, weight, save_rstd):
 
 
 def _instance_setup(call, input):
-    x = call.add(input, "input")
+    x = call.need(input, "input")
     _check_input(x, "input", 3, "(N, C, L, ...)")
     return x, x.shape[1], (x.shape[0], x.shape[1])
 
@@ -392,7 +407,7 @@ def instance_norm_backward(grad_output, input, weight, save_mean, save_invstd, *
 
 
 def _group_setup(call, input, num_groups):
-    x = call.add(input, "input")
+    x = call.need(input, "input")
     _check_input(x, "input", 2, "(N, C, ...)")
     if isinstance(num_groups, bool) or not isinstance(num_groups, (int, np.integer)) or num_groups < 1:
         raise ValueError(f"num_groups: expected a positive int, got {num_groups!r}")
@@ -436,7 +451,7 @@ def group_norm_backward(grad_output, input, num_groups, weight, save_mean, save_
 
 
 def _normalize_setup(call, input, axes, affine_axes):
-    x = call.add(input, "input")
+    x = call.need(input, "input")
     check_float(x, "input")
     if x.ndim < 1:
         raise ValueError("input: expected at least 1 dimension, got a scalar")

@@ -116,6 +116,7 @@ bn_status_t bn_norm_forward(const bn_norm_desc_t *desc, const DLTensor *x, const
     if (update_running && !(flags & BN_FLAG_RUNNING_VAR_BIASED) && plan.group_size == 1)
       return bn_fail(BN_STATUS_INVALID_ARGUMENT,
                      "x: expected more than 1 value per statistic group to update the unbiased running variance");
+    if ((st = bn_check_overlap(running_var, "running_var", running_mean, "running_mean", 0))) return st;
     const DLTensor *outs[] = {y, save_mean, save_rstd};
     const char *names[] = {"y", "save_mean", "save_rstd"};
     for (int i = 0; i < 3; i++) {

@@ -188,7 +188,7 @@ BN_API bn_status_t bn_norm_desc_init_group(bn_norm_desc_t *desc, int32_t ndim, i
  *  weight, bias  in, borrowed, may be NULL (then 1 and 0): one value per parameter
  *                index (numel = product of the param_axes sizes), any float dtype.
  *  running_mean, running_var
- *                in-out, borrowed: one value per parameter index, float32 or float64.
+ *                in-out, borrowed: one value per parameter index, any float dtype, distinct memory.
  *                Read with BN_FLAG_USE_RUNNING_STATS, written with
  *                BN_FLAG_UPDATE_RUNNING_STATS, else unused and may be NULL.
  *  y             out, borrowed: x's shape and dtype, any strides. May be x itself

@@ -1,0 +1,168 @@
+"""One plain float64 NumPy reference for every normalization variant.
+
+Everything bncore computes is checked against the two functions here. They are
+written for clarity, not speed, in float64, from the formulas of bncore.h:
+
+    forward:   y = (x - mean_g) * rstd_g * weight[p] + bias[p],  rstd_g = 1 / sqrt(var_g + eps)
+    backward:  dx      = rstd_g * (dy*w - mean_g(dy*w) - xhat * mean_g(dy*w*xhat))   (batch statistics)
+               dx      = rstd_g * dy * w                                           (given statistics)
+               dweight = sum(dy * xhat),  dbias = sum(dy)   over the elements of each parameter index
+
+A statistic group is the set of elements whose indices agree on every axis NOT
+in `reduce_axes`; `weight` / `bias` (and given statistics) are indexed by the
+axes in `affine_axes` (any subset of the axes), row-major over them in axis order.
+
+The variants are one-line calls:
+
+    batch norm     normalize_ref(x, all_but(ndim, c), (c,), w, b)
+    layer norm     normalize_ref(x, trailing(ndim, k), trailing(ndim, k), w, b)
+    instance norm  normalize_ref(x, tuple(range(2, ndim)), (1,), w, b)
+    RMS norm       normalize_ref(x, trailing(ndim, k), trailing(ndim, k), w, rms=True)
+    group norm     reshape (N, C, *) to (N, G, C/G, *) first, then as instance norm over (2, 3, ...)
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+def _axes(axes, ndim):
+    """Axes as a sorted tuple of non-negative ints (negative ones count from the end)."""
+    if isinstance(axes, (int, np.integer)):
+        axes = (axes,)
+    out = sorted({int(a) % ndim for a in axes})
+    return tuple(out)
+
+
+def all_but(ndim, axis):
+    """Every axis of an ndim-dimensional tensor except `axis` (batch norm's reduce axes)."""
+    axis %= ndim
+    return tuple(d for d in range(ndim) if d != axis)
+
+
+def trailing(ndim, k):
+    """The last k axes (layer / RMS norm)."""
+    return tuple(range(ndim - k, ndim))
+
+
+def _param_view(p, shape, affine_axes):
+    """A per-parameter-index array broadcast against x: the affine axes keep their size, others are 1."""
+    bshape = [shape[d] if d in affine_axes else 1 for d in range(len(shape))]
+    return np.asarray(p, dtype=np.float64).reshape(bshape)
+
+
+def _stats(x, reduce_axes, eps, rms):
+    """Biased mean and variance of each group (keepdims), and rstd."""
+    if rms:
+        mean = np.zeros([1 if d in reduce_axes else s for d, s in enumerate(x.shape)])
+        var = np.mean(x * x, axis=reduce_axes, keepdims=True)
+    else:
+        mean = np.mean(x, axis=reduce_axes, keepdims=True)
+        var = np.mean((x - mean) ** 2, axis=reduce_axes, keepdims=True)  # two-pass: exact enough in float64
+    rstd = 1.0 / np.sqrt(var + eps)
+    return mean, var, rstd
+
+
+def _given_stats(shape, affine_axes, mean, var, eps):
+    mean = _param_view(mean, shape, affine_axes)
+    var = _param_view(var, shape, affine_axes)
+    return mean, var, 1.0 / np.sqrt(var + eps)
+
+
+def normalize_ref(x, reduce_axes, affine_axes, weight=None, bias=None, eps=1e-5, rms=False, *,
+                  running_mean=None, running_var=None):
+    """Forward reference. Returns ``(y, mean, rstd)`` in float64.
+
+    ``mean`` / ``rstd`` are per statistic group: x's shape with the reduce axes removed
+    (with given statistics: per parameter index, the affine axes' shape).
+    ``running_mean`` / ``running_var`` (indexed like weight) replace the batch
+    statistics when given (evaluation mode).
+    """
+    x = np.asarray(x, dtype=np.float64)
+    reduce_axes = _axes(reduce_axes, x.ndim)
+    affine_axes = _axes(affine_axes, x.ndim)
+    if running_mean is not None:
+        mean, _, rstd = _given_stats(x.shape, affine_axes, running_mean, running_var, eps)
+        squeeze = tuple(d for d in range(x.ndim) if d not in affine_axes)
+    else:
+        mean, _, rstd = _stats(x, reduce_axes, eps, rms)
+        squeeze = reduce_axes
+    y = (x - mean) * rstd
+    if weight is not None:
+        y = y * _param_view(weight, x.shape, affine_axes)
+    if bias is not None:
+        y = y + _param_view(bias, x.shape, affine_axes)
+    return y, np.squeeze(mean, axis=squeeze), np.squeeze(rstd, axis=squeeze)
+
+
+def normalize_backward_ref(dy, x, reduce_axes, affine_axes, weight=None, eps=1e-5, rms=False, *,
+                           running_mean=None, running_var=None):
+    """Backward reference. Returns ``(dx, dweight, dbias)`` in float64.
+
+    With ``running_mean`` / ``running_var`` the statistics are constants (eval mode).
+    ``dweight`` / ``dbias`` have the shape of the affine axes (``(C,)`` for batch norm).
+    """
+    x = np.asarray(x, dtype=np.float64)
+    dy = np.asarray(dy, dtype=np.float64)
+    reduce_axes = _axes(reduce_axes, x.ndim)
+    affine_axes = _axes(affine_axes, x.ndim)
+    w = 1.0 if weight is None else _param_view(weight, x.shape, affine_axes)
+    if running_mean is not None:
+        mean, _, rstd = _given_stats(x.shape, affine_axes, running_mean, running_var, eps)
+    else:
+        mean, _, rstd = _stats(x, reduce_axes, eps, rms)
+    xhat = (x - mean) * rstd
+    g = dy * w
+    if running_mean is not None:
+        dx = rstd * g
+    else:
+        dx = g - xhat * np.mean(g * xhat, axis=reduce_axes, keepdims=True)
+        if not rms:
+            dx = dx - np.mean(g, axis=reduce_axes, keepdims=True)
+        dx = rstd * dx
+    sum_axes = tuple(d for d in range(x.ndim) if d not in affine_axes)
+    pshape = tuple(x.shape[d] for d in affine_axes)
+    dweight = np.sum(dy * xhat, axis=sum_axes).reshape(pshape)
+    dbias = np.sum(dy, axis=sum_axes).reshape(pshape)
+    return dx, dweight, dbias
+
+
+def running_stats_ref(x, reduce_axes, affine_axes, running_mean, running_var, momentum, unbiased=True):
+    """The running statistics after one training step: r = (1 - momentum) * r + momentum * batch,
+    the batch value of a parameter index being the average over the statistic groups mapped to it;
+    running_var receives the unbiased variance (n / (n - 1)) unless ``unbiased=False``.
+    Empty groups leave the statistics untouched. Returns new float64 arrays."""
+    x = np.asarray(x, dtype=np.float64)
+    reduce_axes = _axes(reduce_axes, x.ndim)
+    affine_axes = _axes(affine_axes, x.ndim)
+    rm = np.asarray(running_mean, dtype=np.float64).copy()
+    rv = np.asarray(running_var, dtype=np.float64).copy()
+    n = int(np.prod([x.shape[d] for d in reduce_axes]))
+    if x.size == 0 or n == 0:
+        return rm, rv
+    mean, var, _ = _stats(x, reduce_axes, 0.0, False)
+    if unbiased:
+        var = var * n / (n - 1) if n > 1 else var
+    # per group: x's shape without the reduce axes; average the groups sharing a parameter index
+    kept = [d for d in range(x.ndim) if d not in reduce_axes]
+    assert set(affine_axes) <= set(kept), "running statistics need the affine axes to separate groups"
+    between = tuple(i for i, d in enumerate(kept) if d not in affine_axes)
+    mean_g = np.squeeze(mean, axis=reduce_axes)
+    var_g = np.squeeze(var, axis=reduce_axes)
+    mean_p = (np.mean(mean_g, axis=between) if between else mean_g).reshape(rm.shape)
+    var_p = (np.mean(var_g, axis=between) if between else var_g).reshape(rv.shape)
+    return (1 - momentum) * rm + momentum * mean_p, (1 - momentum) * rv + momentum * var_p
+
+
+# ---------------------------------------------------------------- batch norm: one-line calls
+
+
+def batch_norm_ref(x, weight=None, bias=None, eps=1e-5, axis=1, **stats):
+    return normalize_ref(x, all_but(np.ndim(x), axis), (axis,), weight, bias, eps, **stats)
+
+
+def batch_norm_backward_ref(dy, x, weight=None, eps=1e-5, axis=1, **stats):
+    return normalize_backward_ref(dy, x, all_but(np.ndim(x), axis), (axis,), weight, eps, **stats)
+
+
+def batch_norm_running_ref(x, running_mean, running_var, momentum, axis=1):
+    return running_stats_ref(x, all_but(np.ndim(x), axis), (axis,), running_mean, running_var, momentum)
