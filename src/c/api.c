@@ -88,7 +88,6 @@ bn_status_t bn_norm_forward(const bn_norm_desc_t *desc, const DLTensor *x, const
   if (dty != dt)
     return bn_fail(BN_STATUS_UNSUPPORTED_DTYPE, "y: expected x's dtype %s, got %s", bn_dtype_name(dt),
                    bn_dtype_name(dty));
-  if ((st = bn_check_overlap(y, "y", x, "x", 1))) return st;
 
   bn_plan_t plan;
   if ((st = bn_plan_build(desc, x, NULL, y, dt, &plan))) return st;
@@ -116,14 +115,16 @@ bn_status_t bn_norm_forward(const bn_norm_desc_t *desc, const DLTensor *x, const
     if (update_running && !(flags & BN_FLAG_RUNNING_VAR_BIASED) && plan.group_size == 1)
       return bn_fail(BN_STATUS_INVALID_ARGUMENT,
                      "x: expected more than 1 value per statistic group to update the unbiased running variance");
-    if ((st = bn_check_overlap(running_var, "running_var", running_mean, "running_mean", 0))) return st;
-    const DLTensor *outs[] = {y, save_mean, save_rstd};
-    const char *names[] = {"y", "save_mean", "save_rstd"};
-    for (int i = 0; i < 3; i++) {
-      if ((st = bn_check_overlap(running_mean, "running_mean", outs[i], names[i], 0)) ||
-          (st = bn_check_overlap(running_var, "running_var", outs[i], names[i], 0)))
-        return st;
-    }
+  }
+  {
+    /* y may be x itself; nothing else written may share memory with anything read or written */
+    const int in_out = use_running || update_running;
+    const bn_arg_t ins[] = {{x, "x"}, {weight, "weight"}, {bias, "bias"}};
+    const bn_arg_t outs[] = {{y, "y"}, {save_mean, "save_mean"}, {save_rstd, "save_rstd"},
+                             {in_out ? running_mean : NULL, "running_mean"},
+                             {in_out ? running_var : NULL, "running_var"}};
+    const int alias[] = {0, -1, -1, -1, -1};
+    if ((st = bn_check_no_overlap(outs, 5, alias, ins, 3))) return st;
   }
 
   scratch_t s;
@@ -190,9 +191,6 @@ bn_status_t bn_norm_backward(const bn_norm_desc_t *desc, const DLTensor *x, cons
     if (dt2 != dt)
       return bn_fail(BN_STATUS_UNSUPPORTED_DTYPE, "grad_input: expected x's dtype %s, got %s", bn_dtype_name(dt),
                      bn_dtype_name(dt2));
-    if ((st = bn_check_overlap(dx, "grad_input", x, "x", 0)) ||
-        (st = bn_check_overlap(dx, "grad_input", dy, "grad_output", 1)))
-      return st;
   }
   bn_plan_t plan;
   if ((st = bn_plan_build(desc, x, dy, dx, dt, &plan))) return st;
@@ -209,6 +207,14 @@ bn_status_t bn_norm_backward(const bn_norm_desc_t *desc, const DLTensor *x, cons
   if ((st = check_small(save_mean, "save_mean", ng, "statistic group")) ||
       (st = check_small(save_rstd, "save_rstd", ng, "statistic group")))
     return st;
+  {
+    /* grad_input may be grad_output itself; no other sharing */
+    const bn_arg_t ins[] = {{x, "x"}, {dy, "grad_output"}, {weight, "weight"}, {save_mean, "save_mean"},
+                            {save_rstd, "save_rstd"}};
+    const bn_arg_t outs[] = {{dx, "grad_input"}, {dweight, "grad_weight"}, {dbias, "grad_bias"}};
+    const int alias[] = {1, -1, -1};
+    if ((st = bn_check_no_overlap(outs, 3, alias, ins, 5))) return st;
+  }
 
   scratch_t s;
   if ((st = scratch_alloc(&s, ng, np))) return st;

@@ -28,6 +28,9 @@ const char *bn_dtype_name(bn_dtype_t dt);
 
 /* ------------------------------------------------------------------ tensor checks (tensor.c) */
 
+/* Largest element count accepted: every byte offset and workspace size then fits in 64 bits. */
+#define BN_MAX_NUMEL (INT64_C(1) << 56)
+
 int64_t bn_numel(const DLTensor *t);
 /* Stride of axis d in elements (compact row-major when t->strides is NULL). */
 int64_t bn_stride(const DLTensor *t, int32_t d);
@@ -43,6 +46,15 @@ bn_status_t bn_check_numel(const DLTensor *t, const char *what, int64_t count, c
 /* out may equal `in` exactly (same base and strides) when `alias_ok`; any other overlap fails. */
 bn_status_t bn_check_overlap(const DLTensor *out, const char *outname, const DLTensor *in, const char *inname,
                              int alias_ok);
+
+/* A tensor argument of a call, for the overlap checks of all its outputs at once. */
+typedef struct bn_arg_t {
+  const DLTensor *t; /* may be NULL (absent) */
+  const char *name;
+} bn_arg_t;
+/* Every output against every input and every other output; outs[i] may alias ins[alias[i]]
+ * exactly when alias[i] >= 0. */
+bn_status_t bn_check_no_overlap(const bn_arg_t *outs, int nouts, const int *alias, const bn_arg_t *ins, int nins);
 
 /* Reads a small tensor (parameters, statistics) of any float dtype and strides into
  * `dst` (numel doubles), in row-major order of its own shape. */

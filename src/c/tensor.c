@@ -49,10 +49,16 @@ bn_status_t bn_check_tensor(const DLTensor *t, const char *what, bn_dtype_t *dt)
                    (int)t->ndim);
   if (t->ndim > 0 && !t->shape)
     return bn_fail(BN_STATUS_INVALID_ARGUMENT, "%s: shape is NULL for a %d-dimensional tensor", what, (int)t->ndim);
-  for (int32_t d = 0; d < t->ndim; d++)
+  /* elements must be countable, and their byte extent addressable, without overflow */
+  int64_t count = 1;
+  for (int32_t d = 0; d < t->ndim; d++) {
     if (t->shape[d] < 0)
       return bn_fail(BN_STATUS_INVALID_ARGUMENT, "%s: size of axis %d is negative (%" PRId64 ")", what, (int)d,
                      t->shape[d]);
+    if (t->shape[d] > 0 && count > BN_MAX_NUMEL / t->shape[d])
+      return bn_fail(BN_STATUS_INVALID_ARGUMENT, "%s: more than %" PRId64 " elements", what, (int64_t)BN_MAX_NUMEL);
+    count *= t->shape[d];
+  }
   bn_status_t st = bn_dtype_of(t, what, dt);
   if (st) return st;
   if (t->device.device_type != kDLCPU && t->device.device_type != kDLCUDAHost &&
@@ -158,3 +164,14 @@ static void visit(const DLTensor *t, double *buf, int store) {
 
 void bn_gather_f64(const DLTensor *t, double *dst) { visit(t, dst, 0); }
 void bn_scatter_f64(DLTensor *t, const double *src) { visit(t, (double *)src, 1); }
+
+bn_status_t bn_check_no_overlap(const bn_arg_t *outs, int nouts, const int *alias, const bn_arg_t *ins, int nins) {
+  bn_status_t st;
+  for (int i = 0; i < nouts; i++) {
+    for (int j = 0; j < nins; j++)
+      if ((st = bn_check_overlap(outs[i].t, outs[i].name, ins[j].t, ins[j].name, alias[i] == j))) return st;
+    for (int j = 0; j < i; j++)
+      if ((st = bn_check_overlap(outs[i].t, outs[i].name, outs[j].t, outs[j].name, 0))) return st;
+  }
+  return BN_STATUS_SUCCESS;
+}

@@ -4,6 +4,7 @@
 #include "internal.h"
 
 static bn_status_t start(bn_norm_desc_t *desc, int32_t ndim, int32_t min_ndim, double eps, const char *variant) {
+  bn_clear_error();
   if (!desc) return bn_fail(BN_STATUS_INVALID_ARGUMENT, "desc: expected a description to fill, got NULL");
   if (ndim < min_ndim || ndim > BN_MAX_NDIM)
     return bn_fail(BN_STATUS_INVALID_ARGUMENT, "%s: expected an input of %d to %d dimensions, got %d", variant,
@@ -19,7 +20,7 @@ static uint64_t axis_bit(int32_t axis) { return 1ull << axis; }
 static uint64_t all_axes(int32_t ndim) { return (1ull << ndim) - 1; }
 
 bn_status_t bn_norm_desc_init_batch(bn_norm_desc_t *desc, int32_t ndim, int32_t channel_axis, double eps) {
-  bn_status_t st = start(desc, ndim, 1, eps, "batch norm");
+  bn_status_t st = start(desc, ndim, 2, eps, "batch norm");
   if (st) return st;
   const int32_t c = channel_axis < 0 ? channel_axis + ndim : channel_axis;
   if (c < 0 || c >= ndim)

@@ -33,6 +33,7 @@
 static int requested_threads = 0;
 
 bn_status_t bn_set_num_threads(int32_t n) {
+  bn_clear_error();
   __atomic_store_n(&requested_threads, n > 0 ? n : 0, __ATOMIC_RELAXED);
   return BN_STATUS_SUCCESS;
 }
@@ -183,6 +184,7 @@ static bn_status_t run_reduction(const reduction_t *R, int64_t ntargets, double 
   if (nslab > rpb) nslab = rpb;
   if (nslab < 1) nslab = 1;
 
+  if (L > (INT64_C(1) << 40)) return bn_fail(BN_STATUS_OUT_OF_MEMORY, "a row of %lld elements", (long long)L);
   const int64_t tmp_len = 2 * L;
   double *tmp = malloc((size_t)(nthreads * tmp_len) * sizeof *tmp);
   if (!tmp) return bn_fail(BN_STATUS_OUT_OF_MEMORY, "reduction workspace of %lld doubles", (long long)(nthreads * tmp_len));
