@@ -23,7 +23,8 @@ __version__ = _core.version_string()
 __all__ = [
     "BatchNorm", "BncoreError", "InternalError", "InvalidArgumentError", "MissingRunningStatsError",
     "OutOfMemoryError", "OverlapError", "ShapeMismatchError", "UnsupportedDeviceError", "UnsupportedDtypeError",
-    "batch_norm", "batch_norm_backward", "batch_norm_forward", "get_include", "get_library",
+    "batch_norm", "batch_norm_backward", "batch_norm_forward", "get_cmake_dir", "get_include", "get_library",
+    "get_pkgconfig_dir",
     "GroupNorm", "InstanceNorm", "LayerNorm", "RMSNorm", "group_norm", "group_norm_backward", "group_norm_forward",
     "instance_norm", "instance_norm_backward", "instance_norm_forward", "layer_norm", "layer_norm_backward",
     "layer_norm_forward", "normalize", "normalize_backward", "normalize_forward", "rms_norm", "rms_norm_backward",
@@ -32,15 +33,30 @@ __all__ = [
 ]
 
 
+def _package_dir() -> str:
+    # the compiled parts' folder: in an editable install it differs from this file's
+    return _os.path.dirname(_os.path.abspath(_core.__file__))
+
+
 def get_include() -> str:
     """The folder holding bncore/bncore.h and dlpack/dlpack.h, for C and C++ builds."""
-    return _os.path.join(_os.path.dirname(__file__), "include")
+    return _os.path.join(_package_dir(), "include")
 
 
 def get_library() -> str:
     """The path of the installed C shared library."""
-    here = _os.path.dirname(__file__)
+    here = _package_dir()
     for name in sorted(_os.listdir(here)):
-        if name.startswith("libbncore") and ".so" in name or name.endswith(".dylib"):
+        if name.startswith("libbncore") and (".so" in name or name.endswith(".dylib")):
             return _os.path.join(here, name)
     raise FileNotFoundError(f"no libbncore shared library in {here}")
+
+
+def get_cmake_dir() -> str:
+    """The folder of bncoreConfig.cmake: pass it as -Dbncore_DIR to find_package(bncore CONFIG)."""
+    return _os.path.join(_package_dir(), "cmake")
+
+
+def get_pkgconfig_dir() -> str:
+    """The folder of bncore.pc: add it to PKG_CONFIG_PATH."""
+    return _os.path.join(_package_dir(), "pkgconfig")

@@ -172,13 +172,19 @@ done:
   return st;
 }
 
-bn_status_t bn_norm_backward(const bn_norm_desc_t *desc, const DLTensor *x, const DLTensor *dy,
+bn_status_t bn_norm_backward(const bn_norm_desc_t *desc_in, const DLTensor *x, const DLTensor *dy,
                              const DLTensor *weight, const DLTensor *save_mean, const DLTensor *save_rstd,
                              DLTensor *dx, DLTensor *dweight, DLTensor *dbias) {
   bn_clear_error();
   bn_dtype_t dt, dt2;
   bn_status_t st;
   if ((st = bn_check_tensor(x, "x", &dt))) return st;
+  if (!desc_in) return bn_fail(BN_STATUS_INVALID_ARGUMENT, "desc: expected a problem description, got NULL");
+  /* the running-statistics update and its momentum belong to the forward: ignored here */
+  bn_norm_desc_t backward_desc = *desc_in;
+  const bn_norm_desc_t *desc = &backward_desc;
+  backward_desc.flags &= ~(BN_FLAG_UPDATE_RUNNING_STATS | BN_FLAG_RUNNING_VAR_BIASED);
+  backward_desc.momentum = 0.0;
   if ((st = check_desc(desc, x))) return st;
   if ((st = bn_check_tensor(dy, "grad_output", &dt2))) return st;
   if ((st = bn_check_same_shape(dy, "grad_output", x, "x"))) return st;

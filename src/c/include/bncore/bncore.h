@@ -56,8 +56,9 @@ typedef enum bn_status_t {
   BN_STATUS_INVALID_ARGUMENT = 1,   /* a NULL required pointer, unknown flag bit, bad eps, bad axis */
   BN_STATUS_SHAPE_MISMATCH = 2,     /* tensors whose shapes or sizes do not fit together */
   BN_STATUS_UNSUPPORTED_DTYPE = 3,  /* a dtype the operation does not take (ints, complex, lanes > 1) */
-  BN_STATUS_UNSUPPORTED_DEVICE = 4, /* a device this build cannot compute on, or mixed devices */
-  BN_STATUS_OVERLAP = 5,            /* an output partly overlaps an input (exact aliasing is allowed where documented) */
+  BN_STATUS_UNSUPPORTED_DEVICE = 4, /* memory this build cannot compute on (CPU build: host memory only) */
+  BN_STATUS_OVERLAP = 5,            /* an output shares memory with an input or another output (except the
+                                       in-place cases each function documents) */
   BN_STATUS_OUT_OF_MEMORY = 6,      /* a workspace allocation failed */
   BN_STATUS_INTERNAL = 7,           /* a bug in bncore: please report it */
   BN_STATUS_COUNT                   /* sentinel: number of statuses, not a status */
@@ -108,13 +109,15 @@ BN_API int32_t bn_get_num_threads(void);
  *             statistic-group axes.
  *   backward: the statistics are treated as constants: dx = dy * weight * rstd.
  * BN_FLAG_UPDATE_RUNNING_STATS
- *   forward:  (training only) running_mean and running_var are updated in place:
+ *   forward:  (training only) running_mean and running_var are updated in place
+ *             (requires the parameter axes to be statistic-group axes, and groups of
+ *             more than one element for the unbiased variance):
  *             r = (1 - momentum) * r + momentum * batch, where the batch value for a
  *             parameter index is the average over the statistic groups mapped to it.
  *             running_var receives the unbiased variance unless
  *             BN_FLAG_RUNNING_VAR_BIASED is set. Groups of zero elements leave
  *             the running statistics untouched.
- *   backward: ignored.
+ *   backward: ignored (so is desc.momentum).
  * BN_FLAG_RUNNING_VAR_BIASED
  *   forward:  store the biased variance in running_var (Keras's convention).
  *   backward: ignored.
@@ -184,7 +187,8 @@ BN_API bn_status_t bn_norm_desc_init_group(bn_norm_desc_t *desc, int32_t ndim, i
  * running statistics with BN_FLAG_USE_RUNNING_STATS, and p its parameter index.
  *
  *  desc          in, borrowed: the problem (see bn_norm_desc_t).
- *  x             in, borrowed: any strides, float16 / bfloat16 / float32 / float64, CPU.
+ *  x             in, borrowed: any strides, float16 / bfloat16 / float32 / float64, host memory
+ *                (kDLCPU, kDLCUDAHost or kDLCUDAManaged in a CPU build), at most 2^56 elements.
  *  weight, bias  in, borrowed, may be NULL (then 1 and 0): one value per parameter
  *                index (numel = product of the param_axes sizes), any float dtype.
  *  running_mean, running_var
@@ -192,7 +196,8 @@ BN_API bn_status_t bn_norm_desc_init_group(bn_norm_desc_t *desc, int32_t ndim, i
  *                Read with BN_FLAG_USE_RUNNING_STATS, written with
  *                BN_FLAG_UPDATE_RUNNING_STATS, else unused and may be NULL.
  *  y             out, borrowed: x's shape and dtype, any strides. May be x itself
- *                (same data and strides); must not otherwise overlap x.
+ *                (same data and strides). No other output may share memory with any
+ *                argument (running statistics count as outputs here).
  *  save_mean, save_rstd
  *                out, borrowed, may be NULL: one value per statistic group (numel =
  *                number of groups; group index row-major over the non-reduced axes,
@@ -218,8 +223,8 @@ BN_API bn_status_t bn_norm_forward(const bn_norm_desc_t *desc, const DLTensor *x
  *  save_mean, save_rstd
  *                in, borrowed: as written by bn_norm_forward (any float dtype).
  *                save_mean may be NULL with BN_FLAG_RMS.
- *  dx            out, borrowed, may be NULL: x's shape and dtype. May be dy itself; must
- *                not otherwise overlap x or dy.
+ *  dx            out, borrowed, may be NULL: x's shape and dtype. May be dy itself; no other
+ *                output may share memory with any argument.
  *  dweight, dbias out, borrowed, may be NULL: one value per parameter index.
  *
  * Returns SUCCESS, INVALID_ARGUMENT, SHAPE_MISMATCH, UNSUPPORTED_DTYPE,
