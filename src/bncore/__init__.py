@@ -17,11 +17,12 @@ from .functional import (MissingRunningStatsError, batch_norm, batch_norm_backwa
                          instance_norm_forward, layer_norm, layer_norm_backward, layer_norm_forward, normalize,
                          normalize_backward, normalize_forward, rms_norm, rms_norm_backward, rms_norm_forward)
 from .layers import BatchNorm, GroupNorm, InstanceNorm, LayerNorm, RMSNorm
+from .state import Moments, RunningStats, precise_stats
 
 __version__ = _core.version_string()
 
 __all__ = [
-    "BatchNorm", "BncoreError", "InternalError", "InvalidArgumentError", "MissingRunningStatsError",
+    "BatchNorm", "BncoreError", "Moments", "RunningStats", "precise_stats", "InternalError", "InvalidArgumentError", "MissingRunningStatsError",
     "OutOfMemoryError", "OverlapError", "ShapeMismatchError", "UnsupportedDeviceError", "UnsupportedDtypeError",
     "batch_norm", "batch_norm_backward", "batch_norm_forward", "get_cmake_dir", "get_include", "get_library",
     "get_pkgconfig_dir",

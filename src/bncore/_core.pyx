@@ -270,6 +270,54 @@ cdef void _delete_unversioned(DLManagedTensor *self) noexcept with gil:
     _export_release(<_Export *>self.manager_ctx)
 
 
+cdef object _export(object owner, void *data, tuple shape, DLDataType dtype, object max_version):
+    """A DLPack capsule over `data` (compact row-major `shape`) that keeps `owner` alive."""
+    cdef _Export *e = <_Export *>malloc(sizeof(_Export))
+    if e is NULL:
+        raise MemoryError("cannot allocate a DLPack export")
+    Py_INCREF(owner)
+    e.owner = <void *>owner
+    cdef DLTensor *t
+    cdef int i
+    cdef int64_t s = 1
+    for i in reversed(range(len(shape))):
+        e.shape[i] = shape[i]
+        e.strides[i] = s
+        s *= shape[i]
+    versioned = max_version is not None and max_version[0] >= 1
+    if versioned:
+        e.v.version.major = DLPACK_MAJOR_VERSION
+        e.v.version.minor = DLPACK_MINOR_VERSION
+        e.v.manager_ctx = e
+        e.v.deleter = _delete_versioned
+        e.v.flags = 0
+        t = &e.v.dl_tensor
+    else:
+        e.u.manager_ctx = e
+        e.u.deleter = _delete_unversioned
+        t = &e.u.dl_tensor
+    t.data = data
+    t.device.device_type = kDLCPU
+    t.device.device_id = 0
+    t.ndim = len(shape)
+    t.dtype = dtype
+    t.shape = e.shape
+    t.strides = e.strides
+    t.byte_offset = 0
+    if versioned:
+        return PyCapsule_New(&e.v, b"dltensor_versioned", _buffer_capsule_deleter)
+    return PyCapsule_New(&e.u, b"dltensor", _buffer_capsule_deleter)
+
+
+cdef DLDataType _dl_dtype(str dtype) except *:
+    if dtype not in _DTYPE_CODES:
+        raise TypeError(f"unknown dtype {dtype!r}")
+    cdef DLDataType d
+    d.code, d.bits = _DTYPE_CODES[dtype]
+    d.lanes = 1
+    return d
+
+
 cdef class Buffer:
     """Compact row-major memory owned by bncore, 64-byte aligned, exported through
     DLPack. It lets frameworks without a writable empty() (JAX) receive bncore's
@@ -280,17 +328,12 @@ cdef class Buffer:
     cdef DLDataType dl_dtype
 
     def __cinit__(self, shape, str dtype):
-        if dtype not in _DTYPE_CODES:
-            raise TypeError(f"Buffer: unknown dtype {dtype!r}")
-        code, bits = _DTYPE_CODES[dtype]
+        self.dl_dtype = _dl_dtype(dtype)
         self.shape = tuple(int(s) for s in shape)
         if len(self.shape) > 16:
             raise ValueError("Buffer: at most 16 dimensions")
         self.dtype = dtype
-        self.dl_dtype.code = code
-        self.dl_dtype.bits = bits
-        self.dl_dtype.lanes = 1
-        cdef size_t nbytes = bits // 8
+        cdef size_t nbytes = self.dl_dtype.bits // 8
         for s in self.shape:
             nbytes *= <size_t>s
         if posix_memalign(&self.data, 64, nbytes if nbytes > 0 else 64) != 0:
@@ -306,41 +349,77 @@ cdef class Buffer:
     def __dlpack__(self, *, stream=None, max_version=None, dl_device=None, copy=None):
         if copy:
             raise BufferError("Buffer: copy=True is not supported")
-        cdef _Export *e = <_Export *>malloc(sizeof(_Export))
-        if e is NULL:
-            raise MemoryError("Buffer: cannot allocate the DLPack export")
-        Py_INCREF(self)
-        e.owner = <void *>self
-        cdef DLTensor *t
-        cdef int i
-        cdef int64_t s = 1
-        for i in reversed(range(len(self.shape))):
-            e.shape[i] = self.shape[i]
-            e.strides[i] = s
-            s *= self.shape[i]
-        versioned = max_version is not None and max_version[0] >= 1
-        if versioned:
-            e.v.version.major = DLPACK_MAJOR_VERSION
-            e.v.version.minor = DLPACK_MINOR_VERSION
-            e.v.manager_ctx = e
-            e.v.deleter = _delete_versioned
-            e.v.flags = 0
-            t = &e.v.dl_tensor
-        else:
-            e.u.manager_ctx = e
-            e.u.deleter = _delete_unversioned
-            t = &e.u.dl_tensor
-        t.data = self.data
-        t.device.device_type = kDLCPU
-        t.device.device_id = 0
-        t.ndim = len(self.shape)
-        t.dtype = self.dl_dtype
-        t.shape = e.shape
-        t.strides = e.strides
-        t.byte_offset = 0
-        if versioned:
-            return PyCapsule_New(&e.v, b"dltensor_versioned", _buffer_capsule_deleter)
-        return PyCapsule_New(&e.u, b"dltensor", _buffer_capsule_deleter)
+        return _export(self, self.data, self.shape, self.dl_dtype, max_version)
+
+
+cdef class _StateArray:
+    """One array of a RunningStatsHandle, exported through DLPack; keeps the state alive."""
+    cdef object owner
+    cdef void *data
+    cdef tuple shape
+    cdef DLDataType dtype
+
+    def __dlpack_device__(self):
+        return (<int>kDLCPU, 0)
+
+    def __dlpack__(self, *, stream=None, max_version=None, dl_device=None, copy=None):
+        if copy:
+            raise BufferError("copy=True is not supported")
+        return _export(self.owner, self.data, self.shape, self.dtype, max_version)
+
+
+cdef class RunningStatsHandle:
+    """bn_running_stats_t: running mean and variance owned by the C library.
+    `mean` and `var` are NumPy views of its memory (zero-copy)."""
+    cdef bn_running_stats_t *s
+    cdef readonly object mean
+    cdef readonly object var
+
+    def __cinit__(self, int64_t num_features, str dtype, double factor, unsigned int flags):
+        import numpy
+        check(bn_running_stats_create(num_features, _dl_dtype(dtype), factor, flags, &self.s))
+        cdef DLTensor tm, tv
+        check(bn_running_stats_tensors(self.s, &tm, &tv))
+        self.mean = numpy.from_dlpack(self._array(tm))
+        self.var = numpy.from_dlpack(self._array(tv))
+
+    cdef _StateArray _array(self, DLTensor t):
+        cdef _StateArray a = _StateArray.__new__(_StateArray)
+        a.owner = self
+        a.data = t.data
+        a.shape = (t.shape[0],)
+        a.dtype = t.dtype
+        return a
+
+    def __dealloc__(self):
+        bn_running_stats_destroy(self.s)
+
+    @property
+    def counts(self):
+        """(updates, skipped)."""
+        cdef int64_t u, k
+        check(bn_running_stats_counts(self.s, &u, &k))
+        return u, k
+
+    def set_counts(self, int64_t updates, int64_t skipped):
+        check(bn_running_stats_set_counts(self.s, updates, skipped))
+
+    def set_factor(self, double factor):
+        check(bn_running_stats_set_factor(self.s, factor))
+
+    def update(self, Tensor batch_mean, Tensor batch_var, int64_t n):
+        cdef bn_status_t st
+        cdef DLTensor *pm = batch_mean.t
+        cdef DLTensor *pv = batch_var.t
+        with nogil:
+            st = bn_running_stats_update(self.s, pm, pv, n)
+        check(st)
+
+
+STATS_BIASED_VAR = BN_STATS_BIASED_VAR
+STATS_CUMULATIVE = BN_STATS_CUMULATIVE
+STATS_SKIP_NONFINITE = BN_STATS_SKIP_NONFINITE
+FLAG_SKIP_NONFINITE = BN_FLAG_SKIP_NONFINITE
 
 
 # ---------------------------------------------------------------- problem descriptions
@@ -462,3 +541,31 @@ def norm_backward(Desc desc, Tensor x, Tensor dy, Tensor weight, Tensor save_mea
     with nogil:
         st = bn_norm_backward(&desc.d, px, pdy, pw, psm, psr, pdx, pdw, pdb)
     check(st)
+
+
+def norm_forward_stats(Desc desc, Tensor x, Tensor weight, Tensor bias, RunningStatsHandle stats, Tensor y,
+                       Tensor save_mean, Tensor save_rstd):
+    """bn_norm_forward_stats: the forward with running statistics kept in a state."""
+    cdef bn_status_t st
+    cdef DLTensor *px = _ptr(x)
+    cdef DLTensor *pw = _ptr(weight)
+    cdef DLTensor *pb = _ptr(bias)
+    cdef DLTensor *py = _ptr(y)
+    cdef DLTensor *psm = _ptr(save_mean)
+    cdef DLTensor *psr = _ptr(save_rstd)
+    with nogil:
+        st = bn_norm_forward_stats(&desc.d, px, pw, pb, stats.s, py, psm, psr)
+    check(st)
+
+
+def norm_moments(Desc desc, Tensor x, Tensor mean, Tensor m2):
+    """bn_norm_moments: per-group mean and m2; returns the elements per group."""
+    cdef bn_status_t st
+    cdef int64_t count = 0
+    cdef DLTensor *px = _ptr(x)
+    cdef DLTensor *pm = _ptr(mean)
+    cdef DLTensor *pm2 = _ptr(m2)
+    with nogil:
+        st = bn_norm_moments(&desc.d, px, pm, pm2, &count)
+    check(st)
+    return count

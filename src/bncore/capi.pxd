@@ -71,6 +71,7 @@ cdef extern from "bncore/bncore.h" nogil:
     uint32_t BN_FLAG_USE_RUNNING_STATS
     uint32_t BN_FLAG_UPDATE_RUNNING_STATS
     uint32_t BN_FLAG_RUNNING_VAR_BIASED
+    uint32_t BN_FLAG_SKIP_NONFINITE
     uint32_t BN_FLAG_ALL
 
     ctypedef struct bn_norm_desc_t:
@@ -95,3 +96,27 @@ cdef extern from "bncore/bncore.h" nogil:
     bn_status_t bn_norm_backward(const bn_norm_desc_t *desc, const DLTensor *x, const DLTensor *dy,
                                  const DLTensor *weight, const DLTensor *save_mean, const DLTensor *save_rstd,
                                  DLTensor *dx, DLTensor *dweight, DLTensor *dbias)
+
+    bn_status_t bn_norm_moments(const bn_norm_desc_t *desc, const DLTensor *x, DLTensor *mean, DLTensor *m2,
+                                int64_t *count)
+
+    ctypedef struct bn_running_stats_t:
+        pass
+
+    uint32_t BN_STATS_BIASED_VAR
+    uint32_t BN_STATS_CUMULATIVE
+    uint32_t BN_STATS_SKIP_NONFINITE
+    uint32_t BN_STATS_ALL
+
+    bn_status_t bn_running_stats_create(int64_t num_features, DLDataType dtype, double factor, uint32_t flags,
+                                        bn_running_stats_t **out)
+    bn_status_t bn_running_stats_destroy(bn_running_stats_t *stats)
+    bn_status_t bn_running_stats_tensors(bn_running_stats_t *stats, DLTensor *mean, DLTensor *var)
+    bn_status_t bn_running_stats_counts(const bn_running_stats_t *stats, int64_t *updates, int64_t *skipped)
+    bn_status_t bn_running_stats_set_counts(bn_running_stats_t *stats, int64_t updates, int64_t skipped)
+    bn_status_t bn_running_stats_set_factor(bn_running_stats_t *stats, double factor)
+    bn_status_t bn_running_stats_update(bn_running_stats_t *stats, const DLTensor *batch_mean,
+                                        const DLTensor *batch_var, int64_t n)
+    bn_status_t bn_norm_forward_stats(const bn_norm_desc_t *desc, const DLTensor *x, const DLTensor *weight,
+                                      const DLTensor *bias, bn_running_stats_t *stats, DLTensor *y,
+                                      DLTensor *save_mean, DLTensor *save_rstd)

@@ -137,8 +137,9 @@ class _Call:
 # ---------------------------------------------------------------- the one forward and backward
 
 
-def _forward(call, desc, input, x, w, b, rm, rv, out, group_shape):
-    """Runs bn_norm_forward; returns (output, save_mean, save_rstd) in the caller's array type."""
+def _forward(call, desc, input, x, w, b, rm, rv, out, group_shape, stats=None):
+    """Runs bn_norm_forward (bn_norm_forward_stats with a RunningStats); returns
+    (output, save_mean, save_rstd) in the caller's array type."""
     check_same_device([("input", x), ("weight", w), ("bias", b), ("running_mean", rm), ("running_var", rv)])
     alloc = Allocator(input, x)
     y_obj = out if out is not None else alloc.empty(x.shape, x.dtype, like_layout=input)
@@ -152,8 +153,11 @@ def _forward(call, desc, input, x, w, b, rm, rv, out, group_shape):
     sdt = stat_dtype(x.dtype)
     mean_obj = alloc.empty(group_shape, sdt)
     rstd_obj = alloc.empty(group_shape, sdt)
-    _core.norm_forward(desc, x, w, b, rm, rv, y, call.add(mean_obj, "save_mean", True),
-                       call.add(rstd_obj, "save_rstd", True))
+    sm, sr = call.add(mean_obj, "save_mean", True), call.add(rstd_obj, "save_rstd", True)
+    if stats is not None:
+        _core.norm_forward_stats(desc, x, w, b, stats._handle, y, sm, sr)
+    else:
+        _core.norm_forward(desc, x, w, b, rm, rv, y, sm, sr)
     return alloc.finish(y_obj), alloc.finish(mean_obj), alloc.finish(rstd_obj)
 
 
@@ -189,6 +193,20 @@ def _saved(call, save_mean, save_rstd, group_shape, rstd_name="save_rstd", need_
     return sm, sr
 
 
+def _check_stats(stats, running_mean, channels):
+    """A RunningStats passed as `stats=` replaces running_mean / running_var."""
+    if stats is None:
+        return
+    from .state import RunningStats
+
+    if not isinstance(stats, RunningStats):
+        raise TypeError(f"stats: expected a bncore.RunningStats, got {type(stats).__name__}")
+    if running_mean is not None:
+        raise ValueError("stats: pass either running_mean/running_var or stats, not both")
+    if stats.num_features != channels:
+        raise ValueError(f"stats: expected running statistics of {channels} channels, got {stats.num_features}")
+
+
 def _running(call, running_mean, running_var, shape, per, writable):
     rm = call.add(running_mean, "running_mean", writable)
     rv = call.add(running_var, "running_var", writable)
@@ -210,14 +228,16 @@ def _batch_setup(call, input, axis):
 
 
 def batch_norm_forward(input, running_mean=None, running_var=None, weight=None, bias=None, training=False,
-                       momentum=0.1, eps=1e-5, *, axis=1, out=None):
+                       momentum=0.1, eps=1e-5, *, axis=1, out=None, stats=None):
     """Batch norm forward; returns ``(output, save_mean, save_invstd)``.
 
     Training (or no running statistics): the batch's mean and biased variance over
     every axis but ``axis`` normalize; running statistics, if given, are updated in
     place (``running_var`` receives the unbiased variance). Eval: the running
     statistics normalize. ``save_mean`` / ``save_invstd`` are the mean and
-    1/sqrt(var + eps) actually used, float32 for half inputs.
+    1/sqrt(var + eps) actually used, float32 for half inputs. ``stats`` (a
+    ``bncore.RunningStats``) may hold the running statistics instead, updated by its
+    own convention (momentum, variance, nan_policy).
     """
     _check_eps(eps)
     with _Call() as call:
@@ -226,21 +246,24 @@ def batch_norm_forward(input, running_mean=None, running_var=None, weight=None, 
         w, b = call.add(weight, "weight"), call.add(bias, "bias")
         _check_param(w, "weight", (channels,), per)
         _check_param(b, "bias", (channels,), per)
+        _check_stats(stats, running_mean, channels)
         rm, rv = _running(call, running_mean, running_var, (channels,), per, writable=bool(training))
         flags = momentum_used = 0
-        if not training and rm is None:
+        if not training and rm is None and stats is None:
             raise MissingRunningStatsError("running_mean must be defined in evaluation mode")
         if training:
             if _values_per_group(x, [d for d in range(x.ndim) if d != ax]) == 1:
                 raise ValueError(f"Expected more than 1 value per channel when training, got input size "
                                  f"{_shape_text(x.shape)}")
-            if rm is not None:
+            if stats is not None:
+                flags = _core.FLAG_UPDATE_RUNNING_STATS
+            elif rm is not None:
                 _check_momentum(momentum)
                 flags, momentum_used = _core.FLAG_UPDATE_RUNNING_STATS, float(momentum)
         else:
             flags = _core.FLAG_USE_RUNNING_STATS
         desc = _core.Desc.batch(x.ndim, ax, float(eps)).with_options(flags, momentum_used)
-        return _forward(call, desc, input, x, w, b, rm, rv, out, (channels,))
+        return _forward(call, desc, input, x, w, b, rm, rv, out, (channels,), stats)
 
 
 def batch_norm(input, running_mean=None, running_var=None, weight=None, bias=None, training=False, momentum=0.1,
@@ -355,7 +378,7 @@ def _instance_setup(call, input):
 
 
 def instance_norm_forward(input, running_mean=None, running_var=None, weight=None, bias=None, use_input_stats=True,
-                          momentum=0.1, eps=1e-5, *, out=None):
+                          momentum=0.1, eps=1e-5, *, out=None, stats=None):
     """Instance norm over the spatial dims of each (sample, channel); returns
     ``(output, save_mean, save_invstd)`` of shape (N, C). With running statistics
     and ``use_input_stats`` they are updated with the average over the batch of the
@@ -367,22 +390,25 @@ def instance_norm_forward(input, running_mean=None, running_var=None, weight=Non
         w, b = call.add(weight, "weight"), call.add(bias, "bias")
         _check_param(w, "weight", (channels,), "channel")
         _check_param(b, "bias", (channels,), "channel")
+        _check_stats(stats, running_mean, channels)
         rm, rv = _running(call, running_mean, running_var, (channels,), "channel", writable=bool(use_input_stats))
         flags = momentum_used = 0
         if use_input_stats:
             if _values_per_group(x, range(2, x.ndim)) == 1:
                 raise ValueError(f"Expected more than 1 spatial element when training, got input size "
                                  f"{_shape_text(x.shape)}")
-            if rm is not None:
+            if stats is not None:
+                flags = _core.FLAG_UPDATE_RUNNING_STATS
+            elif rm is not None:
                 _check_momentum(momentum)
                 flags, momentum_used = _core.FLAG_UPDATE_RUNNING_STATS, float(momentum)
         else:
-            if rm is None:
+            if rm is None and stats is None:
                 raise MissingRunningStatsError(
                     "Expected running_mean and running_var to be defined when use_input_stats is false")
             flags = _core.FLAG_USE_RUNNING_STATS
         desc = _core.Desc.instance(x.ndim, float(eps)).with_options(flags, momentum_used)
-        return _forward(call, desc, input, x, w, b, rm, rv, out, groups)
+        return _forward(call, desc, input, x, w, b, rm, rv, out, groups, stats)
 
 
 def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=None, use_input_stats=True,

@@ -12,6 +12,7 @@ import numpy as np
 
 from . import functional as F
 from ._arrays import FLOAT_DTYPES
+from .state import RunningStats
 
 
 def _to_numpy(value, what: str) -> np.ndarray:
@@ -107,106 +108,210 @@ def _shape_tuple(normalized_shape):
 
 
 class _RunningStatsLayer(_Layer):
-    """Batch and instance norm: per-channel parameters and optional running statistics."""
+    """Batch and instance norm: per-channel parameters and optional running statistics,
+    kept in a `bncore.RunningStats` (``self.stats``)."""
 
-    def _init_channels(self, num_features, eps, momentum, affine, track_running_stats, dtype):
+    def _init_channels(self, num_features, eps, momentum, weight, bias, track_running_stats, dtype, convention,
+                       nan_policy):
         self.num_features = _check_count(num_features, "num_features")
         _check_dtype(dtype)
         F._check_eps(eps)
-        if momentum is not None:
-            F._check_momentum(momentum)
         self.eps = float(eps)
-        self.momentum = momentum
-        self.affine = bool(affine)
         self.track_running_stats = bool(track_running_stats)
         self.dtype = dtype
+        self.convention = convention
+        self.nan_policy = nan_policy
         self.training = True
-        self.weight = np.ones(self.num_features, dtype) if affine else None
-        self.bias = np.zeros(self.num_features, dtype) if affine else None
+        self.weight = np.ones(self.num_features, dtype) if weight else None
+        self.bias = np.zeros(self.num_features, dtype) if bias else None
         self.weight_grad = self.bias_grad = None
-        if self.track_running_stats:
-            self.running_mean = np.zeros(self.num_features, dtype)
-            self.running_var = np.ones(self.num_features, dtype)
-            self.num_batches_tracked = np.zeros((), np.int64)
-        else:
-            self.running_mean = self.running_var = self.num_batches_tracked = None
+        # the state is made even without tracking so that the arguments are checked alike
+        stats = RunningStats(self.num_features, momentum, convention=convention, dtype=dtype, nan_policy=nan_policy)
+        self.stats = stats if self.track_running_stats else None
+        self._momentum = stats.momentum
         self._saved = None
 
+    @property
+    def affine(self) -> bool:
+        return self.weight is not None or self.bias is not None
+
+    @property
+    def momentum(self):
+        return self._momentum
+
+    @momentum.setter
+    def momentum(self, value):
+        if self.stats is not None:
+            self.stats.momentum = value
+        self._momentum = value
+
+    @property
+    def running_mean(self):
+        return None if self.stats is None else self.stats.mean
+
+    @running_mean.setter
+    def running_mean(self, value):
+        np.copyto(self.stats.mean, value, casting="unsafe")
+
+    @property
+    def running_var(self):
+        return None if self.stats is None else self.stats.var
+
+    @running_var.setter
+    def running_var(self, value):
+        np.copyto(self.stats.var, value, casting="unsafe")
+
+    @property
+    def num_batches_tracked(self):
+        return None if self.stats is None else np.array(self.stats.count, np.int64)
+
+    @num_batches_tracked.setter
+    def num_batches_tracked(self, value):
+        self.stats.count = int(np.asarray(value).reshape(()))
+
+    @property
+    def skipped_updates(self) -> int:
+        """Batches whose statistics were not finite and left the running statistics alone
+        (nan_policy='skip')."""
+        return 0 if self.stats is None else self.stats.skipped
+
     def _state_keys(self):
-        keys = []
-        if self.affine:
-            keys += [("weight", (self.num_features,)), ("bias", (self.num_features,))]
+        keys = [(k, (self.num_features,)) for k in ("weight", "bias") if getattr(self, k) is not None]
         if self.track_running_stats:
             keys += [("running_mean", (self.num_features,)), ("running_var", (self.num_features,)),
                      ("num_batches_tracked", None)]
         return keys
 
-    def _running_args(self):
-        """(running_mean, running_var, momentum factor, uses batch statistics, updates) for one forward."""
-        update = self.training and self.track_running_stats
-        momentum = 0.0
-        if update:
-            # PyTorch's rule: count first; momentum None is the cumulative average
-            momentum = 1.0 / float(self.num_batches_tracked + 1) if self.momentum is None else self.momentum
-        batch_stats = self.training or not self.track_running_stats
-        pass_running = self.track_running_stats and (update or not self.training)
-        rm = self.running_mean if pass_running else None
-        rv = self.running_var if pass_running else None
-        return rm, rv, momentum, batch_stats, update
+    def load_state_dict(self, state: dict, strict: bool = True):
+        """Loads a dict with PyTorch's keys; every value is checked before any is stored."""
+        return super().load_state_dict(state, strict)
 
-    def _count_batch(self, update):
-        if update:
-            self.num_batches_tracked += 1
+    def _uses_batch_stats(self) -> bool:
+        return self.training or not self.track_running_stats
+
+
+_DEFAULT = object()
+_KERAS_DEFAULTS = {"eps": 1e-3, "momentum": 0.99, "axis": -1}
+_TORCH_DEFAULTS = {"eps": 1e-5, "momentum": 0.1, "axis": 1}
 
 
 class BatchNorm(_RunningStatsLayer):
     """Batch normalization over the channel axis ``axis``, as ``torch.nn.BatchNorm{1,2,3}d``.
 
     State: ``weight``, ``bias`` (when affine), ``running_mean``, ``running_var`` and
-    ``num_batches_tracked`` (when track_running_stats), NumPy arrays of ``dtype``.
+    ``num_batches_tracked`` (when track_running_stats), NumPy arrays of ``dtype``; the
+    running statistics live in ``self.stats``, a `bncore.RunningStats`.
     ``momentum=None`` gives the cumulative moving average, as PyTorch does.
+
+    ``convention="keras"`` takes Keras's defaults and rules instead (momentum 0.99 with
+    ``new = m * old + (1 - m) * batch``, biased variance stored, epsilon 1e-3, axis -1,
+    ``center`` / ``scale`` for the bias / weight); see `keras_weights`.
+    ``nan_policy="skip"`` leaves the running statistics untouched for a batch whose
+    statistics are not finite and counts it in ``skipped_updates``.
     """
 
-    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True, *, axis=1,
-                 dtype="float32"):
-        self._init_channels(num_features, eps, momentum, affine, track_running_stats, dtype)
-        self.axis = axis
+    def __init__(self, num_features, eps=_DEFAULT, momentum=_DEFAULT, affine=True, track_running_stats=True, *,
+                 axis=_DEFAULT, dtype="float32", convention="torch", center=None, scale=None,
+                 nan_policy="propagate"):
+        if convention not in ("torch", "keras"):
+            raise ValueError(f"convention: expected 'torch' or 'keras', got {convention!r}")
+        defaults = _KERAS_DEFAULTS if convention == "keras" else _TORCH_DEFAULTS
+        eps = defaults["eps"] if eps is _DEFAULT else eps
+        momentum = defaults["momentum"] if momentum is _DEFAULT else momentum
+        self.axis = defaults["axis"] if axis is _DEFAULT else axis
+        scale = affine if scale is None else scale
+        center = affine if center is None else center
+        self._init_channels(num_features, eps, momentum, bool(scale), bool(center), track_running_stats, dtype,
+                            convention, nan_policy)
 
     def forward(self, x):
         """Normalizes ``x`` (any DLPack tensor); returns the caller's array type."""
-        rm, rv, momentum, batch_stats, update = self._running_args()
-        y, mean, invstd = F.batch_norm_forward(x, rm, rv, self.weight, self.bias, training=batch_stats,
-                                               momentum=momentum, eps=self.eps, axis=self.axis)
-        self._count_batch(update)
+        batch_stats = self._uses_batch_stats()
+        # eval with tracking, or training with tracking: the state is read or updated
+        y, mean, invstd = F.batch_norm_forward(x, None, None, self.weight, self.bias, training=batch_stats,
+                                               eps=self.eps, axis=self.axis, stats=self.stats)
         self._saved = (x, mean, invstd, batch_stats)
         return y
 
     def backward(self, grad_output):
         """Gradient of the last forward: returns grad_input; sets weight_grad and bias_grad."""
         x, mean, invstd, batch_stats = self._saved_or_raise()
-        dx, dw, db = F.batch_norm_backward(grad_output, x, self.weight, mean, invstd, training=batch_stats,
-                                           axis=self.axis)
-        self._store_grads(dw, db)
+        dx, dw, db = F.batch_norm_backward(grad_output, x, self._weight_or_ones(), mean, invstd,
+                                           training=batch_stats, axis=self.axis)
+        self._store_grads(dw if self.weight is not None else None, db if self.bias is not None else None)
         return dx
+
+    def _weight_or_ones(self):
+        # a bias without a weight (Keras: center without scale) still needs grad_bias
+        if self.weight is None and self.bias is not None:
+            return np.ones(self.num_features, self.dtype)
+        return self.weight
+
+    # ------------------------------------------------------------- Keras
+
+    def keras_weights(self) -> dict:
+        """Keras's names: gamma (if scale), beta (if center), moving_mean, moving_variance.
+        The variance is the one stored by this layer's convention."""
+        out = {}
+        if self.weight is not None:
+            out["gamma"] = self.weight.copy()
+        if self.bias is not None:
+            out["beta"] = self.bias.copy()
+        if self.stats is not None:
+            out["moving_mean"] = self.stats.mean.copy()
+            out["moving_variance"] = self.stats.var.copy()
+        return out
+
+    def load_keras_weights(self, weights):
+        """Takes `keras_weights()`'s dict or the list `keras_layer.get_weights()` returns
+        (gamma, beta, moving_mean, moving_variance, without those the layer lacks)."""
+        names = list(self.keras_weights().keys())
+        if isinstance(weights, dict):
+            missing = [k for k in names if k not in weights]
+            if missing or set(weights) - set(names):
+                raise KeyError(f"load_keras_weights: expected keys {names}, got {sorted(weights)}")
+            values = [weights[k] for k in names]
+        else:
+            values = list(weights)
+            if len(values) != len(names):
+                raise ValueError(f"load_keras_weights: expected {len(names)} arrays ({', '.join(names)}), "
+                                 f"got {len(values)}")
+        staged = []
+        for name, value in zip(names, values):
+            a = _to_numpy(value, name)
+            if a.shape != (self.num_features,):
+                raise ValueError(f"{name}: expected shape ({self.num_features},), got {a.shape}")
+            staged.append((name, a.astype(self.dtype)))
+        targets = {"gamma": "weight", "beta": "bias", "moving_mean": "running_mean",
+                   "moving_variance": "running_var"}
+        for name, a in staged:
+            setattr(self, targets[name], a)
+        return self
 
     def __repr__(self):
         return (f"BatchNorm({self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
-                f"track_running_stats={self.track_running_stats}, axis={self.axis}, dtype={self.dtype!r})")
+                f"track_running_stats={self.track_running_stats}, axis={self.axis}, dtype={self.dtype!r}, "
+                f"convention={self.convention!r})")
 
 
 class InstanceNorm(_RunningStatsLayer):
     """Instance normalization of (N, C, *) inputs, as ``torch.nn.InstanceNorm{1,2,3}d``
-    (affine and running statistics off by default)."""
+    (affine and running statistics off by default). As in PyTorch, the running
+    statistics move by ``momentum`` each training call (``None`` means 0: they stay) and
+    ``num_batches_tracked`` is kept in the state dict but not advanced."""
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=False, track_running_stats=False, *,
                  dtype="float32"):
-        self._init_channels(num_features, eps, momentum, affine, track_running_stats, dtype)
+        self._init_channels(num_features, eps, 0.0 if momentum is None else momentum, affine, affine,
+                            track_running_stats, dtype, "torch", "propagate")
+        self._momentum = momentum
 
     def forward(self, x):
-        rm, rv, momentum, batch_stats, update = self._running_args()
+        batch_stats = self._uses_batch_stats()
+        rm, rv = (self.running_mean, self.running_var) if self.track_running_stats else (None, None)
         y, mean, invstd = F.instance_norm_forward(x, rm, rv, self.weight, self.bias, use_input_stats=batch_stats,
-                                                  momentum=momentum, eps=self.eps)
-        self._count_batch(update)
+                                                  momentum=0.0 if self.momentum is None else self.momentum,
+                                                  eps=self.eps)
         self._saved = (x, mean, invstd, batch_stats)
         return y
 

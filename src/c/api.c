@@ -79,6 +79,12 @@ bn_status_t bn_norm_forward(const bn_norm_desc_t *desc, const DLTensor *x, const
                             const DLTensor *bias, DLTensor *running_mean, DLTensor *running_var, DLTensor *y,
                             DLTensor *save_mean, DLTensor *save_rstd) {
   bn_clear_error();
+  return bn_forward_impl(desc, x, weight, bias, running_mean, running_var, y, save_mean, save_rstd, NULL);
+}
+
+bn_status_t bn_forward_impl(const bn_norm_desc_t *desc, const DLTensor *x, const DLTensor *weight,
+                            const DLTensor *bias, DLTensor *running_mean, DLTensor *running_var, DLTensor *y,
+                            DLTensor *save_mean, DLTensor *save_rstd, int *skipped) {
   bn_dtype_t dt, dty;
   bn_status_t st;
   if ((st = bn_check_tensor(x, "x", &dt))) return st;
@@ -148,24 +154,26 @@ bn_status_t bn_norm_forward(const bn_norm_desc_t *desc, const DLTensor *x, const
   if (save_mean) bn_scatter_f64(save_mean, s.mean);
   if (save_rstd) bn_scatter_f64(save_rstd, s.rstd);
 
+  if (skipped) *skipped = 0;
   if (update_running && plan.group_size > 0) {
     /* all-or-nothing: the new values are computed in full, then written. The batch value
      * of a parameter index is the average over its groups (one group each in batch norm). */
-    const double n = (double)plan.group_size, f = desc->momentum;
+    const double n = (double)plan.group_size;
     const double unbias = (flags & BN_FLAG_RUNNING_VAR_BIASED) ? 1.0 : n / (n - 1.0);
-    for (int64_t g = 0; g < ng; g++) s.s1[g] *= unbias;
+    for (int64_t p = 0; p < np; p++) s.pa[p] = s.pb[p] = s.pc[p] = 0.0;
     sum_groups_into_params(&s, ng, s.mean, s.pa);
     sum_groups_into_params(&s, ng, s.s1, s.pb);
-    for (int64_t p = 0; p < np; p++) s.pc[p] = 0.0;
     for (int64_t g = 0; g < ng; g++) s.pc[s.param_of_group[g]] += 1.0;
-    bn_gather_f64(running_mean, s.run_mean);
-    bn_gather_f64(running_var, s.run_var);
-    for (int64_t p = 0; p < np; p++) {
-      s.run_mean[p] = (1.0 - f) * s.run_mean[p] + f * (s.pa[p] / s.pc[p]);
-      s.run_var[p] = (1.0 - f) * s.run_var[p] + f * (s.pb[p] / s.pc[p]);
+    for (int64_t p = 0; p < np; p++) s.pa[p] /= s.pc[p], s.pb[p] /= s.pc[p];
+    if ((flags & BN_FLAG_SKIP_NONFINITE) && !(bn_all_finite(s.pa, np) && bn_all_finite(s.pb, np))) {
+      if (skipped) *skipped = 1;
+    } else {
+      bn_gather_f64(running_mean, s.run_mean);
+      bn_gather_f64(running_var, s.run_var);
+      bn_fold_running(s.run_mean, s.run_var, s.pa, s.pb, np, desc->momentum, unbias);
+      bn_scatter_f64(running_mean, s.run_mean);
+      bn_scatter_f64(running_var, s.run_var);
     }
-    bn_scatter_f64(running_mean, s.run_mean);
-    bn_scatter_f64(running_var, s.run_var);
   }
 done:
   free(s.block);
@@ -183,7 +191,7 @@ bn_status_t bn_norm_backward(const bn_norm_desc_t *desc_in, const DLTensor *x, c
   /* the running-statistics update and its momentum belong to the forward: ignored here */
   bn_norm_desc_t backward_desc = *desc_in;
   const bn_norm_desc_t *desc = &backward_desc;
-  backward_desc.flags &= ~(BN_FLAG_UPDATE_RUNNING_STATS | BN_FLAG_RUNNING_VAR_BIASED);
+  backward_desc.flags &= ~(BN_FLAG_UPDATE_RUNNING_STATS | BN_FLAG_RUNNING_VAR_BIASED | BN_FLAG_SKIP_NONFINITE);
   backward_desc.momentum = 0.0;
   if ((st = check_desc(desc, x))) return st;
   if ((st = bn_check_tensor(dy, "grad_output", &dt2))) return st;
@@ -236,6 +244,38 @@ bn_status_t bn_norm_backward(const bn_norm_desc_t *desc_in, const DLTensor *x, c
   if (dweight) bn_scatter_f64(dweight, s.pa);
   if (dbias) bn_scatter_f64(dbias, s.pb);
 done:
+  free(s.block);
+  return st;
+}
+
+bn_status_t bn_norm_moments(const bn_norm_desc_t *desc_in, const DLTensor *x, DLTensor *mean, DLTensor *m2,
+                            int64_t *count) {
+  bn_clear_error();
+  bn_dtype_t dt;
+  bn_status_t st;
+  if ((st = bn_check_tensor(x, "x", &dt))) return st;
+  if (!desc_in) return bn_fail(BN_STATUS_INVALID_ARGUMENT, "desc: expected a problem description, got NULL");
+  bn_norm_desc_t desc = *desc_in; /* only the axes matter here */
+  desc.flags = 0, desc.eps = 0.0, desc.momentum = 0.0;
+  if ((st = check_desc(&desc, x))) return st;
+  if (!mean || !m2) return bn_fail(BN_STATUS_INVALID_ARGUMENT, "%s: required, got NULL", mean ? "m2" : "mean");
+  bn_plan_t plan;
+  if ((st = bn_plan_build(&desc, x, NULL, NULL, dt, &plan))) return st;
+  if ((st = check_small(mean, "mean", plan.ngroups, "statistic group")) ||
+      (st = check_small(m2, "m2", plan.ngroups, "statistic group")))
+    return st;
+  const bn_arg_t ins[] = {{x, "x"}};
+  const bn_arg_t outs[] = {{mean, "mean"}, {m2, "m2"}};
+  const int alias[] = {-1, -1};
+  if ((st = bn_check_no_overlap(outs, 2, alias, ins, 1))) return st;
+  scratch_t s;
+  if ((st = scratch_alloc(&s, plan.ngroups, plan.nparams))) return st;
+  bn_coef_t coef = {.mean = s.mean, .var = s.s1};
+  if (!(st = bn_cpu_moments(&plan, &coef))) {
+    bn_scatter_f64(mean, s.mean);
+    bn_scatter_f64(m2, s.s1);
+    if (count) *count = plan.group_size;
+  }
   free(s.block);
   return st;
 }

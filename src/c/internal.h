@@ -62,6 +62,18 @@ void bn_gather_f64(const DLTensor *t, double *dst);
 /* Writes `src` (numel doubles) into a small tensor, rounding to its dtype. */
 void bn_scatter_f64(DLTensor *t, const double *src);
 
+/* ------------------------------------------------------------------ running statistics (state.c, api.c) */
+
+/* run = (1 - factor) * run + factor * batch, the variance times `unbias` first. */
+void bn_fold_running(double *run_mean, double *run_var, const double *batch_mean, const double *batch_var,
+                     int64_t n, double factor, double unbias);
+int bn_all_finite(const double *v, int64_t n);
+/* bn_norm_forward; *skipped (may be NULL) says whether BN_FLAG_SKIP_NONFINITE left the
+ * running statistics untouched. */
+bn_status_t bn_forward_impl(const bn_norm_desc_t *desc, const DLTensor *x, const DLTensor *weight,
+                            const DLTensor *bias, DLTensor *running_mean, DLTensor *running_var, DLTensor *y,
+                            DLTensor *save_mean, DLTensor *save_rstd, int *skipped);
+
 /* ------------------------------------------------------------------ plan (plan.c) */
 
 /* Operand slots of a plan: forward uses X and OUT (y); backward X, DY and OUT (dx). */
@@ -123,6 +135,9 @@ typedef struct bn_coef_t {
   double inv_n;               /* 1 / group_size (0 for empty groups) */
   int rms;                    /* no mean: BN_FLAG_RMS */
 } bn_coef_t;
+
+/* Group moments only: coef->mean and coef->var (holding m2, the sum of squared deviations). */
+bn_status_t bn_cpu_moments(const bn_plan_t *plan, bn_coef_t *coef);
 
 /* Forward: with `compute_stats`, fills mean / rstd / var from x; then writes y. */
 bn_status_t bn_cpu_forward(const bn_plan_t *plan, bn_coef_t *coef, int compute_stats);

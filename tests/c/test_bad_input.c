@@ -97,7 +97,7 @@ SUITE(bad_input) {
   }
 
   TEST(unknown_flag_bits) {
-    const uint32_t bad[] = {1u << 4, 1u << 7, 1u << 31, ~0u};
+    const uint32_t bad[] = {BN_FLAG_ALL + 1u, 1u << 7, 1u << 31, ~0u};
     for (int i = 0; i < 4; i++) {
       fx_init(&f), f.desc.flags |= bad[i];
       EXPECT_FAIL(&f, BN_STATUS_INVALID_ARGUMENT, "flags");

@@ -454,6 +454,14 @@ static bn_status_t reduce_grads(const bn_plan_t *P, const bn_coef_t *c, int targ
 
 /* ------------------------------------------------------------------ entry points */
 
+bn_status_t bn_cpu_moments(const bn_plan_t *P, bn_coef_t *c) {
+  if (P->numel == 0) {
+    for (int64_t g = 0; g < P->ngroups; g++) c->mean[g] = c->var[g] = 0.0;
+    return BN_STATUS_SUCCESS;
+  }
+  return reduce_moments(P, c);
+}
+
 bn_status_t bn_cpu_forward(const bn_plan_t *P, bn_coef_t *c, int compute_stats) {
   bn_status_t st = BN_STATUS_SUCCESS;
   ct_arrays_t ws = {NULL};

@@ -1,4 +1,5 @@
 /* The row kernels, instantiated once per element type from kernels.inc. */
+#include <math.h>
 #include <string.h>
 
 #include "cpu.h"

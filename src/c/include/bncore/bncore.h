@@ -126,7 +126,13 @@ BN_API int32_t bn_get_num_threads(void);
 #define BN_FLAG_USE_RUNNING_STATS    (1u << 1)
 #define BN_FLAG_UPDATE_RUNNING_STATS (1u << 2)
 #define BN_FLAG_RUNNING_VAR_BIASED   (1u << 3)
-#define BN_FLAG_ALL                  (0xfu)
+/* BN_FLAG_SKIP_NONFINITE
+ *   forward:  (with BN_FLAG_UPDATE_RUNNING_STATS) when any batch mean or variance is not
+ *             finite, the running statistics are left untouched (the output is still
+ *             written); bn_norm_forward_stats counts such batches as skipped.
+ *   backward: ignored. */
+#define BN_FLAG_SKIP_NONFINITE       (1u << 4)
+#define BN_FLAG_ALL                  (0x1fu)
 
 /*
  * What to normalize: a plain struct the caller fills (or gets from one of the
@@ -234,6 +240,99 @@ BN_API bn_status_t bn_norm_backward(const bn_norm_desc_t *desc, const DLTensor *
                                     const DLTensor *weight, const DLTensor *save_mean,
                                     const DLTensor *save_rstd, DLTensor *dx, DLTensor *dweight,
                                     DLTensor *dbias);
+
+/* ------------------------------------------------------------------ statistics only */
+
+/*
+ * Per-group moments of x: the mean and m2, the sum of squared deviations from it
+ * (biased variance = m2 / n, n = elements per group), accumulated in double with
+ * the same blocking as the forward. desc.flags, eps and momentum are ignored.
+ *
+ *  x          in, borrowed: as for bn_norm_forward.
+ *  mean, m2   out, borrowed: one value per statistic group, any float dtype (float64
+ *             keeps every digit); must not overlap x or each other.
+ *  count      out, may be NULL: elements per group.
+ *
+ * Returns SUCCESS, INVALID_ARGUMENT, SHAPE_MISMATCH, UNSUPPORTED_DTYPE,
+ * UNSUPPORTED_DEVICE, OVERLAP, OUT_OF_MEMORY.
+ */
+BN_API bn_status_t bn_norm_moments(const bn_norm_desc_t *desc, const DLTensor *x, DLTensor *mean, DLTensor *m2,
+                                   int64_t *count);
+
+/* ------------------------------------------------------------------ running-statistics state */
+
+/* Opaque: running mean and variance of num_features values plus their counters. */
+typedef struct bn_running_stats_t bn_running_stats_t;
+
+/*
+ * Options of a state (bn_running_stats_create flags). Unknown bits are refused.
+ * BN_STATS_BIASED_VAR   store the biased batch variance (Keras's convention); else the
+ *                       unbiased one, var * n / (n - 1) (PyTorch's).
+ * BN_STATS_CUMULATIVE   the factor of update k (k = 1, 2, ...) is 1 / k: the cumulative
+ *                       average (PyTorch's momentum=None); `factor` is then ignored.
+ * BN_STATS_SKIP_NONFINITE  a batch whose mean or variance is not finite leaves the state
+ *                       untouched and counts as skipped.
+ */
+#define BN_STATS_BIASED_VAR     (1u << 0)
+#define BN_STATS_CUMULATIVE     (1u << 1)
+#define BN_STATS_SKIP_NONFINITE (1u << 2)
+#define BN_STATS_ALL            (0x7u)
+
+/*
+ * Creates a state: mean 0, variance 1, counters 0. An update is
+ *   stored = (1 - factor) * stored + factor * batch
+ * (PyTorch's momentum is `factor`; Keras's momentum m is factor = 1 - m).
+ *  num_features  > 0.
+ *  dtype         float32 or float64: the type of the stored mean and variance.
+ *  factor        in [0, 1] (ignored with BN_STATS_CUMULATIVE).
+ *  out           out: the new state, owned by the caller; free it with bn_running_stats_destroy.
+ * Returns SUCCESS, INVALID_ARGUMENT, UNSUPPORTED_DTYPE, OUT_OF_MEMORY.
+ */
+BN_API bn_status_t bn_running_stats_create(int64_t num_features, DLDataType dtype, double factor, uint32_t flags,
+                                           bn_running_stats_t **out);
+/* Frees a state; NULL is accepted and does nothing. Tensors from bn_running_stats_tensors
+ * become invalid. Returns SUCCESS. */
+BN_API bn_status_t bn_running_stats_destroy(bn_running_stats_t *stats);
+
+/*
+ * Views of the state's mean and variance: fills *mean and *var (out, caller-owned
+ * structs) with 1-D CPU tensors whose data and shape point into the state (borrowed:
+ * valid until bn_running_stats_destroy). Writing through them changes the state.
+ * Returns SUCCESS, INVALID_ARGUMENT (a NULL pointer).
+ */
+BN_API bn_status_t bn_running_stats_tensors(bn_running_stats_t *stats, DLTensor *mean, DLTensor *var);
+
+/* Counters: updates applied (PyTorch's num_batches_tracked) and batches skipped.
+ * Either output may be NULL. Returns SUCCESS, INVALID_ARGUMENT. */
+BN_API bn_status_t bn_running_stats_counts(const bn_running_stats_t *stats, int64_t *updates, int64_t *skipped);
+/* Sets the counters (loading a checkpoint); both >= 0. Returns SUCCESS, INVALID_ARGUMENT. */
+BN_API bn_status_t bn_running_stats_set_counts(bn_running_stats_t *stats, int64_t updates, int64_t skipped);
+/* Sets the update factor, in [0, 1]. Returns SUCCESS, INVALID_ARGUMENT. */
+BN_API bn_status_t bn_running_stats_set_factor(bn_running_stats_t *stats, double factor);
+
+/*
+ * Folds in one batch: batch_mean and batch_var (in, borrowed: num_features values,
+ * any float dtype; batch_var the BIASED variance of the n values behind it). All or
+ * nothing: on any failure the state is unchanged. n must be > 1 unless the state
+ * stores the biased variance (then > 0).
+ * Returns SUCCESS, INVALID_ARGUMENT, SHAPE_MISMATCH, UNSUPPORTED_DTYPE, UNSUPPORTED_DEVICE.
+ */
+BN_API bn_status_t bn_running_stats_update(bn_running_stats_t *stats, const DLTensor *batch_mean,
+                                           const DLTensor *batch_var, int64_t n);
+
+/*
+ * bn_norm_forward with the running statistics kept in a state: with
+ * BN_FLAG_UPDATE_RUNNING_STATS in desc.flags the batch's statistics are folded in by the
+ * state's rule (its factor or cumulative average, its variance convention, its
+ * non-finite policy) and the counters advance; with BN_FLAG_USE_RUNNING_STATS the state
+ * normalizes. desc.momentum and BN_FLAG_RUNNING_VAR_BIASED / BN_FLAG_SKIP_NONFINITE
+ * are taken from the state. The parameter count must equal num_features.
+ *  stats  in-out, borrowed. Unchanged on any failure.
+ * Returns what bn_norm_forward returns.
+ */
+BN_API bn_status_t bn_norm_forward_stats(const bn_norm_desc_t *desc, const DLTensor *x, const DLTensor *weight,
+                                         const DLTensor *bias, bn_running_stats_t *stats, DLTensor *y,
+                                         DLTensor *save_mean, DLTensor *save_rstd);
 
 #ifdef __cplusplus
 }

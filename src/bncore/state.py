@@ -1,0 +1,242 @@
+"""State that outlives a call: running statistics and mergeable moments.
+
+`RunningStats` wraps the C library's running-statistics state (bn_running_stats_t):
+its mean and variance are NumPy views of C memory that any framework can view
+through DLPack without a copy, and every update is all-or-nothing in C.
+
+`Moments` holds exact per-channel (count, mean, m2) in float64 and merges them
+with Chan's formula, so statistics of many batches (or of many processes) combine
+into the statistics of all the data.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import _core
+from ._arrays import import_tensor
+
+CONVENTIONS = {
+    # convention: (default momentum, stored = (1 - f) * stored + f * batch with f = ..., variance stored)
+    "torch": 0.1,
+    "keras": 0.99,
+}
+
+_DEFAULT = object()
+
+
+def _factor(convention: str, momentum) -> float:
+    """The update factor f of `stored = (1 - f) * stored + f * batch`."""
+    if isinstance(momentum, bool) or not isinstance(momentum, (int, float, np.floating)):
+        raise TypeError(f"momentum: expected a float{' or None' if convention == 'torch' else ''}, "
+                        f"got {type(momentum).__name__}")
+    if not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"momentum: expected a value in [0, 1], got {momentum}")
+    return float(momentum) if convention == "torch" else 1.0 - float(momentum)
+
+
+class RunningStats:
+    """Running mean and variance of ``num_features`` channels.
+
+    ``convention="torch"``: default momentum 0.1, ``new = (1 - m) * old + m * batch``, the
+    unbiased variance ``var * n / (n - 1)`` is stored, ``momentum=None`` gives the
+    cumulative average. ``convention="keras"``: default momentum 0.99,
+    ``new = m * old + (1 - m) * batch``, the biased variance is stored.
+    ``nan_policy="skip"`` leaves the statistics untouched when a batch's statistics
+    are not finite and counts it in ``skipped``.
+    """
+
+    def __init__(self, num_features, momentum=_DEFAULT, *, convention="torch", dtype="float32",
+                 nan_policy="propagate"):
+        if convention not in CONVENTIONS:
+            raise ValueError(f"convention: expected 'torch' or 'keras', got {convention!r}")
+        if dtype not in ("float32", "float64"):
+            raise TypeError(f"dtype: expected 'float32' or 'float64', got {dtype!r}")
+        if nan_policy not in ("propagate", "skip"):
+            raise ValueError(f"nan_policy: expected 'propagate' or 'skip', got {nan_policy!r}")
+        if isinstance(num_features, bool) or not isinstance(num_features, (int, np.integer)) or num_features < 1:
+            raise ValueError(f"num_features: expected a positive int, got {num_features!r}")
+        if momentum is _DEFAULT:
+            momentum = CONVENTIONS[convention]
+        if momentum is None and convention != "torch":
+            raise ValueError("momentum: None (the cumulative average) exists only in the torch convention")
+        flags = 0
+        if convention == "keras":
+            flags |= _core.STATS_BIASED_VAR
+        if momentum is None:
+            flags |= _core.STATS_CUMULATIVE
+        if nan_policy == "skip":
+            flags |= _core.STATS_SKIP_NONFINITE
+        factor = 0.0 if momentum is None else _factor(convention, momentum)
+        self._handle = _core.RunningStatsHandle(int(num_features), dtype, factor, flags)
+        self.num_features = int(num_features)
+        self.convention = convention
+        self.dtype = dtype
+        self.nan_policy = nan_policy
+        self._momentum = momentum
+
+    # ------------------------------------------------------------- the state
+
+    @property
+    def mean(self) -> np.ndarray:
+        """The running mean: a NumPy view of the C state (writable, zero-copy)."""
+        return self._handle.mean
+
+    @property
+    def var(self) -> np.ndarray:
+        """The running variance (unbiased for torch, biased for keras): a view of the C state."""
+        return self._handle.var
+
+    @property
+    def count(self) -> int:
+        """Batches folded in (PyTorch's num_batches_tracked)."""
+        return self._handle.counts[0]
+
+    @count.setter
+    def count(self, value):
+        self._handle.set_counts(int(value), self.skipped)
+
+    @property
+    def skipped(self) -> int:
+        """Batches left out because their statistics were not finite (nan_policy='skip')."""
+        return self._handle.counts[1]
+
+    @property
+    def momentum(self):
+        return self._momentum
+
+    @momentum.setter
+    def momentum(self, value):
+        if value is None or self._momentum is None:
+            raise ValueError("momentum: switching to or from the cumulative average (None) needs a new RunningStats")
+        self._handle.set_factor(_factor(self.convention, value))
+        self._momentum = value
+
+    # ------------------------------------------------------------- updates
+
+    def update(self, batch_mean, batch_var, n):
+        """Folds in one batch: ``batch_var`` is the biased variance of the ``n`` values
+        behind it (any DLPack tensor or array). All or nothing."""
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
+            raise TypeError(f"n: expected an int, got {type(n).__name__}")
+        m = import_tensor(np.asarray(batch_mean) if isinstance(batch_mean, (list, tuple)) else batch_mean,
+                          "batch_mean")
+        v = import_tensor(np.asarray(batch_var) if isinstance(batch_var, (list, tuple)) else batch_var, "batch_var")
+        if m is None or v is None:
+            raise TypeError("batch_mean, batch_var: expected tensors, got None")
+        try:
+            self._handle.update(m, v, int(n))
+        finally:
+            m.release()
+            v.release()
+
+    def load(self, mean, var, count=None):
+        """Replaces the state (checked first, then written: all or nothing)."""
+        mean = np.asarray(mean, dtype=np.float64)
+        var = np.asarray(var, dtype=np.float64)
+        for name, a in (("mean", mean), ("var", var)):
+            if a.shape != (self.num_features,):
+                raise ValueError(f"{name}: expected shape ({self.num_features},), got {a.shape}")
+        if count is not None and (int(count) < 0):
+            raise ValueError(f"count: expected a value >= 0, got {count}")
+        np.copyto(self.mean, mean, casting="unsafe")
+        np.copyto(self.var, var, casting="unsafe")
+        if count is not None:
+            self.count = int(count)
+
+    def __dlpack__(self, **kwargs):
+        raise TypeError("RunningStats holds two arrays: export .mean or .var")
+
+    def __repr__(self):
+        return (f"RunningStats({self.num_features}, momentum={self._momentum}, convention={self.convention!r}, "
+                f"dtype={self.dtype!r}, count={self.count}, skipped={self.skipped})")
+
+
+class Moments:
+    """Exact per-channel moments in float64: ``count``, ``mean`` and ``m2`` (the sum of
+    squared deviations from the mean). Merging is Chan's formula, exact for empty parts
+    and parts of very different sizes."""
+
+    def __init__(self, count, mean, m2):
+        self.count = np.asarray(count, dtype=np.float64).copy()
+        self.mean = np.asarray(mean, dtype=np.float64).copy()
+        self.m2 = np.asarray(m2, dtype=np.float64).copy()
+        if not (self.count.shape == self.mean.shape == self.m2.shape) or self.count.ndim != 1:
+            raise ValueError(f"count, mean, m2: expected equal 1-D shapes, got {self.count.shape}, "
+                             f"{self.mean.shape}, {self.m2.shape}")
+
+    @classmethod
+    def empty(cls, num_features):
+        z = np.zeros(int(num_features))
+        return cls(z, z, z)
+
+    @classmethod
+    def from_batch(cls, x, axis=1):
+        """Moments of each index of ``axis`` over all other axes of ``x`` (any DLPack tensor),
+        computed by the C core in double precision."""
+        from .functional import _axis, _Call
+
+        with _Call() as call:
+            xt = call.need(x, "x")
+            if xt.ndim < 1:
+                raise ValueError("x: expected at least 1 dimension, got a scalar")
+            ax = _axis(axis, xt.ndim, "axis")
+            channels = xt.shape[ax]
+            mean, m2 = np.empty(channels), np.empty(channels)
+            if xt.ndim == 1:
+                desc = _core.Desc.axes(0, 1, 0.0)
+            else:
+                desc = _core.Desc.batch(xt.ndim, ax, 0.0)
+            count = _core.norm_moments(desc, xt, call.add(mean, "mean", True), call.add(m2, "m2", True))
+        return cls(np.full(channels, float(count)), mean, m2)
+
+    def merge(self, other: "Moments") -> "Moments":
+        """The moments of both parts' data together."""
+        if self.mean.shape != other.mean.shape:
+            raise ValueError(f"merge: expected moments of {self.mean.shape[0]} channels, got {other.mean.shape[0]}")
+        n = self.count + other.count
+        safe = np.where(n > 0, n, 1.0)
+        delta = other.mean - self.mean
+        mean = np.where(n > 0, self.mean + delta * (other.count / safe), 0.0)
+        m2 = self.m2 + other.m2 + delta * delta * (self.count * other.count / safe)
+        return Moments(n, mean, np.where(n > 0, m2, 0.0))
+
+    @staticmethod
+    def merge_all(parts) -> "Moments":
+        """Merges a sequence of Moments in order."""
+        parts = list(parts)
+        if not parts:
+            raise ValueError("merge_all: expected at least one Moments")
+        total = parts[0]
+        for p in parts[1:]:
+            total = total.merge(p)
+        return total
+
+    def var(self, unbiased=False) -> np.ndarray:
+        """Per-channel variance: m2 / n, or m2 / (n - 1) with ``unbiased``."""
+        d = self.count - (1.0 if unbiased else 0.0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(d > 0, self.m2 / np.where(d > 0, d, 1.0), np.nan)
+
+    def __repr__(self):
+        return f"Moments(channels={self.mean.shape[0]}, count={self.count.tolist()})"
+
+
+def precise_stats(layer, batches):
+    """Recomputes a layer's running mean and variance exactly over ``batches``: the pooled
+    statistics of all their data (unbiased variance for the torch convention, biased for
+    keras), not an average of batch variances. ``layer``: a bncore BatchNorm or a
+    torch.nn.BatchNorm*d. Returns the merged Moments."""
+    axis = getattr(layer, "axis", 1)
+    total = Moments.merge_all(Moments.from_batch(b, axis=axis) for b in batches)
+    convention = getattr(layer, "convention", "torch")
+    var = total.var(unbiased=(convention == "torch"))
+    stats = getattr(layer, "stats", None)
+    if isinstance(stats, RunningStats):
+        stats.load(total.mean, var)
+    else:  # a torch module: copy into its buffers
+        import torch
+
+        with torch.no_grad():
+            layer.running_mean.copy_(torch.from_numpy(total.mean))
+            layer.running_var.copy_(torch.from_numpy(var))
+    return total
