@@ -1,0 +1,87 @@
+"""The `bncore` command line: `python -m bncore <command>` (or the `bncore` script)."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command line; each subcommand sets `run`, the function that carries it out."""
+    parser = argparse.ArgumentParser(prog="bncore", description="Normalization layers on one C core.")
+    # build flags for C and C++ programs that link the installed library (like numpy.get_include())
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--cflags", action="store_true", help="print the compiler flags: -I<include dir>")
+    where.add_argument("--libs", action="store_true",
+                       help="print the linker flags: -L<dir> -lbncore and an rpath so the library is found at run time")
+    where.add_argument("--cmake-dir", action="store_true",
+                       help="print the folder of bncoreConfig.cmake (for -Dbncore_DIR=...)")
+    where.add_argument("--pkgconfig-dir", action="store_true", help="print the folder of bncore.pc")
+    where.add_argument("--include", action="store_true", help="print the include folder")
+    commands = parser.add_subparsers(title="commands", dest="command")
+
+    version = commands.add_parser("version", help="print the versions of bncore and of its C library")
+    version.set_defaults(run=_version)
+
+    demo = commands.add_parser(
+        "demo", help="train a small MLP on scikit-learn's digits with and without batch norm",
+        description="Trains a 64-64-64-10 NumPy MLP on scikit-learn's bundled digits, with and without "
+                    "bncore.BatchNorm, at two learning rates, and prints the loss and test accuracy per epoch.")
+    demo.add_argument("--epochs", type=int, default=None, metavar="N", help="epochs per run (default 20)")
+    demo.add_argument("--quick", action="store_true", help="a few epochs only (3), for a smoke test")
+    demo.add_argument("--seed", type=int, default=0, metavar="S",
+                      help="seed of the train/test split, the initial weights and the batch order (default 0)")
+    demo.add_argument("--plot", default="bncore-demo.png", metavar="FILE",
+                      help="PNG of the loss curves, written when matplotlib is installed (default %(default)s)")
+    demo.set_defaults(run=_demo)
+    return parser
+
+
+def _version(args) -> int:
+    import bncore
+
+    print(f"bncore {bncore.__version__} (C library {bncore._core.version_string()})")
+    return 0
+
+
+def _demo(args) -> int:
+    # imported here so that other commands do not pay for (or need) the demo's imports
+    from bncore import demo
+
+    return demo.main(args)
+
+
+def _build_flag(args):
+    """The text a build-flag option asks for, or None when none was given."""
+    import os
+
+    import bncore
+
+    libdir = os.path.dirname(bncore.get_library())
+    if args.cflags:
+        return f"-I{bncore.get_include()}"
+    if args.libs:
+        return f"-L{libdir} -lbncore -Wl,-rpath,{libdir}"
+    if args.cmake_dir:
+        return bncore.get_cmake_dir()
+    if args.pkgconfig_dir:
+        return bncore.get_pkgconfig_dir()
+    if args.include:
+        return bncore.get_include()
+    return None
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    flag = _build_flag(args)
+    if flag is not None:
+        print(flag)
+        return 0
+    if args.command is None:
+        parser.print_help()
+        return 2
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
