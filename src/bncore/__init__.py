@@ -24,7 +24,7 @@ __version__ = _core.version_string()
 __all__ = [
     "BatchNorm", "BncoreError", "Moments", "RunningStats", "precise_stats", "InternalError", "InvalidArgumentError", "MissingRunningStatsError",
     "OutOfMemoryError", "OverlapError", "ShapeMismatchError", "UnsupportedDeviceError", "UnsupportedDtypeError",
-    "batch_norm", "batch_norm_backward", "batch_norm_forward", "get_cmake_dir", "get_include", "get_library",
+    "batch_norm", "batch_norm_backward", "batch_norm_forward", "get_cmake_dir", "get_cython_include", "get_include", "get_library",
     "get_pkgconfig_dir",
     "GroupNorm", "InstanceNorm", "LayerNorm", "RMSNorm", "group_norm", "group_norm_backward", "group_norm_forward",
     "instance_norm", "instance_norm_backward", "instance_norm_forward", "layer_norm", "layer_norm_backward",
@@ -51,6 +51,12 @@ def get_library() -> str:
         if name.startswith("libbncore") and (".so" in name or name.endswith(".dylib")):
             return _os.path.join(here, name)
     raise FileNotFoundError(f"no libbncore shared library in {here}")
+
+
+def get_cython_include() -> str:
+    """The folder to pass to ``cython -I`` so that ``from bncore cimport capi`` finds the
+    installed declarations of the C API (bncore/capi.pxd)."""
+    return _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
 
 
 def get_cmake_dir() -> str:
