@@ -166,3 +166,57 @@ def batch_norm_backward_ref(dy, x, weight=None, eps=1e-5, axis=1, **stats):
 
 def batch_norm_running_ref(x, running_mean, running_var, momentum, axis=1):
     return running_stats_ref(x, all_but(np.ndim(x), axis), (axis,), running_mean, running_var, momentum)
+
+
+# ---------------------------------------------------------------- the other variants: one-line calls
+
+
+def layer_norm_ref(x, k, weight=None, bias=None, eps=1e-5, rms=False):
+    """Layer norm (or RMS norm) over the last k axes; weight / bias have the shape of those axes."""
+    ax = trailing(np.ndim(x), k)
+    return normalize_ref(x, ax, ax, weight, bias, eps, rms)
+
+
+def layer_norm_backward_ref(dy, x, k, weight=None, eps=1e-5, rms=False):
+    ax = trailing(np.ndim(x), k)
+    return normalize_backward_ref(dy, x, ax, ax, weight, eps, rms)
+
+
+def instance_norm_ref(x, weight=None, bias=None, eps=1e-5, **stats):
+    """Instance norm of (N, C, *): statistics per (n, c) (or the running ones, per channel)."""
+    return normalize_ref(x, tuple(range(2, np.ndim(x))), (1,), weight, bias, eps, **stats)
+
+
+def instance_norm_backward_ref(dy, x, weight=None, eps=1e-5, **stats):
+    return normalize_backward_ref(dy, x, tuple(range(2, np.ndim(x))), (1,), weight, eps, **stats)
+
+
+def instance_norm_running_ref(x, running_mean, running_var, momentum):
+    """PyTorch's rule: the batch average of the instances' mean and unbiased variance."""
+    return running_stats_ref(x, tuple(range(2, np.ndim(x))), (1,), running_mean, running_var, momentum)
+
+
+def _grouped(x, num_groups):
+    """(N, C, *) -> (N, G, C/G, *): statistics over axes 2.., parameters over axes (1, 2)."""
+    x = np.asarray(x, dtype=np.float64)
+    n, c = x.shape[:2]
+    return x.reshape((n, num_groups, c // num_groups) + x.shape[2:])
+
+
+def group_norm_ref(x, num_groups, weight=None, bias=None, eps=1e-5):
+    """Group norm; returns (y, mean, rstd) with mean / rstd of shape (N, num_groups)."""
+    xg = _grouped(x, num_groups)
+    pshape = xg.shape[1:3]
+    w = None if weight is None else np.reshape(weight, pshape)
+    b = None if bias is None else np.reshape(bias, pshape)
+    y, mean, rstd = normalize_ref(xg, tuple(range(2, xg.ndim)), (1, 2), w, b, eps)
+    return y.reshape(np.shape(x)), mean, rstd
+
+
+def group_norm_backward_ref(dy, x, num_groups, weight=None, eps=1e-5):
+    xg = _grouped(x, num_groups)
+    dyg = _grouped(dy, num_groups)
+    w = None if weight is None else np.reshape(weight, xg.shape[1:3])
+    dx, dw, db = normalize_backward_ref(dyg, xg, tuple(range(2, xg.ndim)), (1, 2), w, eps)
+    c = xg.shape[1] * xg.shape[2]
+    return dx.reshape(np.shape(x)), dw.reshape(c), db.reshape(c)

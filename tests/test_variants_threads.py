@@ -1,0 +1,187 @@
+"""Every variant gives bitwise identical results for 1 and 2 threads, forward and backward.
+
+Tensors of >= 200000 elements so that the kernels split the work; the shapes cover
+the fused path (a group in cache), the two-phase path (one group larger than
+1 MiB: layer norm of a (2, 400000) float32 tensor), channels-last data and
+column reductions (`normalize(x, axes=(0,))` of a (5000, 64) array).
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import bncore
+
+
+@pytest.fixture
+def restore_threads():
+    yield
+    bncore.set_num_threads(0)
+
+
+def _bytes(a):
+    if a is None:
+        return None
+    if hasattr(a, "detach"):
+        a = a.detach().cpu()
+        if str(a.dtype) == "torch.bfloat16":
+            a = a.view(dtype=__import__("torch").int16)
+        a = a.numpy()
+    return np.ascontiguousarray(a).tobytes()
+
+
+def _arrays(shape, dtype, param_shape, seed):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=shape) * 3 + 1
+    dy = rng.normal(size=shape)
+    w = rng.uniform(0.5, 1.5, size=param_shape)
+    b = rng.normal(size=param_shape)
+    return x.astype(dtype), dy.astype(dtype), w.astype(dtype), b.astype(dtype)
+
+
+def _torch_layout(arrays, fmt):
+    torch = pytest.importorskip("torch", reason="torch is needed for channels-last tensors")
+    x, dy, w, b = (torch.from_numpy(a) for a in arrays)
+    mf = getattr(torch, fmt)
+    return x.contiguous(memory_format=mf), dy.contiguous(memory_format=mf), w, b
+
+
+def _half(arrays, dtype):
+    torch = pytest.importorskip("torch", reason="torch is needed for bfloat16 tensors")
+    x, dy, w, b = (torch.from_numpy(a) for a in arrays)
+    return x.to(getattr(torch, dtype)), dy.to(getattr(torch, dtype)), w.float(), b.float()
+
+
+# name -> () -> (run, inputs): run(inputs) returns {result name: value}
+def _layer(shape, k, dtype="float32", seed=0):
+    arrays = _arrays(shape, dtype, shape[len(shape) - k:], seed)
+    ns = shape[len(shape) - k:]
+
+    def run(a):
+        x, dy, w, b = a
+        y, m, r = bncore.layer_norm_forward(x, ns, w, b)
+        dx, dw, db = bncore.layer_norm_backward(dy, x, ns, w, m, r)
+        return dict(y=y, mean=m, rstd=r, dx=dx, dw=dw, db=db)
+    return run, arrays
+
+
+def _rms(shape, k, dtype="float32", seed=1):
+    arrays = _arrays(shape, dtype, shape[len(shape) - k:], seed)
+    ns = shape[len(shape) - k:]
+
+    def run(a):
+        x, dy, w, _ = a
+        y, r = bncore.rms_norm_forward(x, ns, w)
+        dx, dw, _ = bncore.rms_norm_backward(dy, x, ns, w, r)
+        return dict(y=y, rstd=r, dx=dx, dw=dw)
+    return run, arrays
+
+
+def _group(shape, groups, dtype="float32", seed=2):
+    arrays = _arrays(shape, dtype, (shape[1],), seed)
+
+    def run(a):
+        x, dy, w, b = a
+        y, m, r = bncore.group_norm_forward(x, groups, w, b)
+        dx, dw, db = bncore.group_norm_backward(dy, x, groups, w, m, r)
+        return dict(y=y, mean=m, rstd=r, dx=dx, dw=dw, db=db)
+    return run, arrays
+
+
+def _instance(shape, use_input_stats, dtype="float32", seed=3):
+    arrays = _arrays(shape, dtype, (shape[1],), seed)
+    c = shape[1]
+
+    def run(a):
+        x, dy, w, b = a
+        if hasattr(x, "detach"):
+            import torch
+
+            rm, rv = torch.linspace(-1, 1, c, dtype=w.dtype), torch.linspace(0.5, 2, c, dtype=w.dtype)
+        else:
+            rm, rv = np.linspace(-1, 1, c).astype(w.dtype), np.linspace(0.5, 2, c).astype(w.dtype)
+        y, m, r = bncore.instance_norm_forward(x, rm, rv, w, b, use_input_stats, 0.1)
+        dx, dw, db = bncore.instance_norm_backward(dy, x, w, m, r, use_input_stats=use_input_stats)
+        return dict(y=y, mean=m, rstd=r, running_mean=rm, running_var=rv, dx=dx, dw=dw, db=db)
+    return run, arrays
+
+
+def _normalize(shape, axes, affine_axes=None, rms=False, dtype="float32", seed=4):
+    aff = axes if affine_axes is None else affine_axes
+    arrays = _arrays(shape, dtype, tuple(shape[a] for a in aff), seed)
+
+    def run(a):
+        x, dy, w, b = a
+        y, m, r = bncore.normalize_forward(x, axes, w, b, affine_axes=affine_axes, rms=rms)
+        dx, dw, db = bncore.normalize_backward(dy, x, axes, w, m, r, affine_axes=affine_axes, rms=rms)
+        out = dict(y=y, mean=m, rstd=r, dx=dx, dw=dw, db=db)
+        if rms:
+            assert db is None
+            del out["db"]
+        return out
+    return run, arrays
+
+
+def _transform(problem, f):
+    run, arrays = problem
+    return run, f(arrays)
+
+
+PROBLEMS = {
+    # layer norm: one group larger than 1 MiB (two-phase), many small rows (fused), two trailing dims
+    "layer-2x400000-float32": lambda: _layer((2, 400000), 1),
+    "layer-512x512-float64": lambda: _layer((512, 512), 1, "float64"),
+    "layer-16x128x128-two-dims": lambda: _layer((16, 128, 128), 2),
+    "layer-2x400000-bfloat16": lambda: _transform(_layer((2, 400000), 1), lambda a: _half(a, "bfloat16")),
+    "rms-2x400000-float32": lambda: _rms((2, 400000), 1),
+    "rms-300x1024-float64": lambda: _rms((300, 1024), 1, "float64"),
+    "rms-300x1024-float16": lambda: _transform(_rms((300, 1024), 1), lambda a: _half(a, "float16")),
+    # group norm: groups of 131072 values (fused forward, two-phase backward), 1 group (two-phase)
+    "group-2x4x256x256-2groups": lambda: _group((2, 4, 256, 256), 2),
+    "group-2x4x256x256-1group": lambda: _group((2, 4, 256, 256), 1),
+    "group-8x32x32x32-channels-last": lambda: _transform(_group((8, 32, 32, 32), 8),
+                                                         lambda a: _torch_layout(a, "channels_last")),
+    "group-4x16x8x32x32-float64": lambda: _group((4, 16, 8, 32, 32), 4, "float64"),
+    # instance norm: training (running statistics updated) and eval, channels-last too
+    "instance-8x16x64x64-train": lambda: _instance((8, 16, 64, 64), True),
+    "instance-8x16x64x64-eval": lambda: _instance((8, 16, 64, 64), False),
+    "instance-8x16x64x64-channels-last": lambda: _transform(_instance((8, 16, 64, 64), True),
+                                                            lambda a: _torch_layout(a, "channels_last")),
+    "instance-2x2x1x300x400-big-instances": lambda: _instance((2, 2, 1, 300, 400), True, seed=5),
+    # normalize: columns, ConvNeXt channels, a middle axis, affine on other axes, RMS
+    "normalize-5000x64-axis0": lambda: _normalize((5000, 64), (0,)),
+    "normalize-5000x64-axis0-fortran": lambda: _transform(_normalize((5000, 64), (0,), seed=6),
+                                                          lambda a: tuple(np.asfortranarray(v) for v in a)),
+    "normalize-200000x2-axis0": lambda: _normalize((200000, 2), (0,), dtype="float64"),
+    "normalize-nchw-channels": lambda: _normalize((16, 64, 16, 16), (1,)),
+    "normalize-nchw-channels-last": lambda: _transform(_normalize((16, 64, 16, 16), (1,), seed=7),
+                                                       lambda a: _torch_layout(a, "channels_last")),
+    "normalize-middle-affine-other": lambda: _normalize((64, 50, 80), (1,), affine_axes=(0, 2)),
+    "normalize-0-2-rms": lambda: _normalize((300, 8, 100), (0, 2), rms=True, dtype="float64"),
+}
+
+
+def _numel(x):
+    return x.numel() if hasattr(x, "numel") else x.size
+
+
+@pytest.mark.parametrize("name", list(PROBLEMS))
+def test_one_thread_and_two_threads_give_the_same_bits(name, restore_threads):
+    run, arrays = PROBLEMS[name]()
+    assert _numel(arrays[0]) >= 200_000
+    bncore.set_num_threads(1)
+    assert bncore.get_num_threads() == 1
+    one = {k: _bytes(v) for k, v in run(arrays).items()}
+    bncore.set_num_threads(2)
+    assert bncore.get_num_threads() == 2
+    two = {k: _bytes(v) for k, v in run(arrays).items()}
+    for k in one:
+        assert one[k] is not None, k
+        assert one[k] == two[k], f"{name}: {k} differs between 1 and 2 threads"
+    # and repeatable at a given count
+    again = {k: _bytes(v) for k, v in run(arrays).items()}
+    assert again == two, f"{name}: not repeatable with 2 threads"
+    bncore.set_num_threads(0)
+    default = {k: _bytes(v) for k, v in run(arrays).items()}
+    assert default == one, f"{name}: the default thread count differs"
+
