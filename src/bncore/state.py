@@ -136,12 +136,14 @@ class RunningStats:
         for name, a in (("mean", mean), ("var", var)):
             if a.shape != (self.num_features,):
                 raise ValueError(f"{name}: expected shape ({self.num_features},), got {a.shape}")
-        if count is not None and (int(count) < 0):
-            raise ValueError(f"count: expected a value >= 0, got {count}")
+        if count is not None:
+            if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or not 0 <= count < 2**63:
+                raise ValueError(f"count: expected an int in [0, 2**63), got {count!r}")
+            count = int(count)
         np.copyto(self.mean, mean, casting="unsafe")
         np.copyto(self.var, var, casting="unsafe")
         if count is not None:
-            self.count = int(count)
+            self.count = count
 
     def __dlpack__(self, **kwargs):
         raise TypeError("RunningStats holds two arrays: export .mean or .var")

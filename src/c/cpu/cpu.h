@@ -9,8 +9,11 @@
 /* Independent accumulators per piece: enough to hide add latency in wide vectors. */
 #define BN_LANES 64
 
-/* One row of the canonical problem: the innermost dim at fixed outer indices. */
+/* One row of the canonical problem (the innermost dim at fixed outer indices), or a
+ * tile of m such rows along the next dim, whose strides are rx, rdy, ro, rg, rp. */
 typedef struct bn_row_t {
+  int64_t m;     /* rows in the tile (1 for a single row) */
+  int64_t rx, rdy, ro, rg, rp; /* strides between the tile's rows */
   int64_t n;
   const char *x;
   int64_t sx;
@@ -37,10 +40,11 @@ enum { BN_TARGET_GROUP = 0, BN_TARGET_PARAM = 1 };
 typedef struct bn_kernels_t {
   void (*moments_row)(const bn_row_t *row, double *mean, double *m2);
   void (*moments_cols)(const bn_row_t *row, int64_t rows, int64_t rs, double *tmean, double *tm2);
-  void (*grad_sums)(const bn_row_t *row, const bn_coef_t *c, int target, int64_t t, int64_t ts, double *acc_a,
-                    double *acc_b);
-  void (*apply_forward)(const bn_row_t *row, const bn_coef_t *c);
-  void (*apply_backward)(const bn_row_t *row, const bn_coef_t *c);
+  /* tiles: every row of `tile`; row r's targets start at t + r*rt */
+  void (*grad_sums)(const bn_row_t *tile, const bn_coef_t *c, int target, int64_t t, int64_t ts, int64_t rt,
+                    double *acc_a, double *acc_b);
+  void (*apply_forward)(const bn_row_t *tile, const bn_coef_t *c);
+  void (*apply_backward)(const bn_row_t *tile, const bn_coef_t *c);
   /* per-group coefficients (mean, scale, shift | mean, k1, c1, k2) in the compute type */
   void (*group_coefs)(const bn_coef_t *c, int64_t ngroups, int backward, void *mean, void *scale, void *shift,
                       void *slope);

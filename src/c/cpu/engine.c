@@ -27,6 +27,7 @@
 #define BN_SLAB_ELEMS (1 << 16) /* elements per slab of a reduction, at least */
 #define BN_MAX_SLABS 64         /* slabs per block, at most */
 #define BN_COL_CHUNK 4096       /* elements per chunk of a column reduction, about */
+#define BN_TILE_ELEMS 16384     /* elements per tile of rows handed to a kernel, about */
 #define BN_PAR_MIN (1 << 15)    /* below this many elements a pass runs on one thread */
 #define BN_FUSE_BYTES (1 << 20) /* a group whose operands fit in this many bytes is fused */
 
@@ -73,7 +74,11 @@ static int64_t row_at(const bn_plan_t *P, int64_t r, const int64_t *ts, bn_row_t
     p += i * dim->sp;
     if (ts) t += i * ts[d];
   }
-  const bn_dim_t *in = &P->dim[last];
+  const bn_dim_t *in = &P->dim[last], *outer = last > 0 ? &P->dim[last - 1] : NULL;
+  row->m = 1;
+  row->rx = outer ? outer->s[BN_OP_X] : 0, row->rdy = outer ? outer->s[BN_OP_DY] : 0;
+  row->ro = outer ? outer->s[BN_OP_OUT] : 0;
+  row->rg = outer ? outer->sg : 0, row->rp = outer ? outer->sp : 0;
   row->n = in->n;
   row->x = P->base[BN_OP_X] + off[BN_OP_X] * (int64_t)es;
   row->dy = P->base[BN_OP_DY] ? P->base[BN_OP_DY] + off[BN_OP_DY] * (int64_t)es : NULL;
@@ -84,6 +89,16 @@ static int64_t row_at(const bn_plan_t *P, int64_t r, const int64_t *ts, bn_row_t
   row->g = g, row->sg = in->sg;
   row->p = p, row->sp = in->sp;
   return t;
+}
+
+/* How many rows from row r (at most `limit`, and `cap` by size) stay in one run of the
+ * next-to-last dim, so that a tile can step through them with that dim's strides. */
+static int64_t tile_rows(const bn_plan_t *P, int64_t r, int64_t limit) {
+  if (P->ndim < 2) return 1;
+  const int64_t run = P->dim[P->ndim - 2].n, left = run - r % run;
+  const int64_t L = P->dim[P->ndim - 1].n, cap = L >= BN_TILE_ELEMS ? 1 : BN_TILE_ELEMS / L;
+  int64_t k = left < limit ? left : limit;
+  return k < cap ? k : cap;
 }
 
 static int64_t row_count(const bn_plan_t *P) {
@@ -116,8 +131,9 @@ static void reduce_rows(const reduction_t *R, int64_t r0, int64_t r1, const int6
     bn_row_t row;
     const int64_t t = tbase + row_at(P, r, ts_idx, &row);
     if (!R->moments) {
-      R->K->grad_sums(&row, R->coef, R->target, t, t_in, a, b);
-      r++;
+      row.m = tile_rows(P, r, r1 - r);
+      R->K->grad_sums(&row, R->coef, R->target, t, t_in, last > 0 ? ts_idx[last - 1] : 0, a, b);
+      r += row.m;
     } else if (t_in == 0) {
       double mean, m2;
       R->K->moments_row(&row, &mean, &m2);
@@ -248,14 +264,19 @@ static void finish_stats(const bn_plan_t *P, bn_coef_t *c, int64_t g) {
 
 static void apply_rows(const bn_plan_t *P, const bn_coef_t *c, int backward) {
   const bn_kernels_t *K = bn_cpu_kernels(P->dtype);
-  const int64_t nrows = row_count(P);
+  const int64_t nrows = row_count(P), run = P->ndim >= 2 ? P->dim[P->ndim - 2].n : 1;
+  /* tiles: runs of the next-to-last dim cut into pieces of at most tile_rows() rows */
+  const int64_t per_run = (run + tile_rows(P, 0, run) - 1) / tile_rows(P, 0, run), ntiles = nrows / run * per_run;
+  const int64_t step = tile_rows(P, 0, run);
   const int nthreads = bn_threads();
-#pragma omp parallel for num_threads(nthreads) schedule(static) if (P->numel >= BN_PAR_MIN && nrows > 1)
-  for (int64_t r = 0; r < nrows; r++) {
-    bn_row_t row;
-    row_at(P, r, NULL, &row);
-    if (backward) K->apply_backward(&row, c);
-    else K->apply_forward(&row, c);
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (P->numel >= BN_PAR_MIN && ntiles > 1)
+  for (int64_t i = 0; i < ntiles; i++) {
+    const int64_t r = (i / per_run) * run + (i % per_run) * step;
+    bn_row_t tile;
+    row_at(P, r, NULL, &tile);
+    tile.m = run - (r % run) < step ? run - (r % run) : step;
+    if (backward) K->apply_backward(&tile, c);
+    else K->apply_forward(&tile, c);
   }
 }
 
@@ -328,6 +349,7 @@ static void group_row(const bn_plan_t *P, const group_walk_t *W, int64_t j, int6
   row->sx = in->s[BN_OP_X], row->sdy = in->s[BN_OP_DY], row->so = in->s[BN_OP_OUT];
   row->g = g, row->sg = 0;
   row->p = p, row->sp = in->sp;
+  row->m = 1, row->rx = row->rdy = row->ro = row->rg = row->rp = 0;
 }
 
 static int fusable(const bn_plan_t *P, int operands) {
@@ -397,7 +419,7 @@ static bn_status_t fused_backward(const bn_plan_t *P, bn_coef_t *c, int training
         double *ra = ws, *rb = ws + ng;
         for (int64_t r = 0; r < W.rows; r++) {
           group_row(P, &W, j, r, &row);
-          K->grad_sums(&row, &plain, BN_TARGET_GROUP, g, 0, ra, rb);
+          K->grad_sums(&row, &plain, BN_TARGET_GROUP, g, 0, 0, ra, rb);
         }
         const double w = c->weight ? c->weight[c->param_of_group[g]] : 1.0;
         c->sum_dy[g] = w * ra[g], c->sum_dyx[g] = w * rb[g];
@@ -405,8 +427,8 @@ static bn_status_t fused_backward(const bn_plan_t *P, bn_coef_t *c, int training
         c->sum_dy[g] = c->sum_dyx[g] = 0.0;
         for (int64_t r = 0; r < W.rows; r++) {
           group_row(P, &W, j, r, &row);
-          if (training) K->grad_sums(&row, c, BN_TARGET_GROUP, g, 0, c->sum_dy, c->sum_dyx);
-          if (want_params) K->grad_sums(&row, &plain, BN_TARGET_PARAM, row.p, row.sp, pa, pb);
+          if (training) K->grad_sums(&row, c, BN_TARGET_GROUP, g, 0, 0, c->sum_dy, c->sum_dyx);
+          if (want_params) K->grad_sums(&row, &plain, BN_TARGET_PARAM, row.p, row.sp, 0, pa, pb);
         }
       }
       if (P->base[BN_OP_OUT])
