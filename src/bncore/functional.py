@@ -137,7 +137,7 @@ class _Call:
 # ---------------------------------------------------------------- the one forward and backward
 
 
-def _forward(call, desc, input, x, w, b, rm, rv, out, group_shape, stats=None):
+def _forward(call, desc, input, x, w, b, rm, rv, out, group_shape, stats=None, want_stats=True):
     """Runs bn_norm_forward (bn_norm_forward_stats with a RunningStats); returns
     (output, save_mean, save_rstd) in the caller's array type."""
     check_same_device([("input", x), ("weight", w), ("bias", b), ("running_mean", rm), ("running_var", rv)])
@@ -151,8 +151,9 @@ def _forward(call, desc, input, x, w, b, rm, rv, out, group_shape, stats=None):
         raise _core.UnsupportedDtypeError(f"out: expected the input's dtype {x.dtype}, got {y.dtype}")
     check_same_device([("input", x), ("out", y)])
     sdt = stat_dtype(x.dtype)
-    mean_obj = alloc.empty(group_shape, sdt)
-    rstd_obj = alloc.empty(group_shape, sdt)
+    # the plain functions return only the output: no statistics to allocate and export
+    mean_obj = alloc.empty(group_shape, sdt) if want_stats else None
+    rstd_obj = alloc.empty(group_shape, sdt) if want_stats else None
     sm, sr = call.add(mean_obj, "save_mean", True), call.add(rstd_obj, "save_rstd", True)
     if stats is not None:
         _core.norm_forward_stats(desc, x, w, b, stats._handle, y, sm, sr)
@@ -228,7 +229,7 @@ def _batch_setup(call, input, axis):
 
 
 def batch_norm_forward(input, running_mean=None, running_var=None, weight=None, bias=None, training=False,
-                       momentum=0.1, eps=1e-5, *, axis=1, out=None, stats=None):
+                       momentum=0.1, eps=1e-5, *, axis=1, out=None, stats=None, _want_stats=True):
     """Batch norm forward; returns ``(output, save_mean, save_invstd)``.
 
     Training (or no running statistics): the batch's mean and biased variance over
@@ -263,7 +264,7 @@ def batch_norm_forward(input, running_mean=None, running_var=None, weight=None, 
         else:
             flags = _core.FLAG_USE_RUNNING_STATS
         desc = _core.Desc.batch(x.ndim, ax, float(eps)).with_options(flags, momentum_used)
-        return _forward(call, desc, input, x, w, b, rm, rv, out, (channels,), stats)
+        return _forward(call, desc, input, x, w, b, rm, rv, out, (channels,), stats, _want_stats)
 
 
 def batch_norm(input, running_mean=None, running_var=None, weight=None, bias=None, training=False, momentum=0.1,
@@ -274,7 +275,7 @@ def batch_norm(input, running_mean=None, running_var=None, weight=None, bias=Non
     ``out`` receives the output when given (any strides; it may be ``input`` itself).
     """
     return batch_norm_forward(input, running_mean, running_var, weight, bias, training, momentum, eps, axis=axis,
-                              out=out)[0]
+                              out=out, _want_stats=False)[0]
 
 
 def batch_norm_backward(grad_output, input, weight, save_mean, save_invstd, *, training=True, axis=1):
@@ -304,7 +305,7 @@ def _layer_setup(call, input, normalized_shape):
     return x, shape, tuple(x.shape[:x.ndim - len(shape)])
 
 
-def layer_norm_forward(input, normalized_shape, weight=None, bias=None, eps=1e-5, *, out=None):
+def layer_norm_forward(input, normalized_shape, weight=None, bias=None, eps=1e-5, *, out=None, _want_stats=True):
     """Layer norm over the trailing ``normalized_shape`` dims; returns ``(output, save_mean, save_rstd)``
     with one statistic per leading index (shape ``input.shape[:-len(normalized_shape)]``)."""
     _check_eps(eps)
@@ -314,12 +315,12 @@ def layer_norm_forward(input, normalized_shape, weight=None, bias=None, eps=1e-5
         _check_param(w, "weight", shape, "element of normalized_shape")
         _check_param(b, "bias", shape, "element of normalized_shape")
         desc = _core.Desc.layer(x.ndim, len(shape), float(eps))
-        return _forward(call, desc, input, x, w, b, None, None, out, lead)
+        return _forward(call, desc, input, x, w, b, None, None, out, lead, want_stats=_want_stats)
 
 
 def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5, *, out=None):
     """Layer norm, as ``torch.nn.functional.layer_norm``; returns the output."""
-    return layer_norm_forward(input, normalized_shape, weight, bias, eps, out=out)[0]
+    return layer_norm_forward(input, normalized_shape, weight, bias, eps, out=out, _want_stats=False)[0]
 
 
 def layer_norm_backward(grad_output, input, normalized_shape, weight, save_mean, save_rstd):
@@ -340,7 +341,7 @@ def _rms_eps(eps, dtype):
     return float(eps)
 
 
-def rms_norm_forward(input, normalized_shape, weight=None, eps=None, *, out=None):
+def rms_norm_forward(input, normalized_shape, weight=None, eps=None, *, out=None, _want_stats=True):
     """RMS norm: ``y = x / sqrt(mean(x^2) + eps) * weight``; returns ``(output, save_rstd)``.
     ``eps=None`` is the machine epsilon of the compute type (float32's for half inputs)."""
     with _Call() as call:
@@ -348,13 +349,13 @@ def rms_norm_forward(input, normalized_shape, weight=None, eps=None, *, out=None
         w = call.add(weight, "weight")
         _check_param(w, "weight", shape, "element of normalized_shape")
         desc = _core.Desc.rms(x.ndim, len(shape), _rms_eps(eps, x.dtype))
-        y, _, rstd = _forward(call, desc, input, x, w, None, None, None, out, lead)
+        y, _, rstd = _forward(call, desc, input, x, w, None, None, None, out, lead, want_stats=_want_stats)
         return y, rstd
 
 
 def rms_norm(input, normalized_shape, weight=None, eps=None, *, out=None):
     """RMS norm, as ``torch.nn.functional.rms_norm``; returns the output."""
-    return rms_norm_forward(input, normalized_shape, weight, eps, out=out)[0]
+    return rms_norm_forward(input, normalized_shape, weight, eps, out=out, _want_stats=False)[0]
 
 
 def rms_norm_backward(grad_output, input, normalized_shape, weight, save_rstd):
@@ -378,7 +379,7 @@ def _instance_setup(call, input):
 
 
 def instance_norm_forward(input, running_mean=None, running_var=None, weight=None, bias=None, use_input_stats=True,
-                          momentum=0.1, eps=1e-5, *, out=None, stats=None):
+                          momentum=0.1, eps=1e-5, *, out=None, stats=None, _want_stats=True):
     """Instance norm over the spatial dims of each (sample, channel); returns
     ``(output, save_mean, save_invstd)`` of shape (N, C). With running statistics
     and ``use_input_stats`` they are updated with the average over the batch of the
@@ -408,14 +409,14 @@ def instance_norm_forward(input, running_mean=None, running_var=None, weight=Non
                     "Expected running_mean and running_var to be defined when use_input_stats is false")
             flags = _core.FLAG_USE_RUNNING_STATS
         desc = _core.Desc.instance(x.ndim, float(eps)).with_options(flags, momentum_used)
-        return _forward(call, desc, input, x, w, b, rm, rv, out, groups, stats)
+        return _forward(call, desc, input, x, w, b, rm, rv, out, groups, stats, _want_stats)
 
 
 def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=None, use_input_stats=True,
                   momentum=0.1, eps=1e-5, *, out=None):
     """Instance norm, as ``torch.nn.functional.instance_norm``; returns the output."""
     return instance_norm_forward(input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps,
-                                 out=out)[0]
+                                 out=out, _want_stats=False)[0]
 
 
 def instance_norm_backward(grad_output, input, weight, save_mean, save_invstd, *, use_input_stats=True):
@@ -444,7 +445,7 @@ def _group_setup(call, input, num_groups):
     return x, channels, (x.shape[0], int(num_groups))
 
 
-def group_norm_forward(input, num_groups, weight=None, bias=None, eps=1e-5, *, out=None):
+def group_norm_forward(input, num_groups, weight=None, bias=None, eps=1e-5, *, out=None, _want_stats=True):
     """Group norm: channels split into ``num_groups`` groups, statistics over each
     (sample, group); returns ``(output, save_mean, save_rstd)`` of shape (N, num_groups)."""
     _check_eps(eps)
@@ -454,12 +455,12 @@ def group_norm_forward(input, num_groups, weight=None, bias=None, eps=1e-5, *, o
         _check_param(w, "weight", (channels,), "channel")
         _check_param(b, "bias", (channels,), "channel")
         desc = _core.Desc.group(x.ndim, int(num_groups), float(eps))
-        return _forward(call, desc, input, x, w, b, None, None, out, groups)
+        return _forward(call, desc, input, x, w, b, None, None, out, groups, want_stats=_want_stats)
 
 
 def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, *, out=None):
     """Group norm, as ``torch.nn.functional.group_norm``; returns the output."""
-    return group_norm_forward(input, num_groups, weight, bias, eps, out=out)[0]
+    return group_norm_forward(input, num_groups, weight, bias, eps, out=out, _want_stats=False)[0]
 
 
 def group_norm_backward(grad_output, input, num_groups, weight, save_mean, save_rstd):
@@ -488,7 +489,7 @@ def _normalize_setup(call, input, axes, affine_axes):
     return x, red, aff, param_shape, group_shape
 
 
-def normalize_forward(input, axes, weight=None, bias=None, *, affine_axes=None, eps=1e-5, rms=False, out=None):
+def normalize_forward(input, axes, weight=None, bias=None, *, affine_axes=None, eps=1e-5, rms=False, out=None, _want_stats=True):
     """Statistics over ``axes`` (one group per index of the other axes); weight and
     bias have the input's sizes at ``affine_axes`` (default: ``axes``). Runs on any
     strides without a copy. Returns ``(output, save_mean, save_rstd)``, the
@@ -501,13 +502,14 @@ def normalize_forward(input, axes, weight=None, bias=None, *, affine_axes=None, 
         _check_param(w, "weight", pshape, per)
         _check_param(b, "bias", pshape, per)
         desc = _core.Desc.axes(_mask(red), _mask(aff), float(eps), _core.FLAG_RMS if rms else 0)
-        return _forward(call, desc, input, x, w, b, None, None, out, gshape)
+        return _forward(call, desc, input, x, w, b, None, None, out, gshape, want_stats=_want_stats)
 
 
 def normalize(input, axes, weight=None, bias=None, *, affine_axes=None, eps=1e-5, rms=False, out=None):
     """The general entry point every variant is a case of; returns the output.
     ``normalize(x, axes=(1,))`` is layer norm over the channels of an NCHW tensor."""
-    return normalize_forward(input, axes, weight, bias, affine_axes=affine_axes, eps=eps, rms=rms, out=out)[0]
+    return normalize_forward(input, axes, weight, bias, affine_axes=affine_axes, eps=eps, rms=rms, out=out,
+                             _want_stats=False)[0]
 
 
 def normalize_backward(grad_output, input, axes, weight, save_mean, save_rstd, *, affine_axes=None, rms=False):
