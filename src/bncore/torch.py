@@ -1,0 +1,341 @@
+"""A drop-in PyTorch backend: torch.nn normalization modules that compute with bncore.
+
+    >>> import bncore.torch
+    >>> model = bncore.torch.convert(model)      # every torch.nn norm layer now runs on bncore
+
+Each class here subclasses its torch.nn namesake, so constructor arguments,
+attributes, parameters, buffers, ``state_dict`` keys, ``repr`` and ``isinstance``
+checks are PyTorch's own. Only ``forward`` differs: it follows the torch.nn
+module's logic for the running statistics, then hands the tensors to bncore
+through DLPack inside a ``torch.autograd.Function`` whose backward calls bncore's
+``*_backward``. No number is computed here.
+
+One deliberate difference: PyTorch counts a batch (``num_batches_tracked``)
+before it normalizes; here the count moves only after bncore has succeeded, so a
+forward that raises leaves every buffer exactly as it was.
+
+Importing ``bncore`` never imports torch; importing ``bncore.torch`` does.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from . import functional as _F
+
+__all__ = [
+    "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "GroupNorm", "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d",
+    "LayerNorm", "RMSNorm", "convert",
+]
+
+
+# ---------------------------------------------------------------- one autograd Function for every variant
+#
+# Each variant is one bncore call described once: `output` (the plain function, no saved statistics),
+# `forward` (output and the statistics the backward needs) and `backward`.
+
+
+class _Batch:
+    """Batch norm's call: running statistics are written in place when ``training`` and given."""
+
+    def __init__(self, running_mean, running_var, training, momentum, eps):
+        self.running_mean, self.running_var = running_mean, running_var
+        self.training, self.momentum, self.eps = training, momentum, eps
+
+    def output(self, x, weight, bias):
+        y = _F.batch_norm(x, self.running_mean, self.running_var, weight, bias, training=self.training,
+                          momentum=self.momentum, eps=self.eps)
+        if self.training:
+            _bump_versions(self.running_mean, self.running_var)
+        return y
+
+    def forward(self, x, weight, bias):
+        y, mean, invstd = _F.batch_norm_forward(x, self.running_mean, self.running_var, weight, bias,
+                                                training=self.training, momentum=self.momentum, eps=self.eps)
+        if self.training:
+            _bump_versions(self.running_mean, self.running_var)
+        return y, (mean, invstd)
+
+    def backward(self, grad_output, x, weight, saved):
+        return _F.batch_norm_backward(grad_output, x, weight, *saved, training=self.training)
+
+
+class _Instance:
+    """Instance norm's call: running statistics are written in place when ``use_input_stats`` and given."""
+
+    def __init__(self, running_mean, running_var, use_input_stats, momentum, eps):
+        self.running_mean, self.running_var = running_mean, running_var
+        self.use_input_stats, self.momentum, self.eps = use_input_stats, momentum, eps
+
+    def output(self, x, weight, bias):
+        y = _F.instance_norm(x, self.running_mean, self.running_var, weight, bias,
+                             use_input_stats=self.use_input_stats, momentum=self.momentum, eps=self.eps)
+        if self.use_input_stats:
+            _bump_versions(self.running_mean, self.running_var)
+        return y
+
+    def forward(self, x, weight, bias):
+        y, mean, invstd = _F.instance_norm_forward(x, self.running_mean, self.running_var, weight, bias,
+                                                   use_input_stats=self.use_input_stats, momentum=self.momentum,
+                                                   eps=self.eps)
+        if self.use_input_stats:
+            _bump_versions(self.running_mean, self.running_var)
+        return y, (mean, invstd)
+
+    def backward(self, grad_output, x, weight, saved):
+        return _F.instance_norm_backward(grad_output, x, weight, *saved, use_input_stats=self.use_input_stats)
+
+
+class _Layer:
+    def __init__(self, normalized_shape, eps):
+        self.normalized_shape, self.eps = normalized_shape, eps
+
+    def output(self, x, weight, bias):
+        return _F.layer_norm(x, self.normalized_shape, weight, bias, self.eps)
+
+    def forward(self, x, weight, bias):
+        y, mean, rstd = _F.layer_norm_forward(x, self.normalized_shape, weight, bias, self.eps)
+        return y, (mean, rstd)
+
+    def backward(self, grad_output, x, weight, saved):
+        return _F.layer_norm_backward(grad_output, x, self.normalized_shape, weight, *saved)
+
+
+class _Group:
+    def __init__(self, num_groups, eps):
+        self.num_groups, self.eps = num_groups, eps
+
+    def output(self, x, weight, bias):
+        return _F.group_norm(x, self.num_groups, weight, bias, self.eps)
+
+    def forward(self, x, weight, bias):
+        y, mean, rstd = _F.group_norm_forward(x, self.num_groups, weight, bias, self.eps)
+        return y, (mean, rstd)
+
+    def backward(self, grad_output, x, weight, saved):
+        return _F.group_norm_backward(grad_output, x, self.num_groups, weight, *saved)
+
+
+class _RMS:
+    def __init__(self, normalized_shape, eps):
+        self.normalized_shape, self.eps = normalized_shape, eps
+
+    def output(self, x, weight, bias):
+        return _F.rms_norm(x, self.normalized_shape, weight, self.eps)
+
+    def forward(self, x, weight, bias):
+        y, rstd = _F.rms_norm_forward(x, self.normalized_shape, weight, self.eps)
+        return y, (rstd,)
+
+    def backward(self, grad_output, x, weight, saved):
+        return _F.rms_norm_backward(grad_output, x, self.normalized_shape, weight, *saved)
+
+
+def _bump_versions(*tensors):
+    """bncore writes buffers through DLPack, which autograd cannot see: tell it, as an in-place op would."""
+    for t in tensors:
+        if t is not None and not t.is_inference():
+            torch.autograd.graph.increment_version(t)
+
+
+class _NormFunction(torch.autograd.Function):
+    """y = variant(x; weight, bias). The forward saves what bncore's backward needs (the input and the
+    statistics bncore returned); the backward returns one gradient per input of ``apply``, each in its
+    input's dtype (bncore's), None where none is needed."""
+
+    @staticmethod
+    def forward(ctx, variant, x, weight, bias):
+        ctx.variant = variant
+        # bncore gives grad_bias only alongside grad_weight: a bias without a weight gets a weight of ones,
+        # which leaves y (xhat * 1 + bias) exactly as it is
+        ctx.weight_given = weight is not None
+        if weight is None and bias is not None:
+            weight = torch.ones_like(bias)
+        y, saved = variant.forward(x, weight, bias)
+        ctx.save_for_backward(x, weight, *saved)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output):
+        x, weight, *saved = ctx.saved_tensors
+        grad_input, grad_weight, grad_bias = ctx.variant.backward(grad_output, x, weight, saved)
+        _, need_input, need_weight, need_bias = ctx.needs_input_grad
+        return (None,
+                grad_input if need_input else None,
+                grad_weight if need_weight and ctx.weight_given else None,
+                grad_bias if need_bias else None)
+
+
+def _apply(variant, input, weight, bias):
+    """The output, through the autograd Function when a gradient may be asked for; otherwise (no_grad,
+    inference_mode, nothing requiring grad) by the plain function, which saves no statistics."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, weight, bias)):
+        return _NormFunction.apply(variant, input, weight, bias)
+    return variant.output(input, weight, bias)
+
+
+# ---------------------------------------------------------------- batch norm
+
+
+class _BatchNormForward:
+    """torch.nn's _BatchNorm.forward, with the batch counted only once bncore has succeeded."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(input)
+        exponential_average_factor = 0.0 if self.momentum is None else self.momentum
+        count_batch = self.training and self.track_running_stats and self.num_batches_tracked is not None
+        if count_batch and self.momentum is None:  # the cumulative moving average, over this batch included
+            exponential_average_factor = 1.0 / float(self.num_batches_tracked + 1)
+        # batch statistics in training mode, and in eval mode when there are no running statistics
+        bn_training = self.training or (self.running_mean is None and self.running_var is None)
+        if bn_training and self.eps <= 0.0:  # torch.nn.functional.batch_norm's checks
+            raise ValueError(f"batch_norm eps must be positive during training, but got {self.eps}")
+        if self.eps < 0.0:
+            raise ValueError(f"batch_norm eps must be non-negative, but got {self.eps}")
+        # the buffers are passed when they are updated (training, tracked) or used (eval)
+        pass_buffers = not self.training or self.track_running_stats
+        variant = _Batch(self.running_mean if pass_buffers else None, self.running_var if pass_buffers else None,
+                         bn_training, exponential_average_factor, self.eps)
+        output = _apply(variant, input, self.weight, self.bias)
+        if count_batch:
+            self.num_batches_tracked.add_(1)
+        return output
+
+
+class BatchNorm1d(_BatchNormForward, torch.nn.BatchNorm1d):
+    """torch.nn.BatchNorm1d computed by bncore: (N, C) or (N, C, L) inputs."""
+
+
+class BatchNorm2d(_BatchNormForward, torch.nn.BatchNorm2d):
+    """torch.nn.BatchNorm2d computed by bncore: (N, C, H, W) inputs, NCHW or channels-last."""
+
+
+class BatchNorm3d(_BatchNormForward, torch.nn.BatchNorm3d):
+    """torch.nn.BatchNorm3d computed by bncore: (N, C, D, H, W) inputs, NCDHW or channels-last."""
+
+
+# ---------------------------------------------------------------- instance norm
+
+
+class _InstanceNormForward:
+    """torch.nn's _InstanceNorm.forward: unbatched inputs get a batch dim of 1; running statistics, when
+    tracked, are updated in training mode and normalize in eval mode; momentum None updates nothing."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(input)
+        feature_dim = input.dim() - self._get_no_batch_dim()
+        if input.size(feature_dim) != self.num_features:
+            if self.affine:
+                raise ValueError(f"expected input's size at dim={feature_dim} to match num_features"
+                                 f" ({self.num_features}), but got: {input.size(feature_dim)}.")
+            warnings.warn(f"input's size at dim={feature_dim} does not match num_features. "
+                          "You can silence this warning by not passing in num_features, "
+                          "which is not used because affine=False", stacklevel=2)
+        if input.dim() == self._get_no_batch_dim():
+            return self._instance_norm(input.unsqueeze(0)).squeeze(0)
+        return self._instance_norm(input)
+
+    def _instance_norm(self, input):
+        variant = _Instance(self.running_mean, self.running_var, self.training or not self.track_running_stats,
+                            self.momentum if self.momentum is not None else 0.0, self.eps)
+        return _apply(variant, input, self.weight, self.bias)
+
+
+class InstanceNorm1d(_InstanceNormForward, torch.nn.InstanceNorm1d):
+    """torch.nn.InstanceNorm1d computed by bncore: (N, C, L) or unbatched (C, L) inputs."""
+
+
+class InstanceNorm2d(_InstanceNormForward, torch.nn.InstanceNorm2d):
+    """torch.nn.InstanceNorm2d computed by bncore: (N, C, H, W) or unbatched (C, H, W) inputs."""
+
+
+class InstanceNorm3d(_InstanceNormForward, torch.nn.InstanceNorm3d):
+    """torch.nn.InstanceNorm3d computed by bncore: (N, C, D, H, W) or unbatched (C, D, H, W) inputs."""
+
+
+# ---------------------------------------------------------------- layer, group and RMS norm
+
+
+class LayerNorm(torch.nn.LayerNorm):
+    """torch.nn.LayerNorm computed by bncore."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return _apply(_Layer(self.normalized_shape, self.eps), input, self.weight, self.bias)
+
+
+class GroupNorm(torch.nn.GroupNorm):
+    """torch.nn.GroupNorm computed by bncore, with torch.nn.functional.group_norm's input checks."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if input.dim() < 2:
+            raise RuntimeError(f"Expected at least 2 dimensions for input tensor but received {input.dim()}")
+        size = [input.size(0) * input.size(1) // self.num_groups, self.num_groups] + list(input.size()[2:])
+        if size[0] * _product(size[2:]) == 1:
+            raise ValueError(f"Expected more than 1 value per channel when training, got input size {size}")
+        return _apply(_Group(self.num_groups, self.eps), input, self.weight, self.bias)
+
+
+def _product(sizes) -> int:
+    n = 1
+    for s in sizes:
+        n *= s
+    return n
+
+
+class RMSNorm(torch.nn.RMSNorm):
+    """torch.nn.RMSNorm computed by bncore (eps=None: the machine epsilon of the compute type, float32's
+    for half inputs, as PyTorch)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _apply(_RMS(self.normalized_shape, self.eps), x, self.weight, None)
+
+
+# ---------------------------------------------------------------- convert
+
+
+def _hyperparameters(module):
+    """The constructor arguments that rebuild `module` (its tensors are moved over separately)."""
+    if isinstance(module, torch.nn.modules.batchnorm._NormBase):  # batch and instance norm
+        return (module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats)
+    if isinstance(module, torch.nn.GroupNorm):
+        return (module.num_groups, module.num_channels, module.eps, module.affine)
+    return (module.normalized_shape, module.eps, module.elementwise_affine)  # LayerNorm, RMSNorm
+
+
+_REPLACEMENTS = {
+    torch.nn.BatchNorm1d: BatchNorm1d, torch.nn.BatchNorm2d: BatchNorm2d, torch.nn.BatchNorm3d: BatchNorm3d,
+    torch.nn.InstanceNorm1d: InstanceNorm1d, torch.nn.InstanceNorm2d: InstanceNorm2d,
+    torch.nn.InstanceNorm3d: InstanceNorm3d, torch.nn.LayerNorm: LayerNorm, torch.nn.GroupNorm: GroupNorm,
+    torch.nn.RMSNorm: RMSNorm,
+}
+
+
+def _replace(module):
+    # built on the meta device (no allocation), then given the original's own tensors
+    replacement = _REPLACEMENTS[type(module)](*_hyperparameters(module), device="meta")
+    replacement._parameters.update(module._parameters)
+    replacement._buffers.update(module._buffers)
+    replacement._non_persistent_buffers_set = set(module._non_persistent_buffers_set)
+    replacement.training = module.training
+    if hasattr(module, "qconfig"):
+        replacement.qconfig = module.qconfig
+    return replacement
+
+
+def convert(module: torch.nn.Module) -> torch.nn.Module:
+    """Replaces every torch.nn normalization layer in `module` (BatchNorm1d/2d/3d, InstanceNorm1d/2d/3d,
+    LayerNorm, GroupNorm, RMSNorm: those exact classes, not subclasses such as SyncBatchNorm or the lazy
+    ones), recursively, with bncore's, as ``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` does.
+
+    The new layers hold the same Parameter objects and buffers (so devices, dtypes and optimizer state
+    carry over) and the same training mode. Containers are changed in place; returns `module`, or its
+    replacement when `module` is itself a normalization layer. Hooks on a replaced layer are not carried
+    over (as with convert_sync_batchnorm).
+    """
+    output = _replace(module) if type(module) in _REPLACEMENTS else module
+    for name, child in module.named_children():
+        output.add_module(name, convert(child))
+    return output
