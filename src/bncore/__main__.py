@@ -33,6 +33,24 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--plot", default="bncore-demo.png", metavar="FILE",
                       help="PNG of the loss curves, written when matplotlib is installed (default %(default)s)")
     demo.set_defaults(run=_demo)
+
+    bench = commands.add_parser(
+        "bench", help="time bncore against PyTorch and NumPy, and against the machine's copy bandwidth",
+        description="Measures the copy bandwidth (DRAM and in-cache), then times batch, layer, instance and "
+                    "group norm (forward and backward, float32 and bfloat16, NCHW and channels-last) in bncore, "
+                    "PyTorch (when installed) and plain NumPy, alternating them in each repeat, and prints the "
+                    "median times, bncore's speed-up over PyTorch, its GB/s and the percentage of the copy "
+                    "bandwidth it reaches.")
+    bench.add_argument("--quick", action="store_true", help="fewer repeats (same cases and shapes)")
+    bench.add_argument("--threads", type=int, default=None, metavar="N",
+                       help="threads for bncore and PyTorch (default: bncore's current count)")
+    bench.add_argument("--json", default=None, metavar="FILE",
+                       help="write every number, with machine info and versions, to FILE as JSON")
+    bench.add_argument("--plot", default=None, metavar="FILE",
+                       help="write a PNG bar chart of the speed-ups over PyTorch (needs matplotlib)")
+    bench.add_argument("--suite", default="full", choices=("full", "tiny"), help=argparse.SUPPRESS)
+    bench.add_argument("--no-torch", action="store_true", help=argparse.SUPPRESS)
+    bench.set_defaults(run=_bench)
     return parser
 
 
@@ -48,6 +66,13 @@ def _demo(args) -> int:
     from bncore import demo
 
     return demo.main(args)
+
+
+def _bench(args) -> int:
+    # imported here so that other commands do not pay for the bench's imports
+    from bncore import bench
+
+    return bench.main(args)
 
 
 def _build_flag(args):

@@ -253,7 +253,9 @@ def batch_norm_forward(input, running_mean=None, running_var=None, weight=None, 
         if not training and rm is None and stats is None:
             raise MissingRunningStatsError("running_mean must be defined in evaluation mode")
         if training:
-            if _values_per_group(x, [d for d in range(x.ndim) if d != ax]) == 1:
+            # PyTorch refuses one value per channel; Keras (a biased variance) takes it
+            keras = stats is not None and stats.convention == "keras"
+            if not keras and _values_per_group(x, [d for d in range(x.ndim) if d != ax]) == 1:
                 raise ValueError(f"Expected more than 1 value per channel when training, got input size "
                                  f"{_shape_text(x.shape)}")
             if stats is not None:

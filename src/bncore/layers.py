@@ -63,8 +63,8 @@ class _Layer:
                 continue
             value = _to_numpy(state[key], key)
             if shape is None:
-                if value.size != 1:
-                    raise ValueError(f"{key}: expected one value, got shape {value.shape}")
+                if value.size != 1 or not np.issubdtype(value.dtype, np.integer) or int(value.reshape(())) < 0:
+                    raise ValueError(f"{key}: expected one integer >= 0, got {value!r}")
                 staged[key] = np.asarray(value.reshape(()), np.int64)
                 continue
             if value.shape != tuple(shape):

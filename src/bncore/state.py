@@ -148,6 +148,9 @@ class RunningStats:
     def __dlpack__(self, **kwargs):
         raise TypeError("RunningStats holds two arrays: export .mean or .var")
 
+    def __dlpack_device__(self):
+        raise TypeError("RunningStats holds two arrays: export .mean or .var")
+
     def __repr__(self):
         return (f"RunningStats({self.num_features}, momentum={self._momentum}, convention={self.convention!r}, "
                 f"dtype={self.dtype!r}, count={self.count}, skipped={self.skipped})")
@@ -174,7 +177,8 @@ class Moments:
     @classmethod
     def from_batch(cls, x, axis=1):
         """Moments of each index of ``axis`` over all other axes of ``x`` (any DLPack tensor),
-        computed by the C core in double precision."""
+        computed by the C core: pieces of 2048 elements in the input's compute type (float32
+        for float32 and half inputs, relative error ~1e-9 of the mean), merged in double."""
         from .functional import _axis, _Call
 
         with _Call() as call:

@@ -2,6 +2,8 @@
 #ifndef BNCORE_CPU_CPU_H
 #define BNCORE_CPU_CPU_H
 
+#include <math.h>
+
 #include "../internal.h"
 
 /* Elements per piece of a row: pieces are reduced two-pass while in L1, then merged. */
@@ -58,6 +60,12 @@ const bn_kernels_t *bn_cpu_kernels(bn_dtype_t dt);
 static inline void bn_chan_merge(double *cnt, double *mean, double *m2, double nb, double mb, double m2b) {
   if (nb == 0.0) return;
   const double na = *cnt, n = na + nb, d = mb - *mean;
+  if (!isfinite(d)) { /* inf in the data: the plain weighted mean keeps inf + finite = inf, as sums do */
+    *mean = na == 0.0 ? mb : (*mean * na + mb * nb) / n;
+    *m2 = na == 0.0 ? m2b : NAN; /* a spread around an infinite mean is undefined */
+    *cnt = n;
+    return;
+  }
   *mean += d * (nb / n);
   *m2 += m2b + d * d * (na * nb / n);
   *cnt = n;

@@ -245,12 +245,14 @@ BN_API bn_status_t bn_norm_backward(const bn_norm_desc_t *desc, const DLTensor *
 
 /*
  * Per-group moments of x: the mean and m2, the sum of squared deviations from it
- * (biased variance = m2 / n, n = elements per group), accumulated in double with
- * the same blocking as the forward. desc.flags, eps and momentum are ignored.
+ * (biased variance = m2 / n, n = elements per group), with the forward's numerics:
+ * pieces of 2048 elements reduced two-pass in the compute type (float32 for float32
+ * and half inputs, double for float64), merged in double (Chan). desc.flags, eps and
+ * momentum are ignored.
  *
  *  x          in, borrowed: as for bn_norm_forward.
  *  mean, m2   out, borrowed: one value per statistic group, any float dtype (float64
- *             keeps every digit); must not overlap x or each other.
+ *             keeps every digit computed); must not overlap x or each other.
  *  count      out, may be NULL: elements per group.
  *
  * Returns SUCCESS, INVALID_ARGUMENT, SHAPE_MISMATCH, UNSUPPORTED_DTYPE,
