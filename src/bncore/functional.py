@@ -162,8 +162,9 @@ def _forward(call, desc, input, x, w, b, rm, rv, out, group_shape, stats=None, w
     return alloc.finish(y_obj), alloc.finish(mean_obj), alloc.finish(rstd_obj)
 
 
-def _backward(call, desc, input, x, grad_output, w, sm, sr, param_shape, want_bias_grad=True):
-    """Runs bn_norm_backward; returns (grad_input, grad_weight, grad_bias), the last two None without weight."""
+def _backward(call, desc, input, x, grad_output, w, sm, sr, param_shape, want_bias_grad=True, out=None):
+    """Runs bn_norm_backward; returns (grad_input, grad_weight, grad_bias), the last two None without weight.
+    `out` (optional) receives grad_input: any strides, it may be grad_output itself."""
     dy = call.need(grad_output, "grad_output")
     check_float(dy, "grad_output")
     if tuple(dy.shape) != tuple(x.shape):
@@ -173,13 +174,19 @@ def _backward(call, desc, input, x, grad_output, w, sm, sr, param_shape, want_bi
         raise TypeError(f"grad_output: expected the input's dtype {x.dtype}, got {dy.dtype}")
     check_same_device([("input", x), ("grad_output", dy), ("weight", w), ("save_mean", sm), ("save_rstd", sr)])
     alloc = Allocator(input, x)
-    dx_obj = alloc.empty(x.shape, x.dtype, like_layout=input)
+    dx_obj = out if out is not None else alloc.empty(x.shape, x.dtype, like_layout=input)
     dw_obj = db_obj = None
     if w is not None:
         dw_obj = alloc.empty(param_shape, w.dtype)
         if want_bias_grad:
             db_obj = alloc.empty(param_shape, w.dtype)
-    _core.norm_backward(desc, x, dy, w, sm, sr, call.add(dx_obj, "grad_input", True),
+    dx = call.add(dx_obj, "out", True)
+    if tuple(dx.shape) != tuple(x.shape):
+        raise _core.ShapeMismatchError(f"out: expected the input's shape {_shape_text(x.shape)}, "
+                                       f"got {_shape_text(dx.shape)}")
+    if dx.dtype != x.dtype:
+        raise _core.UnsupportedDtypeError(f"out: expected the input's dtype {x.dtype}, got {dx.dtype}")
+    _core.norm_backward(desc, x, dy, w, sm, sr, dx,
                         call.add(dw_obj, "grad_weight", True), call.add(db_obj, "grad_bias", True))
     return alloc.finish(dx_obj), alloc.finish(dw_obj), alloc.finish(db_obj)
 
@@ -280,13 +287,14 @@ def batch_norm(input, running_mean=None, running_var=None, weight=None, bias=Non
                               out=out, _want_stats=False)[0]
 
 
-def batch_norm_backward(grad_output, input, weight, save_mean, save_invstd, *, training=True, axis=1):
+def batch_norm_backward(grad_output, input, weight, save_mean, save_invstd, *, training=True, axis=1, out=None):
     """Backward of batch norm; returns ``(grad_input, grad_weight, grad_bias)``.
 
     ``save_mean`` / ``save_invstd`` are what ``batch_norm_forward`` returned. With
     ``training=False`` the statistics are constants (eval mode): grad_input =
     grad_output * weight * invstd. ``grad_weight`` and ``grad_bias`` are None when
-    ``weight`` is None.
+    ``weight`` is None. ``out`` receives grad_input when given (any strides; it may be
+    ``grad_output`` itself).
     """
     with _Call() as call:
         x, ax, channels = _batch_setup(call, input, axis)
@@ -294,7 +302,7 @@ def batch_norm_backward(grad_output, input, weight, save_mean, save_invstd, *, t
         _check_param(w, "weight", (channels,), f"channel of axis {ax}")
         sm, sr = _saved(call, save_mean, save_invstd, (channels,), "save_invstd")
         desc = _core.Desc.batch(x.ndim, ax, 0.0).with_options(0 if training else _core.FLAG_USE_RUNNING_STATS)
-        return _backward(call, desc, input, x, grad_output, w, sm, sr, (channels,))
+        return _backward(call, desc, input, x, grad_output, w, sm, sr, (channels,), out=out)
 
 
 # ---------------------------------------------------------------- layer norm and RMS norm
@@ -325,7 +333,7 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5, *, out
     return layer_norm_forward(input, normalized_shape, weight, bias, eps, out=out, _want_stats=False)[0]
 
 
-def layer_norm_backward(grad_output, input, normalized_shape, weight, save_mean, save_rstd):
+def layer_norm_backward(grad_output, input, normalized_shape, weight, save_mean, save_rstd, *, out=None):
     """Backward of layer norm: ``(grad_input, grad_weight, grad_bias)``; the last two None without weight."""
     with _Call() as call:
         x, shape, lead = _layer_setup(call, input, normalized_shape)
@@ -333,7 +341,7 @@ def layer_norm_backward(grad_output, input, normalized_shape, weight, save_mean,
         _check_param(w, "weight", shape, "element of normalized_shape")
         sm, sr = _saved(call, save_mean, save_rstd, lead)
         desc = _core.Desc.layer(x.ndim, len(shape), 0.0)
-        return _backward(call, desc, input, x, grad_output, w, sm, sr, shape)
+        return _backward(call, desc, input, x, grad_output, w, sm, sr, shape, out=out)
 
 
 def _rms_eps(eps, dtype):
@@ -360,7 +368,7 @@ def rms_norm(input, normalized_shape, weight=None, eps=None, *, out=None):
     return rms_norm_forward(input, normalized_shape, weight, eps, out=out, _want_stats=False)[0]
 
 
-def rms_norm_backward(grad_output, input, normalized_shape, weight, save_rstd):
+def rms_norm_backward(grad_output, input, normalized_shape, weight, save_rstd, *, out=None):
     """Backward of RMS norm: ``(grad_input, grad_weight, None)``; grad_weight None without weight."""
     with _Call() as call:
         x, shape, lead = _layer_setup(call, input, normalized_shape)
@@ -368,7 +376,7 @@ def rms_norm_backward(grad_output, input, normalized_shape, weight, save_rstd):
         _check_param(w, "weight", shape, "element of normalized_shape")
         _, sr = _saved(call, None, save_rstd, lead, need_mean=False)
         desc = _core.Desc.rms(x.ndim, len(shape), 0.0)
-        return _backward(call, desc, input, x, grad_output, w, None, sr, shape, want_bias_grad=False)
+        return _backward(call, desc, input, x, grad_output, w, None, sr, shape, want_bias_grad=False, out=out)
 
 
 # ---------------------------------------------------------------- instance norm
@@ -421,7 +429,7 @@ def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=
                                  out=out, _want_stats=False)[0]
 
 
-def instance_norm_backward(grad_output, input, weight, save_mean, save_invstd, *, use_input_stats=True):
+def instance_norm_backward(grad_output, input, weight, save_mean, save_invstd, *, use_input_stats=True, out=None):
     """Backward of instance norm: ``(grad_input, grad_weight, grad_bias)``; the last two None without weight."""
     with _Call() as call:
         x, channels, groups = _instance_setup(call, input)
@@ -429,7 +437,7 @@ def instance_norm_backward(grad_output, input, weight, save_mean, save_invstd, *
         _check_param(w, "weight", (channels,), "channel")
         sm, sr = _saved(call, save_mean, save_invstd, groups, "save_invstd")
         desc = _core.Desc.instance(x.ndim, 0.0).with_options(0 if use_input_stats else _core.FLAG_USE_RUNNING_STATS)
-        return _backward(call, desc, input, x, grad_output, w, sm, sr, (channels,))
+        return _backward(call, desc, input, x, grad_output, w, sm, sr, (channels,), out=out)
 
 
 # ---------------------------------------------------------------- group norm
@@ -465,7 +473,7 @@ def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, *, out=None)
     return group_norm_forward(input, num_groups, weight, bias, eps, out=out, _want_stats=False)[0]
 
 
-def group_norm_backward(grad_output, input, num_groups, weight, save_mean, save_rstd):
+def group_norm_backward(grad_output, input, num_groups, weight, save_mean, save_rstd, *, out=None):
     """Backward of group norm: ``(grad_input, grad_weight, grad_bias)``; the last two None without weight."""
     with _Call() as call:
         x, channels, groups = _group_setup(call, input, num_groups)
@@ -473,7 +481,7 @@ def group_norm_backward(grad_output, input, num_groups, weight, save_mean, save_
         _check_param(w, "weight", (channels,), "channel")
         sm, sr = _saved(call, save_mean, save_rstd, groups)
         desc = _core.Desc.group(x.ndim, int(num_groups), 0.0)
-        return _backward(call, desc, input, x, grad_output, w, sm, sr, (channels,))
+        return _backward(call, desc, input, x, grad_output, w, sm, sr, (channels,), out=out)
 
 
 # ---------------------------------------------------------------- any axes
@@ -514,7 +522,8 @@ def normalize(input, axes, weight=None, bias=None, *, affine_axes=None, eps=1e-5
                              _want_stats=False)[0]
 
 
-def normalize_backward(grad_output, input, axes, weight, save_mean, save_rstd, *, affine_axes=None, rms=False):
+def normalize_backward(grad_output, input, axes, weight, save_mean, save_rstd, *, affine_axes=None, rms=False,
+                       out=None):
     """Backward of ``normalize``: ``(grad_input, grad_weight, grad_bias)``; the last two None without weight
     (grad_bias also None with ``rms``). ``save_mean`` may be None with ``rms``."""
     with _Call() as call:
@@ -523,4 +532,4 @@ def normalize_backward(grad_output, input, axes, weight, save_mean, save_rstd, *
         _check_param(w, "weight", pshape, f"index of axes {aff}")
         sm, sr = _saved(call, save_mean, save_rstd, gshape, need_mean=not rms)
         desc = _core.Desc.axes(_mask(red), _mask(aff), 0.0, _core.FLAG_RMS if rms else 0)
-        return _backward(call, desc, input, x, grad_output, w, sm, sr, pshape, want_bias_grad=not rms)
+        return _backward(call, desc, input, x, grad_output, w, sm, sr, pshape, want_bias_grad=not rms, out=out)

@@ -39,6 +39,13 @@ enum { BN_TARGET_GROUP = 0, BN_TARGET_PARAM = 1 };
 #define BN_MULTIVERSION
 #endif
 
+/* Row bodies are inlined into each clone of the tile kernels, so they get its instruction set. */
+#if defined(__GNUC__)
+#define BN_INLINE static inline __attribute__((always_inline))
+#else
+#define BN_INLINE static inline
+#endif
+
 typedef struct bn_kernels_t {
   void (*moments_row)(const bn_row_t *row, double *mean, double *m2);
   void (*moments_cols)(const bn_row_t *row, int64_t rows, int64_t rs, double *tmean, double *tm2);
