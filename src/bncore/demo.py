@@ -175,6 +175,7 @@ class Run:
 
 
 def epochs_to_reach(run, accuracy):
+    """The first epoch whose test accuracy is at least `accuracy`, or None."""
     for epoch, acc in enumerate(run.accuracies, start=1):
         if acc >= accuracy:
             return epoch
@@ -187,6 +188,7 @@ def write_plot(path, learning_rates, runs, epochs):
     """The loss curves, one panel per learning rate; returns False when matplotlib is missing."""
     try:
         from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
+        from matplotlib.ticker import MaxNLocator
     except ImportError:
         return False
     fig = Figure(figsize=(5 * len(learning_rates), 4), layout="constrained")
@@ -198,6 +200,7 @@ def write_plot(path, learning_rates, runs, epochs):
         ax.set_yscale("log")
         ax.set_title(f"learning rate {lr}")
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel("training loss")
         ax.legend()
     fig.savefig(path, dpi=100)
@@ -229,7 +232,7 @@ def main(args):
         plain, normed = Run(MLP(initial_weights, batch_norm=False)), Run(MLP(initial_weights, batch_norm=True))
         runs.append((plain, normed))
         print(f"\nlearning rate {lr}")
-        print(f"      | {'plain':^16} | {'batchnorm':^16}")
+        print(f"      | {'plain':^16} | {'batchnorm':^16}".rstrip())
         print(f"epoch | {'loss':>8} {'acc':>7} | {'loss':>8} {'acc':>7}")
         for epoch, order in enumerate(orders, start=1):
             for run in (plain, normed):

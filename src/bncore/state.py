@@ -177,8 +177,7 @@ class Moments:
     @classmethod
     def from_batch(cls, x, axis=1):
         """Moments of each index of ``axis`` over all other axes of ``x`` (any DLPack tensor),
-        computed by the C core: pieces of 2048 elements in the input's compute type (float32
-        for float32 and half inputs, relative error ~1e-9 of the mean), merged in double."""
+        computed by the C core in double (two-pass per piece of 2048 elements, Chan merges)."""
         from .functional import _axis, _Call
 
         with _Call() as call:

@@ -136,7 +136,8 @@ typedef struct bn_coef_t {
   int rms;                    /* no mean: BN_FLAG_RMS */
 } bn_coef_t;
 
-/* Group moments only: coef->mean and coef->var (holding m2, the sum of squared deviations). */
+/* Group moments only, every sum in double: coef->mean and coef->var (holding m2, the sum of
+ * squared deviations). */
 bn_status_t bn_cpu_moments(const bn_plan_t *plan, bn_coef_t *coef);
 
 /* Forward: with `compute_stats`, fills mean / rstd / var from x; then writes y. */

@@ -47,8 +47,10 @@ enum { BN_TARGET_GROUP = 0, BN_TARGET_PARAM = 1 };
 #endif
 
 typedef struct bn_kernels_t {
-  void (*moments_row)(const bn_row_t *row, double *mean, double *m2);
-  void (*moments_cols)(const bn_row_t *row, int64_t rows, int64_t rs, double *tmean, double *tm2);
+  /* precise: every sum in double (bn_norm_moments); else compute-type lanes per piece */
+  void (*moments_row)(const bn_row_t *row, double *mean, double *m2, int precise);
+  void (*moments_cols)(const bn_row_t *row, int64_t rows, int64_t rs, double *tmean, double *tm2, void *scratch,
+                       int precise);
   /* tiles: every row of `tile`; row r's targets start at t + r*rt */
   void (*grad_sums)(const bn_row_t *tile, const bn_coef_t *c, int target, int64_t t, int64_t ts, int64_t rt,
                     double *acc_a, double *acc_b);

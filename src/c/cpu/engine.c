@@ -117,6 +117,7 @@ typedef struct reduction_t {
   const bn_coef_t *coef;
   int64_t ts[BN_MAX_CANON]; /* target-index stride per dim */
   int64_t t0;               /* target index of element 0 */
+  int precise;              /* moments: every sum in double */
 } reduction_t;
 
 /* Reduces rows [r0, r1) into arrays indexed by `ts_idx` (global or block-local strides)
@@ -136,7 +137,7 @@ static void reduce_rows(const reduction_t *R, int64_t r0, int64_t r1, const int6
       r += row.m;
     } else if (t_in == 0) {
       double mean, m2;
-      R->K->moments_row(&row, &mean, &m2);
+      R->K->moments_row(&row, &mean, &m2, R->precise);
       bn_chan_merge(&cnt[t], &a[t], &b[t], (double)row.n, mean, m2);
       r++;
     } else {
@@ -148,7 +149,8 @@ static void reduce_rows(const reduction_t *R, int64_t r0, int64_t r1, const int6
         if (k > r1 - r) k = r1 - r;
       }
       double *tmean = tmp, *tm2 = tmp + row.n;
-      R->K->moments_cols(&row, k, P->dim[last - 1 >= 0 ? last - 1 : 0].s[BN_OP_X], tmean, tm2);
+      R->K->moments_cols(&row, k, P->dim[last - 1 >= 0 ? last - 1 : 0].s[BN_OP_X], tmean, tm2, tmp + 2 * row.n,
+                         R->precise);
       for (int64_t i = 0; i < row.n; i++)
         bn_chan_merge(&cnt[t + i * t_in], &a[t + i * t_in], &b[t + i * t_in], (double)k, tmean[i], tm2[i]);
       r += k;
@@ -201,7 +203,7 @@ static bn_status_t run_reduction(const reduction_t *R, int64_t ntargets, double 
   if (nslab < 1) nslab = 1;
 
   if (L > (INT64_C(1) << 40)) return bn_fail(BN_STATUS_OUT_OF_MEMORY, "a row of %lld elements", (long long)L);
-  const int64_t tmp_len = 2 * L;
+  const int64_t tmp_len = 5 * L; /* column means, m2, and 3 compute-type scratch columns */
   double *tmp = malloc((size_t)(nthreads * tmp_len) * sizeof *tmp);
   if (!tmp) return bn_fail(BN_STATUS_OUT_OF_MEMORY, "reduction workspace of %lld doubles", (long long)(nthreads * tmp_len));
   const int par = P->numel >= BN_PAR_MIN;
@@ -376,7 +378,7 @@ static void fused_forward(const bn_plan_t *P, bn_coef_t *c) {
     for (int64_t r = 0; r < W.rows; r++) { /* reduce */
       double rm, rm2;
       group_row(P, &W, j, r, &row);
-      K->moments_row(&row, &rm, &rm2);
+      K->moments_row(&row, &rm, &rm2, 0);
       bn_chan_merge(&cnt, &mean, &m2, (double)row.n, rm, rm2);
     }
     const int64_t g = row.g;
@@ -457,8 +459,8 @@ static bn_status_t fused_backward(const bn_plan_t *P, bn_coef_t *c, int training
 
 /* ------------------------------------------------------------------ two-phase */
 
-static bn_status_t reduce_moments(const bn_plan_t *P, bn_coef_t *c) {
-  reduction_t R = {.P = P, .K = bn_cpu_kernels(P->dtype), .moments = 1, .t0 = P->g0};
+static bn_status_t reduce_moments(const bn_plan_t *P, bn_coef_t *c, int precise) {
+  reduction_t R = {.P = P, .K = bn_cpu_kernels(P->dtype), .moments = 1, .t0 = P->g0, .precise = precise};
   for (int d = 0; d < P->ndim; d++) R.ts[d] = P->dim[d].sg;
   double *cnt = malloc((size_t)(P->ngroups > 0 ? P->ngroups : 1) * sizeof *cnt);
   if (!cnt) return bn_fail(BN_STATUS_OUT_OF_MEMORY, "group counts");
@@ -481,7 +483,7 @@ bn_status_t bn_cpu_moments(const bn_plan_t *P, bn_coef_t *c) {
     for (int64_t g = 0; g < P->ngroups; g++) c->mean[g] = c->var[g] = 0.0;
     return BN_STATUS_SUCCESS;
   }
-  return reduce_moments(P, c);
+  return reduce_moments(P, c, 1);
 }
 
 bn_status_t bn_cpu_forward(const bn_plan_t *P, bn_coef_t *c, int compute_stats) {
@@ -496,7 +498,7 @@ bn_status_t bn_cpu_forward(const bn_plan_t *P, bn_coef_t *c, int compute_stats) 
     fused_forward(P, c);
   } else {
     if (compute_stats) {
-      if ((st = reduce_moments(P, c))) return st;
+      if ((st = reduce_moments(P, c, 0))) return st;
       for (int64_t g = 0; g < P->ngroups; g++) finish_stats(P, c, g);
     }
     if ((st = prepare_ct(P, c, 0, &ws))) return st;

@@ -245,10 +245,10 @@ BN_API bn_status_t bn_norm_backward(const bn_norm_desc_t *desc, const DLTensor *
 
 /*
  * Per-group moments of x: the mean and m2, the sum of squared deviations from it
- * (biased variance = m2 / n, n = elements per group), with the forward's numerics:
- * pieces of 2048 elements reduced two-pass in the compute type (float32 for float32
- * and half inputs, double for float64), merged in double (Chan). desc.flags, eps and
- * momentum are ignored.
+ * (biased variance = m2 / n, n = elements per group): pieces of 2048 elements reduced
+ * two-pass in double and merged in double (Chan), with the forward's blocking. (The
+ * forward itself sums a piece in the compute type, float32 for float32 and half inputs.)
+ * desc.flags, eps and momentum are ignored.
  *
  *  x          in, borrowed: as for bn_norm_forward.
  *  mean, m2   out, borrowed: one value per statistic group, any float dtype (float64
