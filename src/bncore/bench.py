@@ -18,6 +18,10 @@ What each contender does:
 * bncore: the functional API on the same torch tensors (torch in, torch out; on
   NumPy arrays when PyTorch is absent); forward writes into a preallocated
   ``out=``, backward allocates its gradients.
+* bncore_alloc ("alloc ms"): bncore's forward without ``out=``, allocating its
+  output as PyTorch does. The difference matters: glibc serves an allocation
+  above its mmap threshold (at most 32 MiB) with fresh pages that are faulted in
+  on every call, which can cost more than the kernel itself.
 * PyTorch: ``torch.nn.functional`` forward (which allocates its output: it has no
   ``out=``); backward through ``torch.ops.aten.native_*_backward`` called
   directly, which runs only the backward kernel: no autograd graph, no engine,
@@ -50,7 +54,9 @@ import bncore
 EPS = 1e-5
 MOMENTUM = 0.1
 MIB = 2 ** 20
-CONTENDERS = ("bncore", "torch", "numpy")
+# bncore_alloc: bncore's forward without out= (allocating its output as PyTorch does); backward only
+# has the allocating form, so the "bncore" contender of a backward case already allocates
+CONTENDERS = ("bncore", "bncore_alloc", "torch", "numpy")
 
 
 # ----------------------------------------------------------------------------- the suites
@@ -354,6 +360,8 @@ def build(case: Case, torch):
         if case.kind == "fwd-train":
             rm_c, rv_c = d.param("rm"), d.param("rv")
             fns["bncore"] = lambda: bncore.batch_norm(x, rm_c, rv_c, w, b, True, MOMENTUM, EPS, out=out)
+            rm_a, rv_a = d.param("rm"), d.param("rv")
+            fns["bncore_alloc"] = lambda: bncore.batch_norm(x, rm_a, rv_a, w, b, True, MOMENTUM, EPS)
             if torch is not None:
                 rm_t, rv_t = d.param("rm"), d.param("rv")
                 fns["torch"] = lambda: F.batch_norm(x, rm_t, rv_t, w, b, True, MOMENTUM, EPS)
@@ -364,6 +372,7 @@ def build(case: Case, torch):
         elif case.kind == "fwd-eval":
             rm, rv = d.p["rm"], d.p["rv"]
             fns["bncore"] = lambda: bncore.batch_norm(x, rm, rv, w, b, False, MOMENTUM, EPS, out=out)
+            fns["bncore_alloc"] = lambda: bncore.batch_norm(x, rm, rv, w, b, False, MOMENTUM, EPS)
             if torch is not None:
                 fns["torch"] = lambda: F.batch_norm(x, rm, rv, w, b, False, MOMENTUM, EPS)
                 torch_call = "F.batch_norm(training=False)"
@@ -385,6 +394,7 @@ def build(case: Case, torch):
         ns = (shape[-1],)
         if case.kind == "fwd":
             fns["bncore"] = lambda: bncore.layer_norm(x, ns, w, b, EPS, out=out)
+            fns["bncore_alloc"] = lambda: bncore.layer_norm(x, ns, w, b, EPS)
             if torch is not None:
                 fns["torch"] = lambda: F.layer_norm(x, ns, w, b, EPS)
                 torch_call = "F.layer_norm"
@@ -404,6 +414,7 @@ def build(case: Case, torch):
 
     elif case.op == "instance_norm":
         fns["bncore"] = lambda: bncore.instance_norm(x, None, None, w, b, True, MOMENTUM, EPS, out=out)
+        fns["bncore_alloc"] = lambda: bncore.instance_norm(x, None, None, w, b, True, MOMENTUM, EPS)
         if torch is not None:
             fns["torch"] = lambda: F.instance_norm(x, None, None, w, b, True, MOMENTUM, EPS)
             torch_call = "F.instance_norm(use_input_stats=True)"
@@ -414,6 +425,7 @@ def build(case: Case, torch):
         g = case.groups
         if case.kind == "fwd":
             fns["bncore"] = lambda: bncore.group_norm(x, g, w, b, EPS, out=out)
+            fns["bncore_alloc"] = lambda: bncore.group_norm(x, g, w, b, EPS)
             if torch is not None:
                 fns["torch"] = lambda: F.group_norm(x, g, w, b, EPS)
                 torch_call = f"F.group_norm({g} groups)"
@@ -482,7 +494,7 @@ def _tolerance(case: Case) -> float:
     return 0.1 if case.dtype == "bfloat16" else 2e-3
 
 
-def run_case(case: Case, torch, reps: Repeats, dram_gbps: float) -> dict:
+def run_case(case: Case, torch, reps: Repeats, dram_gbps: float, llc_bytes=None) -> dict:
     fns, torch_call, to_ref = build(case, torch)
     samples, repeats, first = time_contenders(fns, reps)
     med = {name: statistics.median(v) for name, v in samples.items()}
@@ -502,10 +514,15 @@ def run_case(case: Case, torch, reps: Repeats, dram_gbps: float) -> dict:
         "samples_ms": {name: [round(t * 1e3, 6) for t in v] for name, v in samples.items()},
         "pct_of_dram_copy": {n: (100 * g / dram_gbps if g is not None else None) for n, g in gbps.items()},
         "speedup_vs_torch": (ms["torch"] / ms["bncore"]) if ms["torch"] is not None else None,
+        # both allocating their output: bncore without out= in forward
+        "speedup_vs_torch_allocating": (ms["torch"] / (ms["bncore_alloc"] or ms["bncore"]))
+        if ms["torch"] is not None else None,
         "speedup_vs_numpy": (ms["numpy"] / ms["bncore"]) if ms["numpy"] is not None else None,
         "torch_call": torch_call,
         "max_abs_diff_vs_bncore": diffs,
         "agrees": all(v <= _tolerance(case) for v in diffs.values()),
+        # the working set (the bytes counted) fits in the last-level cache: repeats may run from it
+        "fits_llc": bool(llc_bytes) and case.bytes <= llc_bytes,
     }
 
 
@@ -556,8 +573,8 @@ def measure_overhead(suite: Suite, torch, quick: bool) -> dict:
 # ----------------------------------------------------------------------------- output
 
 COLUMNS = [("op", 20, "<"), ("shape", 19, "<"), ("dtype", 8, "<"), ("layout", 6, "<"),
-           ("bncore ms", 9, ">"), ("torch ms", 9, ">"), ("numpy ms", 9, ">"), ("speed-up", 8, ">"),
-           ("GB/s", 6, ">"), ("% copy", 6, ">")]
+           ("bncore ms", 9, ">"), ("alloc ms", 8, ">"), ("torch ms", 8, ">"), ("numpy ms", 8, ">"),
+           ("speed-up", 8, ">"), ("alloc x", 7, ">"), ("GB/s", 5, ">"), ("% copy", 7, ">")]
 
 
 def _fmt_ms(v):
@@ -581,11 +598,36 @@ def header() -> str:
 
 def format_row(r: dict) -> str:
     shape = "(" + ", ".join(str(s) for s in r["shape"]) + ")"
-    su = r["speedup_vs_torch"]
+    su, sa = r["speedup_vs_torch"], r["speedup_vs_torch_allocating"]
     g, p = r["gbps"]["bncore"], r["pct_of_dram_copy"]["bncore"]
-    line = _row([r["name"], shape, r["dtype"], r["layout"], _fmt_ms(r["ms"]["bncore"]), _fmt_ms(r["ms"]["torch"]),
-                 _fmt_ms(r["ms"]["numpy"]), "-" if su is None else f"{su:.2f}x", _fmt_rate(g), f"{p:.0f}%"])
+    ms = r["ms"]
+    line = _row([r["name"], shape, r["dtype"], r["layout"], _fmt_ms(ms["bncore"]), _fmt_ms(ms["bncore_alloc"]),
+                 _fmt_ms(ms["torch"]), _fmt_ms(ms["numpy"]), "-" if su is None else f"{su:.2f}x",
+                 "-" if sa is None or ms["bncore_alloc"] is None else f"{sa:.2f}x", _fmt_rate(g),
+                 f"{p:.0f}%" + ("*" if r["fits_llc"] else " ")])
     return line if r["agrees"] else line + "  !"
+
+
+def _llc_bytes():
+    """The size of the largest (last-level) CPU cache from Linux's sysfs, or None."""
+    best = (0, None)
+    base = "/sys/devices/system/cpu/cpu0/cache"
+    try:
+        for entry in os.listdir(base):
+            try:
+                with open(f"{base}/{entry}/level") as f:
+                    level = int(f.read())
+                with open(f"{base}/{entry}/size") as f:
+                    text = f.read().strip()
+            except (OSError, ValueError):
+                continue
+            scale = {"K": 1024, "M": MIB, "G": 1024 * MIB}.get(text[-1:], 1)
+            size = int(text.rstrip("KMG")) * scale
+            if level > best[0]:
+                best = (level, size)
+    except (OSError, ValueError):
+        pass
+    return best[1]
 
 
 def _loadavg():
@@ -620,7 +662,7 @@ def machine_info(threads: int, torch) -> dict:
     except ImportError:
         pass
     return {"cpu": model, "cpu_count": os.cpu_count(), "usable_cpus": usable, "threads": threads,
-            "loadavg_start": _loadavg(),
+            "llc_bytes": _llc_bytes(), "loadavg_start": _loadavg(),
             "platform": platform.platform(), "machine": platform.machine(), "versions": versions,
             "env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "OMP_PROC_BIND", "OMP_PLACES") if k in os.environ}}
 
@@ -630,6 +672,7 @@ def write_plot(path: str, results: list) -> str:
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
+        from matplotlib.ticker import FuncFormatter
     except ImportError:
         return f"--plot {path}: not written, matplotlib is not installed (pip install matplotlib)"
     rows = [r for r in results if r["speedup_vs_torch"] is not None]
@@ -641,15 +684,22 @@ def write_plot(path: str, results: list) -> str:
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     ypos = list(range(len(rows)))[::-1]
-    ax.barh(ypos, values, color=["tab:green" if v >= 1 else "tab:red" for v in values])
+    # bars grow from 1 (parity) to the speed-up, on a log scale: 2x faster and 2x slower look alike
+    ax.barh(ypos, [v - 1 for v in values], left=1, color=["tab:green" if v >= 1 else "tab:red" for v in values])
     ax.axvline(1.0, color="black", linewidth=0.8)
     ax.set_xscale("log")
+    lo, hi = min(min(values), 1) / 1.5, max(max(values), 1) * 1.5
+    ax.set_xlim(lo, hi)
+    ax.set_xticks([2.0 ** k for k in range(-12, 13) if lo <= 2.0 ** k <= hi])  # ..., 0.5x, 1x, 2x, 4x, ...
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
+    ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
     ax.set_yticks(ypos)
     ax.set_yticklabels(labels, fontsize=8)
+    ax.set_ylim(-0.7, len(rows) - 0.3)
     for y, v in zip(ypos, values):
-        ax.text(v, y, f" {v:.2f}x", va="center", fontsize=7)
-    ax.set_xlabel("speed-up of bncore over PyTorch (PyTorch time / bncore time, log scale)")
-    ax.set_title("bncore vs PyTorch, median times")
+        ax.text(v, y, f" {v:.2f}x ", va="center", ha="left" if v >= 1 else "right", fontsize=7)
+    ax.set_xlabel("speed-up of bncore over PyTorch (PyTorch time / bncore time, log scale; > 1: bncore faster)")
+    ax.set_title("bncore vs PyTorch, median times (bncore forward writes into out=; PyTorch allocates)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     return f"wrote {path}"
@@ -684,8 +734,8 @@ def run(suite: Suite, threads=None, quick=False, torch=None, echo=print) -> dict
         load = info["loadavg_start"]
         if load is not None:
             echo(f"load average: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"
-                 + (f" -- other work is running on the {info['usable_cpus']} CPUs: times will be noisy"
-                    if load[0] >= 0.5 else ""))
+                 + (" (something ran in the last minute: if it still runs, times are noisy)" if load[0] >= 0.5
+                    else ""))
         if torch is None:
             echo("PyTorch is not installed: no PyTorch column, no bfloat16 cases, bncore runs on NumPy arrays")
         bw = measure_bandwidth(suite, n, reps)
@@ -698,9 +748,12 @@ def run(suite: Suite, threads=None, quick=False, torch=None, echo=print) -> dict
             echo(f"  1 thread: DRAM {bw['dram_1_thread']['gbps']:.1f} GB/s, in-cache "
                  f"{bw['cache_1_thread']['gbps']:.1f} GB/s")
         echo("")
-        echo("median ms per call; speed-up = PyTorch time / bncore time; GB/s = bncore under the minimal byte "
-             "model")
-        echo("(forward: read x + write y; backward: read x, dy + write dx); % copy = of the DRAM copy bandwidth")
+        echo("median ms per call. bncore ms: forward into a preallocated out=, backward allocating dx, dw, db; "
+             "alloc ms: bncore forward")
+        echo("without out= (allocating y, as PyTorch does). speed-up = torch ms / bncore ms; alloc x = torch ms / "
+             "alloc ms. GB/s: bncore")
+        echo("under the minimal byte model (forward: read x + write y; backward: read x, dy + write dx); % copy: "
+             "of the DRAM copy bandwidth")
         echo(header())
         results = []
         skipped = []
@@ -708,9 +761,12 @@ def run(suite: Suite, threads=None, quick=False, torch=None, echo=print) -> dict
             if case.dtype == "bfloat16" and torch is None:
                 skipped.append(case.label())
                 continue
-            r = run_case(case, torch, reps, dram)
+            r = run_case(case, torch, reps, dram, info["llc_bytes"])
             results.append(r)
             echo(format_row(r))
+        if any(r["fits_llc"] for r in results):
+            echo(f"* the case's bytes fit in the {info['llc_bytes'] / MIB:.0f} MiB last-level cache: repeats may run "
+                 "from cache, above the DRAM copy bandwidth")
         if skipped:
             echo(f"skipped without PyTorch: {len(skipped)} bfloat16 case(s)")
         if not all(r["agrees"] for r in results):
@@ -725,7 +781,9 @@ def run(suite: Suite, threads=None, quick=False, torch=None, echo=print) -> dict
         echo(line)
         notes = [
             "bncore forward writes into a preallocated out=; PyTorch's functional forward allocates its output "
-            "(it has no out=); both backward passes allocate their gradients.",
+            "(it has no out=); both backward passes allocate their gradients. bncore_alloc is bncore's forward "
+            "without out=. A fresh allocation above glibc's mmap threshold (at most 32 MiB) is page-faulted in "
+            "on every call, which can dominate the time of a memory-bound kernel.",
             "PyTorch backward: torch.ops.aten.native_{batch,layer,group}_norm_backward called directly with "
             "output_mask [True, True, True]: only the backward kernel, no autograd graph or engine.",
             "Each repeat runs every contender once, the order rotated per repeat; times are medians after warm-up.",

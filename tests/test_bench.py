@@ -1,0 +1,135 @@
+"""`python -m bncore bench` on its hidden tiny suite: the table and the JSON hold every case,
+every number is positive and finite. Nothing here asserts a speed."""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+import bncore
+from bncore import bench
+from bncore.__main__ import main
+
+try:
+    import torch
+except ImportError:  # the bench runs without PyTorch: no torch column, no bfloat16 cases
+    torch = None
+
+
+def _positive(v):
+    return isinstance(v, (int, float)) and math.isfinite(v) and v > 0
+
+
+def _expected_cases(with_torch):
+    return [c for c in bench.tiny_suite().cases if with_torch or c.dtype != "bfloat16"]
+
+
+def _check_report(report, with_torch, threads):
+    assert report["settings"]["threads"] == threads
+    assert report["settings"]["suite"] == "tiny"
+    machine = report["machine"]
+    assert machine["cpu_count"] >= 1 and machine["threads"] == threads
+    assert machine["versions"]["bncore"] == bncore.__version__
+    assert ("torch" in machine["versions"]) == with_torch
+
+    bw = report["bandwidth"]
+    for key in ("dram", "cache"):
+        assert _positive(bw[key]["gbps"]) and all(_positive(s) for s in bw[key]["samples"])
+
+    cases = report["cases"]
+    expected = _expected_cases(with_torch)
+    assert [(c["op"], c["pass"], tuple(c["shape"]), c["dtype"], c["layout"]) for c in cases] == \
+        [(c.op, c.kind, c.shape, c.dtype, c.layout) for c in expected]
+    for c in cases:
+        assert c["repeats"] >= bench.QUICK.least
+        assert c["bytes"] == math.prod(c["shape"]) * (2 if c["dtype"] == "bfloat16" else 4) * \
+            (3 if c["pass"] == "bwd" else 2)
+        present = {"bncore"} | ({"bncore_alloc"} if c["pass"] != "bwd" else set()) | \
+            ({"torch"} if with_torch else set()) | ({"numpy"} if c["dtype"] == "float32" else set())
+        for name in bench.CONTENDERS:
+            if name in present:
+                assert _positive(c["ms"][name]), (c["name"], name)
+                assert _positive(c["gbps"][name]) and _positive(c["pct_of_dram_copy"][name])
+                assert len(c["samples_ms"][name]) == c["repeats"]
+                # (the samples are rounded to 1 ns)
+                assert 0 < c["ms_min"][name] <= c["ms"][name] <= max(c["samples_ms"][name]) + 1e-5
+            else:
+                assert c["ms"][name] is None and c["gbps"][name] is None
+        if with_torch:
+            assert _positive(c["speedup_vs_torch"]) and _positive(c["speedup_vs_torch_allocating"])
+            assert c["torch_call"]
+        else:
+            assert c["speedup_vs_torch"] is None and c["speedup_vs_torch_allocating"] is None
+        # the contenders computed the same thing (loose: only a guard against timing the wrong call)
+        assert c["agrees"], (c["name"], c["layout"], c["max_abs_diff_vs_bncore"])
+        assert set(c["max_abs_diff_vs_bncore"]) == present - {"bncore"}
+        assert isinstance(c["fits_llc"], bool)
+
+    us = report["overhead"]["us"]
+    assert _positive(us["bncore"])
+    assert _positive(us["torch"]) if with_torch else us["torch"] is None
+
+
+def _check_table(out, report):
+    lines = out.splitlines()
+    head = next(i for i, line in enumerate(lines) if line.startswith("op "))
+    for col in ("bncore ms", "alloc ms", "torch ms", "numpy ms", "speed-up", "alloc x", "GB/s", "% copy"):
+        assert col in lines[head]
+    assert set(lines[head + 1]) == {"-"}
+    rows = lines[head + 2: head + 2 + len(report["cases"])]
+    for line, case in zip(rows, report["cases"]):
+        assert line.startswith(case["name"]) and case["dtype"] in line and case["layout"] in line
+        cells = line.split()
+        assert cells[-1].rstrip("*").endswith("%")
+        assert cells[-1].endswith("*") == case["fits_llc"]  # marked: its bytes fit in the last-level cache
+        assert math.isfinite(float(cells[-2])) and float(cells[-2]) > 0  # GB/s, printed to 2 significant digits
+    assert "DRAM" in out and "in-cache" in out and "Python overhead" in out
+
+
+@pytest.mark.skipif(torch is None, reason="PyTorch is not installed")
+def test_bench_tiny_with_torch(tmp_path, capsys):
+    path = tmp_path / "bench.json"
+    before = bncore.get_num_threads(), torch.get_num_threads()
+    assert main(["bench", "--suite", "tiny", "--quick", "--threads", "1", "--json", str(path)]) == 0
+    out = capsys.readouterr().out
+    report = json.loads(path.read_text())
+    _check_report(report, with_torch=True, threads=1)
+    _check_table(out, report)
+    assert (bncore.get_num_threads(), torch.get_num_threads()) == before  # restored
+
+
+def test_bench_tiny_without_torch(tmp_path, capsys):
+    path = tmp_path / "bench.json"
+    assert main(["bench", "--suite", "tiny", "--quick", "--threads", "2", "--no-torch", "--json", str(path)]) == 0
+    out = capsys.readouterr().out
+    report = json.loads(path.read_text())
+    _check_report(report, with_torch=False, threads=2)
+    _check_table(out, report)
+    assert "torch" not in report["machine"]["versions"]
+
+
+@pytest.mark.skipif(torch is None, reason="PyTorch is not installed")
+def test_bench_plot(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "speedups.png"
+    assert main(["bench", "--suite", "tiny", "--quick", "--threads", "1", "--plot", str(png)]) == 0
+    assert f"wrote {png}" in capsys.readouterr().out
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_rejects_bad_threads(capsys):
+    assert main(["bench", "--suite", "tiny", "--threads", "0"]) == 2
+    assert "--threads" in capsys.readouterr().err
+
+
+def test_bench_in_help():
+    out = subprocess.run([sys.executable, "-m", "bncore", "--help"], capture_output=True, text=True, check=True).stdout
+    assert "bench" in out
+    out = subprocess.run([sys.executable, "-m", "bncore", "bench", "--help"], capture_output=True, text=True,
+                         check=True).stdout
+    for opt in ("--quick", "--threads", "--json", "--plot"):
+        assert opt in out
+    assert "--suite" not in out and "--no-torch" not in out  # hidden, for tests
