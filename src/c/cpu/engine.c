@@ -26,7 +26,9 @@
 
 #define BN_SLAB_ELEMS (1 << 16) /* elements per slab of a reduction, at least */
 #define BN_MAX_SLABS 64         /* slabs per block, at most */
-#define BN_COL_CHUNK 4096       /* elements per chunk of a column reduction, about */
+#define BN_COL_CHUNK 16384      /* elements per chunk of a column reduction, about */
+#define BN_COL_ROWS_MIN 8       /* rows per chunk, at least: fewer Chan merges per column */
+#define BN_COL_ROWS_MAX 128     /* rows per chunk, at most: compute-type column sums stay short */
 #define BN_TILE_ELEMS 16384     /* elements per tile of rows handed to a kernel, about */
 #define BN_PAR_MIN (1 << 15)    /* below this many elements a pass runs on one thread */
 #define BN_FUSE_BYTES (1 << 20) /* a group whose operands fit in this many bytes is fused */
@@ -144,7 +146,8 @@ static void reduce_rows(const reduction_t *R, int64_t r0, int64_t r1, const int6
       int64_t k = 1;
       if (col_runs) {
         const int64_t n_prev = P->dim[last - 1].n, left_in_run = n_prev - r % n_prev;
-        k = BN_COL_CHUNK / row.n > 1 ? BN_COL_CHUNK / row.n : 1;
+        k = BN_COL_CHUNK / row.n;
+        k = k < BN_COL_ROWS_MIN ? BN_COL_ROWS_MIN : k > BN_COL_ROWS_MAX ? BN_COL_ROWS_MAX : k;
         if (k > left_in_run) k = left_in_run;
         if (k > r1 - r) k = r1 - r;
       }
