@@ -9,7 +9,7 @@
 /* Elements per piece of a row: pieces are reduced two-pass while in L1, then merged. */
 #define BN_PIECE 2048
 /* Independent accumulators per piece: enough to hide add latency in wide vectors. */
-#define BN_LANES 64
+#define BN_LANES 32
 
 /* One row of the canonical problem (the innermost dim at fixed outer indices), or a
  * tile of m such rows along the next dim, whose strides are rx, rdy, ro, rg, rp. */

@@ -387,8 +387,8 @@ static void fused_forward(const bn_plan_t *P, bn_coef_t *c) {
     const int64_t g = row.g;
     c->mean[g] = mean, c->var[g] = m2;
     finish_stats(P, c, g);
-    for (int64_t r = 0; r < W.rows; r++) { /* apply, from cache */
-      group_row(P, &W, j, r, &row);
+    for (int64_t r = 0; r < W.rows; r++) { /* apply, from cache (a one-row group's row is at hand) */
+      if (W.rows > 1) group_row(P, &W, j, r, &row);
       K->apply_forward(&row, c);
     }
   }
