@@ -317,7 +317,8 @@ BN_API bn_status_t bn_running_stats_set_factor(bn_running_stats_t *stats, double
  * any float dtype; batch_var the BIASED variance of the n values behind it). All or
  * nothing: on any failure the state is unchanged. n must be > 1 unless the state
  * stores the biased variance (then > 0).
- * Returns SUCCESS, INVALID_ARGUMENT, SHAPE_MISMATCH, UNSUPPORTED_DTYPE, UNSUPPORTED_DEVICE.
+ * Returns SUCCESS, INVALID_ARGUMENT, SHAPE_MISMATCH, UNSUPPORTED_DTYPE, UNSUPPORTED_DEVICE,
+ * OUT_OF_MEMORY.
  */
 BN_API bn_status_t bn_running_stats_update(bn_running_stats_t *stats, const DLTensor *batch_mean,
                                            const DLTensor *batch_var, int64_t n);
@@ -328,7 +329,9 @@ BN_API bn_status_t bn_running_stats_update(bn_running_stats_t *stats, const DLTe
  * state's rule (its factor or cumulative average, its variance convention, its
  * non-finite policy) and the counters advance; with BN_FLAG_USE_RUNNING_STATS the state
  * normalizes. desc.momentum and BN_FLAG_RUNNING_VAR_BIASED / BN_FLAG_SKIP_NONFINITE
- * are taken from the state. The parameter count must equal num_features.
+ * are taken from the state. With either flag the parameter count must equal num_features
+ * (without one the state is not used). A training call on an empty x counts as an update
+ * that folds nothing in, as PyTorch counts such batches.
  *  stats  in-out, borrowed. Unchanged on any failure.
  * Returns what bn_norm_forward returns.
  */
