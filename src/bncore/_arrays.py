@@ -37,7 +37,7 @@ def detach(obj):
 def import_tensor(obj, what: str, writable: bool = False):
     if obj is None:
         return None
-    return _core.import_tensor(detach(obj), what, writable)
+    return _core.import_tensor(obj, what, writable)
 
 
 class Allocator:

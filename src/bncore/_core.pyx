@@ -7,6 +7,7 @@ the GIL released. It holds no math: every number is computed behind the C ABI.
 """
 from cpython.pycapsule cimport (PyCapsule_CheckExact, PyCapsule_GetName, PyCapsule_GetPointer,
                                 PyCapsule_IsValid, PyCapsule_New, PyCapsule_SetName)
+from cpython.exc cimport PyErr_Clear
 from cpython.ref cimport Py_DECREF, Py_INCREF
 from libc.stdint cimport int64_t, uint64_t
 from libc.stdlib cimport free, malloc
@@ -122,8 +123,11 @@ _IMMUTABLE_MODULES = ("jax", "jaxlib", "tensorflow")
 
 cdef class Tensor:
     """A tensor imported through DLPack. It owns the producer's managed tensor until
-    `release()` (or garbage collection) calls the producer's deleter, exactly once."""
+    `release()` (or garbage collection) calls the producer's deleter, exactly once; or,
+    imported through a framework's C exchange API, it is a borrowed view that keeps the
+    framework's tensor object alive."""
     cdef DLTensor *t
+    cdef DLTensor view
     cdef DLManagedTensorVersioned *managed_v
     cdef DLManagedTensor *managed
     cdef readonly bint read_only
@@ -195,13 +199,44 @@ cdef object _capsule_of(object obj, str what):
         return obj.__dlpack__()  # a producer older than DLPack 1.0 takes no max_version
 
 
+cdef dict _exchange_apis = {}  # tensor type -> address of its DLPackExchangeAPI table, or 0
+
+
+cdef DLPackExchangeAPI *_exchange_api(object obj):
+    """The DLPack 1.x C exchange table of obj's type (PyTorch publishes one), or NULL."""
+    tp = type(obj)
+    address = _exchange_apis.get(tp)
+    cdef DLPackExchangeAPI *api = NULL
+    if address is None:
+        address = 0
+        capsule = getattr(tp, "__dlpack_c_exchange_api__", None)
+        if capsule is not None and PyCapsule_IsValid(capsule, b"dlpack_exchange_api"):
+            api = <DLPackExchangeAPI *>PyCapsule_GetPointer(capsule, b"dlpack_exchange_api")
+            if api.header.version.major == DLPACK_MAJOR_VERSION and api.dltensor_from_py_object_no_sync is not NULL:
+                address = <size_t>api
+        _exchange_apis[tp] = address
+    return <DLPackExchangeAPI *><size_t>address
+
+
 def import_tensor(object obj, str what, bint writable=False):
     """Imports `obj` (a DLPack producer or a DLPack capsule) without copying.
 
-    A raw capsule is consumed: a second import of it fails. `writable` refuses
-    read-only tensors (read-only NumPy arrays, JAX arrays)."""
+    A framework's C exchange API is used when its tensor type offers one (a borrowed
+    view, no capsule); otherwise `__dlpack__`. A raw capsule is consumed: a second
+    import of it fails. `writable` refuses read-only tensors (read-only NumPy arrays,
+    JAX arrays)."""
     cdef Tensor t = Tensor.__new__(Tensor)
     cdef DLManagedTensorVersioned *mv
+    cdef DLPackExchangeAPI *api = _exchange_api(obj)
+    if api is not NULL:
+        if api.dltensor_from_py_object_no_sync(<void *>obj, &t.view) == 0:
+            t.t = &t.view
+            t.source = obj
+            t.read_only = False
+            return t
+        PyErr_Clear()  # the table declined (say, an unusual tensor): go through __dlpack__
+    if getattr(obj, "requires_grad", False) and hasattr(obj, "detach"):
+        obj = obj.detach()  # PyTorch exports the data of a tensor that requires grad only detached
     capsule = _capsule_of(obj, what)
     if PyCapsule_IsValid(capsule, b"dltensor_versioned"):
         mv = <DLManagedTensorVersioned *>PyCapsule_GetPointer(capsule, b"dltensor_versioned")

@@ -43,6 +43,16 @@ cdef extern from "dlpack/dlpack.h" nogil:
         uint64_t flags
         DLTensor dl_tensor
 
+    ctypedef int (*DLPackDLTensorFromPyObjectNoSync)(void *py_object, DLTensor *out)
+
+    ctypedef struct DLPackExchangeAPIHeader:
+        DLPackVersion version
+        DLPackExchangeAPIHeader *prev_api
+
+    ctypedef struct DLPackExchangeAPI:
+        DLPackExchangeAPIHeader header
+        DLPackDLTensorFromPyObjectNoSync dltensor_from_py_object_no_sync
+
     uint64_t DLPACK_FLAG_BITMASK_READ_ONLY
     int DLPACK_MAJOR_VERSION
     int DLPACK_MINOR_VERSION
