@@ -191,6 +191,14 @@ def _backward(call, desc, input, x, grad_output, w, sm, sr, param_shape, want_bi
     return alloc.finish(dx_obj), alloc.finish(dw_obj), alloc.finish(db_obj)
 
 
+def _affine(call, weight, bias, shape, per):
+    """Imports and checks weight and bias: floating, exactly `shape` (one value per `per`)."""
+    w, b = call.add(weight, "weight"), call.add(bias, "bias")
+    _check_param(w, "weight", shape, per)
+    _check_param(b, "bias", shape, per)
+    return w, b
+
+
 def _saved(call, save_mean, save_rstd, group_shape, rstd_name="save_rstd", need_mean=True):
     sm = call.add(save_mean, "save_mean") if need_mean else None
     sr = call.add(save_rstd, rstd_name)
@@ -251,9 +259,7 @@ def batch_norm_forward(input, running_mean=None, running_var=None, weight=None, 
     with _Call() as call:
         x, ax, channels = _batch_setup(call, input, axis)
         per = f"channel of axis {ax}"
-        w, b = call.add(weight, "weight"), call.add(bias, "bias")
-        _check_param(w, "weight", (channels,), per)
-        _check_param(b, "bias", (channels,), per)
+        w, b = _affine(call, weight, bias, (channels,), per)
         _check_stats(stats, running_mean, channels)
         rm, rv = _running(call, running_mean, running_var, (channels,), per, writable=bool(training))
         flags = momentum_used = 0
@@ -321,9 +327,7 @@ def layer_norm_forward(input, normalized_shape, weight=None, bias=None, eps=1e-5
     _check_eps(eps)
     with _Call() as call:
         x, shape, lead = _layer_setup(call, input, normalized_shape)
-        w, b = call.add(weight, "weight"), call.add(bias, "bias")
-        _check_param(w, "weight", shape, "element of normalized_shape")
-        _check_param(b, "bias", shape, "element of normalized_shape")
+        w, b = _affine(call, weight, bias, shape, "element of normalized_shape")
         desc = _core.Desc.layer(x.ndim, len(shape), float(eps))
         return _forward(call, desc, input, x, w, b, None, None, out, lead, want_stats=_want_stats)
 
@@ -398,9 +402,7 @@ def instance_norm_forward(input, running_mean=None, running_var=None, weight=Non
     _check_eps(eps)
     with _Call() as call:
         x, channels, groups = _instance_setup(call, input)
-        w, b = call.add(weight, "weight"), call.add(bias, "bias")
-        _check_param(w, "weight", (channels,), "channel")
-        _check_param(b, "bias", (channels,), "channel")
+        w, b = _affine(call, weight, bias, (channels,), "channel")
         _check_stats(stats, running_mean, channels)
         rm, rv = _running(call, running_mean, running_var, (channels,), "channel", writable=bool(use_input_stats))
         flags = momentum_used = 0
@@ -461,9 +463,7 @@ def group_norm_forward(input, num_groups, weight=None, bias=None, eps=1e-5, *, o
     _check_eps(eps)
     with _Call() as call:
         x, channels, groups = _group_setup(call, input, num_groups)
-        w, b = call.add(weight, "weight"), call.add(bias, "bias")
-        _check_param(w, "weight", (channels,), "channel")
-        _check_param(b, "bias", (channels,), "channel")
+        w, b = _affine(call, weight, bias, (channels,), "channel")
         desc = _core.Desc.group(x.ndim, int(num_groups), float(eps))
         return _forward(call, desc, input, x, w, b, None, None, out, groups, want_stats=_want_stats)
 
