@@ -507,10 +507,7 @@ def normalize_forward(input, axes, weight=None, bias=None, *, affine_axes=None, 
     _check_eps(eps)
     with _Call() as call:
         x, red, aff, pshape, gshape = _normalize_setup(call, input, axes, affine_axes)
-        w, b = call.add(weight, "weight"), call.add(bias, "bias")
-        per = f"index of axes {aff}"
-        _check_param(w, "weight", pshape, per)
-        _check_param(b, "bias", pshape, per)
+        w, b = _affine(call, weight, bias, pshape, f"index of axes {aff}")
         desc = _core.Desc.axes(_mask(red), _mask(aff), float(eps), _core.FLAG_RMS if rms else 0)
         return _forward(call, desc, input, x, w, b, None, None, out, gshape, want_stats=_want_stats)
 
