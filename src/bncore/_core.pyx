@@ -604,3 +604,79 @@ def norm_moments(Desc desc, Tensor x, Tensor mean, Tensor m2):
         st = bn_norm_moments(&desc.d, px, pm, pm2, &count)
     check(st)
     return count
+
+
+# ---------------------------------------------------------------- the small-call fast path
+
+cdef object _empty_like = None  # torch.empty_like, looked up on first use
+
+
+cdef int _view(object obj, DLPackExchangeAPI *api, DLTensor *out) except -1:
+    """0 and a borrowed view when obj is a CPU tensor of the same framework, else 1."""
+    if obj is None or _exchange_api(obj) is not api:
+        return 1
+    if api.dltensor_from_py_object_no_sync(<void *>obj, out) != 0:
+        PyErr_Clear()
+        return 1
+    return 0 if out.device.device_type == kDLCPU else 1
+
+
+def batch_norm_fast(object x, object running_mean, object running_var, object weight, object bias,
+                    bint training, double momentum, double eps, int axis):
+    """bncore.batch_norm for tensors of a framework with a DLPack C exchange API (PyTorch):
+    borrowed views, one allocation, one C call. Returns the output, or None whenever the
+    call is anything but plain (other types, devices or shapes, or a C error): the caller
+    then takes the full path, which checks everything and raises the right message. The
+    C core validates before it writes, so a call that returns None changed nothing."""
+    global _empty_like
+    cdef DLPackExchangeAPI *api = _exchange_api(x)
+    cdef DLTensor tx, ty, tw, tb, trm, trv
+    cdef DLTensor *pw = NULL
+    cdef DLTensor *pb = NULL
+    cdef DLTensor *prm = NULL
+    cdef DLTensor *prv = NULL
+    cdef bn_norm_desc_t d
+    cdef bn_status_t st
+    cdef int64_t per_channel = 1
+    cdef int i
+    if api is NULL or _view(x, api, &tx) or tx.ndim < 2 or not -tx.ndim <= axis < tx.ndim:
+        return None
+    if axis < 0:
+        axis += tx.ndim
+    for i in range(tx.ndim):
+        if i != axis:
+            per_channel *= tx.shape[i]
+    channels = tx.shape[axis]
+    if weight is not None:
+        if _view(weight, api, &tw) or tw.ndim != 1 or tw.shape[0] != channels:
+            return None
+        pw = &tw
+    if bias is not None:
+        if _view(bias, api, &tb) or tb.ndim != 1 or tb.shape[0] != channels:
+            return None
+        pb = &tb
+    if (running_mean is None) != (running_var is None):
+        return None
+    if running_mean is not None:
+        if (_view(running_mean, api, &trm) or _view(running_var, api, &trv) or trm.ndim != 1
+                or trv.ndim != 1 or trm.shape[0] != channels or trv.shape[0] != channels):
+            return None
+        prm, prv = &trm, &trv
+    if (training and per_channel <= 1) or (not training and prm is NULL):
+        return None  # PyTorch's errors: the full path raises them
+    if bn_norm_desc_init_batch(&d, tx.ndim, axis, eps) != BN_STATUS_SUCCESS:
+        return None
+    if training and prm is not NULL:
+        d.flags = BN_FLAG_UPDATE_RUNNING_STATS
+        d.momentum = momentum
+    elif not training:
+        d.flags = BN_FLAG_USE_RUNNING_STATS
+    if _empty_like is None:
+        import torch
+        _empty_like = torch.empty_like
+    y = _empty_like(x)
+    if _view(y, api, &ty):
+        return None
+    with nogil:
+        st = bn_norm_forward(&d, &tx, pw, pb, prm, prv, &ty, NULL, NULL)
+    return y if st == BN_STATUS_SUCCESS else None

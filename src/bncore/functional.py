@@ -289,6 +289,14 @@ def batch_norm(input, running_mean=None, running_var=None, weight=None, bias=Non
     ``axis`` is the channel axis (default 1, NCHW; -1 for channels-last data).
     ``out`` receives the output when given (any strides; it may be ``input`` itself).
     """
+    if (out is None and type(input).__module__ == "torch" and isinstance(momentum, (int, float))
+            and isinstance(eps, (int, float)) and isinstance(axis, int) and not isinstance(axis, bool)):
+        # PyTorch tensors: borrowed views through torch's DLPack C exchange API, no Python checks;
+        # None means anything unusual, and the full path below then checks and explains
+        y = _core.batch_norm_fast(input, running_mean, running_var, weight, bias, bool(training),
+                                  float(momentum), float(eps), axis)
+        if y is not None:
+            return y
     return batch_norm_forward(input, running_mean, running_var, weight, bias, training, momentum, eps, axis=axis,
                               out=out, _want_stats=False)[0]
 

@@ -1,0 +1,86 @@
+"""bncore.batch_norm on PyTorch tensors takes a fast path (borrowed views through torch's DLPack C
+exchange API, one C call). It must give the full path's results bit for bit, and fall back to the
+full path, which raises the explaining error, for anything unusual."""
+import numpy as np
+import pytest
+
+import bncore
+
+torch = pytest.importorskip("torch", reason="the fast path is for PyTorch tensors")
+
+CASES = [
+    ((8, 4), 1), ((6, 5, 7), 1), ((4, 3, 5, 6), 1), ((4, 3, 5, 6), -1), ((2, 3, 4, 5, 6), 1),
+]
+
+
+def _data(shape, seed, channels_last=False):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g) * 3 + 1
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    return x
+
+
+@pytest.mark.parametrize("shape, axis", CASES)
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("affine", [True, False])
+def test_fast_path_equals_full_path_bitwise(shape, axis, training, affine):
+    x = _data(shape, 1)
+    c = shape[axis]
+    w = torch.rand(c) + 0.5 if affine else None
+    b = torch.randn(c) if affine else None
+    rm1, rv1 = torch.randn(c), torch.rand(c) + 0.5
+    rm2, rv2 = rm1.clone(), rv1.clone()
+    fast = bncore.batch_norm(x, rm1, rv1, w, b, training, 0.3, 1e-4, axis=axis)
+    full = bncore.batch_norm_forward(x, rm2, rv2, w, b, training, 0.3, 1e-4, axis=axis)[0]
+    assert type(fast) is torch.Tensor and fast.dtype == x.dtype
+    assert torch.equal(fast, full)
+    assert torch.equal(rm1, rm2) and torch.equal(rv1, rv2)
+
+
+def test_fast_path_keeps_channels_last_and_matches_torch():
+    x = _data((4, 6, 5, 5), 2, channels_last=True)
+    rm, rv = torch.zeros(6), torch.ones(6)
+    rmt, rvt = rm.clone(), rv.clone()
+    y = bncore.batch_norm(x, rm, rv, None, None, True, 0.1, 1e-5)
+    yt = torch.nn.functional.batch_norm(x, rmt, rvt, None, None, True, 0.1, 1e-5)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y, yt, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(rm, rmt)
+    torch.testing.assert_close(rv, rvt)
+
+
+def test_fast_path_reads_tensors_that_require_grad():
+    x = _data((8, 3), 3).requires_grad_(True)
+    w = torch.ones(3, requires_grad=True)
+    y = bncore.batch_norm(x, None, None, w, None, True)
+    assert not y.requires_grad
+    assert torch.equal(y, bncore.batch_norm_forward(x.detach(), None, None, w.detach(), None, True)[0])
+
+
+@pytest.mark.parametrize("call, error, words", [
+    (lambda x, rm, rv: bncore.batch_norm(x, None, None, training=False), RuntimeError,
+     "running_mean must be defined"),
+    (lambda x, rm, rv: bncore.batch_norm(x[:1, :, 0, 0], rm, rv, training=True), ValueError,
+     "more than 1 value per channel"),
+    (lambda x, rm, rv: bncore.batch_norm(x, rm, rv, torch.ones(4), None, True), ValueError, "weight"),
+    (lambda x, rm, rv: bncore.batch_norm(x, rm, rv, None, None, True, 1.5), ValueError, "momentum"),
+    (lambda x, rm, rv: bncore.batch_norm(x, rm, rv, None, None, True, 0.1, -1.0), ValueError, "eps"),
+    (lambda x, rm, rv: bncore.batch_norm(x.to(torch.int32), rm, rv, training=True), TypeError, "floating"),
+    (lambda x, rm, rv: bncore.batch_norm(x, rm, rv, training=True, axis=7), ValueError, "axis"),
+])
+def test_unusual_calls_fall_back_and_explain(call, error, words):
+    x = _data((4, 3, 5, 5), 4)
+    rm, rv = torch.randn(3), torch.rand(3) + 0.5
+    before = (rm.clone(), rv.clone())
+    with pytest.raises(error, match=words):
+        call(x, rm, rv)
+    assert torch.equal(rm, before[0]) and torch.equal(rv, before[1])
+
+
+def test_numpy_inputs_take_the_full_path_with_the_same_numbers():
+    x = _data((6, 4, 3), 5)
+    y_torch = bncore.batch_norm(x, None, None, training=True)
+    y_numpy = bncore.batch_norm(x.numpy(), None, None, training=True)
+    assert isinstance(y_numpy, np.ndarray)
+    np.testing.assert_array_equal(y_torch.numpy(), y_numpy)
