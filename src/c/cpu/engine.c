@@ -357,6 +357,21 @@ static void group_row(const bn_plan_t *P, const group_walk_t *W, int64_t j, int6
   row->m = 1, row->rx = row->rdy = row->ro = row->rg = row->rp = 0;
 }
 
+/* Asks for the next one-row group's x (and dy) while this group is finished from cache: the
+ * hardware prefetcher stops at the end of each short row, and the next row's first loads
+ * would otherwise wait on memory. */
+static void prefetch_next_group(const bn_plan_t *P, const group_walk_t *W, int64_t j) {
+  if (W->rows != 1 || j + 1 >= P->ngroups) return;
+  bn_row_t next;
+  group_row(P, W, j + 1, 0, &next);
+  if (next.sx != 1) return;
+  const int64_t bytes = next.n * (int64_t)bn_dtype_size(P->dtype);
+  for (int64_t off = 0; off < bytes; off += 64) {
+    __builtin_prefetch(next.x + off);
+    if (next.dy && next.sdy == 1) __builtin_prefetch(next.dy + off);
+  }
+}
+
 static int fusable(const bn_plan_t *P, int operands) {
   return P->dim[P->ndim - 1].sg == 0 &&
          P->group_size * (int64_t)bn_dtype_size(P->dtype) * operands <= BN_FUSE_BYTES;
@@ -387,6 +402,7 @@ static void fused_forward(const bn_plan_t *P, bn_coef_t *c) {
     const int64_t g = row.g;
     c->mean[g] = mean, c->var[g] = m2;
     finish_stats(P, c, g);
+    prefetch_next_group(P, &W, j);
     for (int64_t r = 0; r < W.rows; r++) { /* apply, from cache (a one-row group's row is at hand) */
       if (W.rows > 1) group_row(P, &W, j, r, &row);
       K->apply_forward(&row, c);
@@ -436,6 +452,7 @@ static bn_status_t fused_backward(const bn_plan_t *P, bn_coef_t *c, int training
           if (want_params) K->grad_sums(&row, &plain, BN_TARGET_PARAM, row.p, row.sp, 0, pa, pb);
         }
       }
+      prefetch_next_group(P, &W, j);
       if (P->base[BN_OP_OUT])
         for (int64_t r = 0; r < W.rows; r++) { /* apply, from cache */
           group_row(P, &W, j, r, &row);
