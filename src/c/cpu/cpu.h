@@ -60,6 +60,9 @@ typedef struct bn_kernels_t {
   void (*group_coefs)(const bn_coef_t *c, int64_t ngroups, int backward, void *mean, void *scale, void *shift,
                       void *slope);
   void (*to_compute)(const double *src, int64_t n, void *dst);
+  /* parameter sums of a one-group row into compute-type slab partials, and their merge */
+  void (*param_sums_ct)(const bn_row_t *row, const bn_coef_t *c, void *pa, void *pb);
+  void (*add_to_double)(const void *src, int64_t n, double *dst);
   size_t ct_size; /* bytes of one compute-type value */
 } bn_kernels_t;
 

@@ -420,10 +420,16 @@ static bn_status_t fused_backward(const bn_plan_t *P, bn_coef_t *c, int training
   const int want_params = dweight || dbias, by_group = c->param_of_group != NULL;
   const int64_t ng = P->ngroups, np = P->nparams, nslab = slab_count(P, ng);
   const int nthreads = bn_threads();
-  /* by_group: raw sums of dy and dy*xhat per group; else per-slab parameter partials */
-  const size_t extra = by_group ? 2 * (size_t)ng : (want_params ? 2 * (size_t)(nslab * np) : 0);
+  /* by_group: raw sums of dy and dy*xhat per group (double); else per-slab parameter partials in
+   * the compute type (a slab holds at most 1/64 of the rows; slabs then add in double) */
+  const size_t extra = by_group ? 2 * (size_t)ng : 0;
+  const size_t partial_bytes = (!by_group && want_params) ? 2 * (size_t)(nslab * np) * K->ct_size : 0;
   double *ws = calloc(extra + 1, sizeof *ws);
-  if (!ws) return bn_fail(BN_STATUS_OUT_OF_MEMORY, "backward workspace");
+  char *partials = calloc(partial_bytes + 1, 1);
+  if (!ws || !partials) {
+    free(ws), free(partials);
+    return bn_fail(BN_STATUS_OUT_OF_MEMORY, "backward workspace");
+  }
   bn_coef_t plain = *c;
   plain.weight = NULL;
   bn_coef_t apply = *c;
@@ -431,7 +437,7 @@ static bn_status_t fused_backward(const bn_plan_t *P, bn_coef_t *c, int training
   else if (c->rms) apply.sum_dy = NULL;
 #pragma omp parallel for num_threads(nthreads) schedule(static) if (P->numel >= BN_PAR_MIN && nslab > 1)
   for (int64_t s = 0; s < nslab; s++) {
-    double *pa = ws + s * 2 * np, *pb = pa + np;
+    char *pa = partials + (size_t)(s * 2 * np) * K->ct_size, *pb = pa + (size_t)np * K->ct_size;
     for (int64_t j = ng * s / nslab; j < ng * (s + 1) / nslab; j++) {
       bn_row_t row;
       group_row(P, &W, j, 0, &row);
@@ -449,7 +455,7 @@ static bn_status_t fused_backward(const bn_plan_t *P, bn_coef_t *c, int training
         for (int64_t r = 0; r < W.rows; r++) {
           group_row(P, &W, j, r, &row);
           if (training) K->grad_sums(&row, c, BN_TARGET_GROUP, g, 0, 0, c->sum_dy, c->sum_dyx);
-          if (want_params) K->grad_sums(&row, &plain, BN_TARGET_PARAM, row.p, row.sp, 0, pa, pb);
+          if (want_params) K->param_sums_ct(&row, c, pa, pb);
         }
       }
       prefetch_next_group(P, &W, j);
@@ -467,13 +473,14 @@ static bn_status_t fused_backward(const bn_plan_t *P, bn_coef_t *c, int training
       if (dweight) dweight[p] += ws[ng + g];
     }
   } else if (want_params) {
-    for (int64_t s = 0; s < nslab; s++)
-      for (int64_t p = 0; p < np; p++) {
-        if (dbias) dbias[p] += ws[s * 2 * np + p];
-        if (dweight) dweight[p] += ws[s * 2 * np + np + p];
-      }
+    for (int64_t s = 0; s < nslab; s++) {
+      const char *pa = partials + (size_t)(s * 2 * np) * K->ct_size, *pb = pa + (size_t)np * K->ct_size;
+      if (dbias) K->add_to_double(pa, np, dbias);
+      if (dweight) K->add_to_double(pb, np, dweight);
+    }
   }
   free(ws);
+  free(partials);
   return BN_STATUS_SUCCESS;
 }
 
