@@ -422,8 +422,12 @@ static bn_status_t fused_backward(const bn_plan_t *P, bn_coef_t *c, int training
   const int nthreads = bn_threads();
   /* by_group: raw sums of dy and dy*xhat per group (double); else per-slab parameter partials in
    * the compute type (a slab holds at most 1/64 of the rows; slabs then add in double) */
+  /* compute-type partials where parameters run along the row (layer norm); where a row adds into
+   * one parameter (group norm: the row is spatial), the double dot products of grad_sums */
+  const int ct_partials = P->dim[P->ndim - 1].sp == 1;
+  const size_t pbytes = ct_partials ? K->ct_size : sizeof(double);
   const size_t extra = by_group ? 2 * (size_t)ng : 0;
-  const size_t partial_bytes = (!by_group && want_params) ? 2 * (size_t)(nslab * np) * K->ct_size : 0;
+  const size_t partial_bytes = (!by_group && want_params) ? 2 * (size_t)(nslab * np) * pbytes : 0;
   double *ws = calloc(extra + 1, sizeof *ws);
   char *partials = calloc(partial_bytes + 1, 1);
   if (!ws || !partials) {
@@ -437,7 +441,7 @@ static bn_status_t fused_backward(const bn_plan_t *P, bn_coef_t *c, int training
   else if (c->rms) apply.sum_dy = NULL;
 #pragma omp parallel for num_threads(nthreads) schedule(static) if (P->numel >= BN_PAR_MIN && nslab > 1)
   for (int64_t s = 0; s < nslab; s++) {
-    char *pa = partials + (size_t)(s * 2 * np) * K->ct_size, *pb = pa + (size_t)np * K->ct_size;
+    char *pa = partials + (size_t)(s * 2 * np) * pbytes, *pb = pa + (size_t)np * pbytes;
     for (int64_t j = ng * s / nslab; j < ng * (s + 1) / nslab; j++) {
       bn_row_t row;
       group_row(P, &W, j, 0, &row);
@@ -455,7 +459,8 @@ static bn_status_t fused_backward(const bn_plan_t *P, bn_coef_t *c, int training
         for (int64_t r = 0; r < W.rows; r++) {
           group_row(P, &W, j, r, &row);
           if (training) K->grad_sums(&row, c, BN_TARGET_GROUP, g, 0, 0, c->sum_dy, c->sum_dyx);
-          if (want_params) K->param_sums_ct(&row, c, pa, pb);
+          if (want_params && ct_partials) K->param_sums_ct(&row, c, pa, pb);
+          else if (want_params) K->grad_sums(&row, &plain, BN_TARGET_PARAM, row.p, row.sp, 0, (double *)pa, (double *)pb);
         }
       }
       prefetch_next_group(P, &W, j);
@@ -474,9 +479,13 @@ static bn_status_t fused_backward(const bn_plan_t *P, bn_coef_t *c, int training
     }
   } else if (want_params) {
     for (int64_t s = 0; s < nslab; s++) {
-      const char *pa = partials + (size_t)(s * 2 * np) * K->ct_size, *pb = pa + (size_t)np * K->ct_size;
-      if (dbias) K->add_to_double(pa, np, dbias);
-      if (dweight) K->add_to_double(pb, np, dweight);
+      const char *pa = partials + (size_t)(s * 2 * np) * pbytes, *pb = pa + (size_t)np * pbytes;
+      for (int64_t p = 0; p < np && !ct_partials; p++) {
+        if (dbias) dbias[p] += ((const double *)pa)[p];
+        if (dweight) dweight[p] += ((const double *)pb)[p];
+      }
+      if (dbias && ct_partials) K->add_to_double(pa, np, dbias);
+      if (dweight && ct_partials) K->add_to_double(pb, np, dweight);
     }
   }
   free(ws);
