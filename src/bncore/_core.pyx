@@ -194,9 +194,17 @@ cdef object _capsule_of(object obj, str what):
         raise TypeError(f"{what}: expected a tensor that supports DLPack (NumPy, PyTorch, JAX, CuPy, ...), "
                         f"got {type(obj).__module__}.{type(obj).__qualname__}")
     try:
-        return obj.__dlpack__(max_version=(DLPACK_MAJOR_VERSION, DLPACK_MINOR_VERSION))
-    except TypeError:
-        return obj.__dlpack__()  # a producer older than DLPack 1.0 takes no max_version
+        try:
+            return obj.__dlpack__(max_version=(DLPACK_MAJOR_VERSION, DLPACK_MINOR_VERSION))
+        except TypeError:
+            return obj.__dlpack__()  # a producer older than DLPack 1.0 takes no max_version
+    except BufferError as exc:
+        if str(getattr(obj, "dtype", "")) == "bfloat16" and type(obj).__module__ == "numpy":
+            raise TypeError(
+                f"{what}: NumPy cannot export bfloat16 (ml_dtypes) arrays through DLPack; pass a PyTorch or JAX "
+                f"tensor instead, e.g. torch.from_numpy(a.view(numpy.uint16)).view(torch.bfloat16), or "
+                f"jax.numpy.asarray(a)") from exc
+        raise
 
 
 cdef dict _exchange_apis = {}  # tensor type -> address of its DLPackExchangeAPI table, or 0
