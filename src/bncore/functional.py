@@ -191,10 +191,17 @@ def _backward(call, desc, input, x, grad_output, w, sm, sr, param_shape, want_bi
     return alloc.finish(dx_obj), alloc.finish(dw_obj), alloc.finish(db_obj)
 
 
+def _weight(call, weight, shape, per):
+    """Imports and checks an optional weight: floating, exactly `shape` (one value per `per`)."""
+    w = call.add(weight, "weight")
+    _check_param(w, "weight", shape, per)
+    return w
+
+
 def _affine(call, weight, bias, shape, per):
     """Imports and checks weight and bias: floating, exactly `shape` (one value per `per`)."""
-    w, b = call.add(weight, "weight"), call.add(bias, "bias")
-    _check_param(w, "weight", shape, per)
+    w = _weight(call, weight, shape, per)
+    b = call.add(bias, "bias")
     _check_param(b, "bias", shape, per)
     return w, b
 
@@ -312,8 +319,7 @@ def batch_norm_backward(grad_output, input, weight, save_mean, save_invstd, *, t
     """
     with _Call() as call:
         x, ax, channels = _batch_setup(call, input, axis)
-        w = call.add(weight, "weight")
-        _check_param(w, "weight", (channels,), f"channel of axis {ax}")
+        w = _weight(call, weight, (channels,), f"channel of axis {ax}")
         sm, sr = _saved(call, save_mean, save_invstd, (channels,), "save_invstd")
         desc = _core.Desc.batch(x.ndim, ax, 0.0).with_options(0 if training else _core.FLAG_USE_RUNNING_STATS)
         return _backward(call, desc, input, x, grad_output, w, sm, sr, (channels,), out=out)
@@ -349,8 +355,7 @@ def layer_norm_backward(grad_output, input, normalized_shape, weight, save_mean,
     """Backward of layer norm: ``(grad_input, grad_weight, grad_bias)``; the last two None without weight."""
     with _Call() as call:
         x, shape, lead = _layer_setup(call, input, normalized_shape)
-        w = call.add(weight, "weight")
-        _check_param(w, "weight", shape, "element of normalized_shape")
+        w = _weight(call, weight, shape, "element of normalized_shape")
         sm, sr = _saved(call, save_mean, save_rstd, lead)
         desc = _core.Desc.layer(x.ndim, len(shape), 0.0)
         return _backward(call, desc, input, x, grad_output, w, sm, sr, shape, out=out)
@@ -368,8 +373,7 @@ def rms_norm_forward(input, normalized_shape, weight=None, eps=None, *, out=None
     ``eps=None`` is the machine epsilon of the compute type (float32's for half inputs)."""
     with _Call() as call:
         x, shape, lead = _layer_setup(call, input, normalized_shape)
-        w = call.add(weight, "weight")
-        _check_param(w, "weight", shape, "element of normalized_shape")
+        w = _weight(call, weight, shape, "element of normalized_shape")
         desc = _core.Desc.rms(x.ndim, len(shape), _rms_eps(eps, x.dtype))
         y, _, rstd = _forward(call, desc, input, x, w, None, None, None, out, lead, want_stats=_want_stats)
         return y, rstd
@@ -384,8 +388,7 @@ def rms_norm_backward(grad_output, input, normalized_shape, weight, save_rstd, *
     """Backward of RMS norm: ``(grad_input, grad_weight, None)``; grad_weight None without weight."""
     with _Call() as call:
         x, shape, lead = _layer_setup(call, input, normalized_shape)
-        w = call.add(weight, "weight")
-        _check_param(w, "weight", shape, "element of normalized_shape")
+        w = _weight(call, weight, shape, "element of normalized_shape")
         _, sr = _saved(call, None, save_rstd, lead, need_mean=False)
         desc = _core.Desc.rms(x.ndim, len(shape), 0.0)
         return _backward(call, desc, input, x, grad_output, w, None, sr, shape, want_bias_grad=False, out=out)
@@ -443,8 +446,7 @@ def instance_norm_backward(grad_output, input, weight, save_mean, save_invstd, *
     """Backward of instance norm: ``(grad_input, grad_weight, grad_bias)``; the last two None without weight."""
     with _Call() as call:
         x, channels, groups = _instance_setup(call, input)
-        w = call.add(weight, "weight")
-        _check_param(w, "weight", (channels,), "channel")
+        w = _weight(call, weight, (channels,), "channel")
         sm, sr = _saved(call, save_mean, save_invstd, groups, "save_invstd")
         desc = _core.Desc.instance(x.ndim, 0.0).with_options(0 if use_input_stats else _core.FLAG_USE_RUNNING_STATS)
         return _backward(call, desc, input, x, grad_output, w, sm, sr, (channels,), out=out)
@@ -485,8 +487,7 @@ def group_norm_backward(grad_output, input, num_groups, weight, save_mean, save_
     """Backward of group norm: ``(grad_input, grad_weight, grad_bias)``; the last two None without weight."""
     with _Call() as call:
         x, channels, groups = _group_setup(call, input, num_groups)
-        w = call.add(weight, "weight")
-        _check_param(w, "weight", (channels,), "channel")
+        w = _weight(call, weight, (channels,), "channel")
         sm, sr = _saved(call, save_mean, save_rstd, groups)
         desc = _core.Desc.group(x.ndim, int(num_groups), 0.0)
         return _backward(call, desc, input, x, grad_output, w, sm, sr, (channels,), out=out)
@@ -533,8 +534,7 @@ def normalize_backward(grad_output, input, axes, weight, save_mean, save_rstd, *
     (grad_bias also None with ``rms``). ``save_mean`` may be None with ``rms``."""
     with _Call() as call:
         x, red, aff, pshape, gshape = _normalize_setup(call, input, axes, affine_axes)
-        w = call.add(weight, "weight")
-        _check_param(w, "weight", pshape, f"index of axes {aff}")
+        w = _weight(call, weight, pshape, f"index of axes {aff}")
         sm, sr = _saved(call, save_mean, save_rstd, gshape, need_mean=not rms)
         desc = _core.Desc.axes(_mask(red), _mask(aff), 0.0, _core.FLAG_RMS if rms else 0)
         return _backward(call, desc, input, x, grad_output, w, sm, sr, pshape, want_bias_grad=not rms, out=out)
