@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import bncore
-from reference import (all_but, batch_norm_backward_ref, batch_norm_ref, batch_norm_running_ref,
+from bncore.reference import (all_but, batch_norm_backward_ref, batch_norm_ref, batch_norm_running_ref,
                        normalize_backward_ref, normalize_ref)
 from tolerances import assert_close, to_numpy64
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import bncore
-from reference import batch_norm_backward_ref, batch_norm_ref, batch_norm_running_ref
+from bncore.reference import batch_norm_backward_ref, batch_norm_ref, batch_norm_running_ref
 from tolerances import assert_close
 
 

@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import bncore
-from reference import normalize_backward_ref, normalize_ref
+from bncore.reference import normalize_backward_ref, normalize_ref
 from tolerances import assert_close, to_numpy64
 from variants_common import (CASES, bncore_backward, bncore_forward, data, params, ref_backward, ref_forward,
                              rms_default_eps, seed_of)

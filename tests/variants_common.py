@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 import bncore
-from reference import (group_norm_backward_ref, group_norm_ref, instance_norm_backward_ref, instance_norm_ref,
+from bncore.reference import (group_norm_backward_ref, group_norm_ref, instance_norm_backward_ref, instance_norm_ref,
                        instance_norm_running_ref, layer_norm_backward_ref, layer_norm_ref)
 
 F32_EPS = float(np.finfo(np.float32).eps)

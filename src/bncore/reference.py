@@ -1,6 +1,8 @@
-"""One plain float64 NumPy reference for every normalization variant.
+"""bncore.reference: one plain float64 NumPy reference for every normalization variant.
 
-Everything bncore computes is checked against the two functions here. They are
+Everything bncore computes is checked against the two functions here, by the
+test suite and by ``python -m bncore bench`` alike (shipped so that both, and
+downstream users, read the same formulas). They are
 written for clarity, not speed, in float64, from the formulas of bncore.h:
 
     forward:   y = (x - mean_g) * rstd_g * weight[p] + bias[p],  rstd_g = 1 / sqrt(var_g + eps)
