@@ -60,9 +60,9 @@ int main(void) {
   if (check(bn_norm_desc_init_batch(&desc, 4, 1, 1e-5), "bn_norm_desc_init_batch")) return 1;
   desc.flags = BN_FLAG_UPDATE_RUNNING_STATS;
   desc.momentum = 0.1;
-  if (check(bn_norm_forward(&desc, &tx, &tw, &tb, &trm, &trv, &ty, &tm, &tr), "bn_norm_forward")) return 1;
+  if (check(bn_norm_forward(NULL, &desc, &tx, &tw, &tb, NULL, NULL, 0, &trm, &trv, &ty, &tm, &tr), "bn_norm_forward")) return 1;
   desc.flags = 0;
-  if (check(bn_norm_backward(&desc, &tx, &tdy, &tw, &tm, &tr, &tdx, &tdw, &tdb), "bn_norm_backward")) return 1;
+  if (check(bn_norm_backward(NULL, &desc, &tx, &tdy, &tw, &tm, &tr, &tdx, &tdw, &tdb), "bn_norm_backward")) return 1;
 
   /* --- the plain reference, in double */
   for (int c = 0; c < C; c++) {

@@ -43,8 +43,8 @@ int main() {
     DLTensor tx = view(x, shape), ty = view(y, shape), tdy = view(dy, shape), tdx = view(dx, shape);
     DLTensor tw = view(w, pshape), tb = view(b, pshape), tm = view(mean, sshape), tr = view(rstd, sshape);
     DLTensor tdw = view(dw, pshape), tdb = view(db, pshape);
-    check(bn_norm_forward(&desc, &tx, &tw, &tb, nullptr, nullptr, &ty, &tm, &tr), "bn_norm_forward");
-    check(bn_norm_backward(&desc, &tx, &tdy, &tw, &tm, &tr, &tdx, &tdw, &tdb), "bn_norm_backward");
+    check(bn_norm_forward(NULL, &desc, &tx, &tw, &tb, NULL, NULL, 0, nullptr, nullptr, &ty, &tm, &tr), "bn_norm_forward");
+    check(bn_norm_backward(NULL, &desc, &tx, &tdy, &tw, &tm, &tr, &tdx, &tdw, &tdb), "bn_norm_backward");
   } catch (const std::exception &e) {
     std::fprintf(stderr, "%s\n", e.what());
     return 1;

@@ -110,6 +110,7 @@ FLAG_RMS = BN_FLAG_RMS
 FLAG_USE_RUNNING_STATS = BN_FLAG_USE_RUNNING_STATS
 FLAG_UPDATE_RUNNING_STATS = BN_FLAG_UPDATE_RUNNING_STATS
 FLAG_RUNNING_VAR_BIASED = BN_FLAG_RUNNING_VAR_BIASED
+FLAG_GIVEN_STATS = BN_FLAG_GIVEN_STATS
 
 # ---------------------------------------------------------------- DLPack import
 
@@ -505,6 +506,7 @@ cdef class Desc:
     @staticmethod
     def axes(uint64_t reduce_axes, uint64_t param_axes, double eps, unsigned int flags=0):
         cdef Desc s = Desc.__new__(Desc)
+        s.d.struct_size = sizeof(bn_norm_desc_t)
         s.d.reduce_axes = reduce_axes
         s.d.param_axes = param_axes
         s.d.split_axis = -1
@@ -513,6 +515,7 @@ cdef class Desc:
         s.d.eps = eps
         s.d.momentum = 0.0
         s.d.flags = flags
+        s.d.reserved2 = 0
         return s
 
     def with_options(self, unsigned int flags, double momentum=0.0):
@@ -553,19 +556,23 @@ cdef inline DLTensor *_ptr(Tensor t):
 
 
 def norm_forward(Desc desc, Tensor x, Tensor weight, Tensor bias, Tensor running_mean,
-                 Tensor running_var, Tensor y, Tensor save_mean, Tensor save_rstd):
-    """bn_norm_forward over imported tensors (None for an absent one)."""
+                 Tensor running_var, Tensor y, Tensor save_mean, Tensor save_rstd,
+                 Tensor stats_mean=None, Tensor stats_m2=None, int64_t stats_count=0):
+    """bn_norm_forward over imported tensors (None for an absent one); the given statistics
+    (stats_mean, stats_m2, stats_count) go with FLAG_GIVEN_STATS."""
     cdef bn_status_t st
     cdef DLTensor *px = _ptr(x)
     cdef DLTensor *pw = _ptr(weight)
     cdef DLTensor *pb = _ptr(bias)
+    cdef DLTensor *pgm = _ptr(stats_mean)
+    cdef DLTensor *pgq = _ptr(stats_m2)
     cdef DLTensor *prm = _ptr(running_mean)
     cdef DLTensor *prv = _ptr(running_var)
     cdef DLTensor *py = _ptr(y)
     cdef DLTensor *psm = _ptr(save_mean)
     cdef DLTensor *psr = _ptr(save_rstd)
     with nogil:
-        st = bn_norm_forward(&desc.d, px, pw, pb, prm, prv, py, psm, psr)
+        st = bn_norm_forward(NULL, &desc.d, px, pw, pb, pgm, pgq, stats_count, prm, prv, py, psm, psr)
     check(st)
 
 
@@ -582,36 +589,89 @@ def norm_backward(Desc desc, Tensor x, Tensor dy, Tensor weight, Tensor save_mea
     cdef DLTensor *pdw = _ptr(dweight)
     cdef DLTensor *pdb = _ptr(dbias)
     with nogil:
-        st = bn_norm_backward(&desc.d, px, pdy, pw, psm, psr, pdx, pdw, pdb)
+        st = bn_norm_backward(NULL, &desc.d, px, pdy, pw, psm, psr, pdx, pdw, pdb)
+    check(st)
+
+
+def norm_backward_reduce(Desc desc, Tensor x, Tensor dy, Tensor save_mean, Tensor save_rstd,
+                         Tensor sum_dy, Tensor sum_dy_xhat):
+    """bn_norm_backward_reduce: per-parameter sums of dy and dy * xhat."""
+    cdef bn_status_t st
+    cdef DLTensor *px = _ptr(x)
+    cdef DLTensor *pdy = _ptr(dy)
+    cdef DLTensor *psm = _ptr(save_mean)
+    cdef DLTensor *psr = _ptr(save_rstd)
+    cdef DLTensor *ps1 = _ptr(sum_dy)
+    cdef DLTensor *ps2 = _ptr(sum_dy_xhat)
+    with nogil:
+        st = bn_norm_backward_reduce(NULL, &desc.d, px, pdy, psm, psr, ps1, ps2)
+    check(st)
+
+
+def norm_backward_apply(Desc desc, Tensor x, Tensor dy, Tensor weight, Tensor save_mean, Tensor save_rstd,
+                        Tensor sum_dy, Tensor sum_dy_xhat, int64_t count, Tensor dx):
+    """bn_norm_backward_apply: grad_input from the (all-reduced) sums and their count."""
+    cdef bn_status_t st
+    cdef DLTensor *px = _ptr(x)
+    cdef DLTensor *pdy = _ptr(dy)
+    cdef DLTensor *pw = _ptr(weight)
+    cdef DLTensor *psm = _ptr(save_mean)
+    cdef DLTensor *psr = _ptr(save_rstd)
+    cdef DLTensor *ps1 = _ptr(sum_dy)
+    cdef DLTensor *ps2 = _ptr(sum_dy_xhat)
+    cdef DLTensor *pdx = _ptr(dx)
+    with nogil:
+        st = bn_norm_backward_apply(NULL, &desc.d, px, pdy, pw, psm, psr, ps1, ps2, count, pdx)
     check(st)
 
 
 def norm_forward_stats(Desc desc, Tensor x, Tensor weight, Tensor bias, RunningStatsHandle stats, Tensor y,
-                       Tensor save_mean, Tensor save_rstd):
+                       Tensor save_mean, Tensor save_rstd, Tensor stats_mean=None, Tensor stats_m2=None,
+                       int64_t stats_count=0):
     """bn_norm_forward_stats: the forward with running statistics kept in a state."""
     cdef bn_status_t st
     cdef DLTensor *px = _ptr(x)
     cdef DLTensor *pw = _ptr(weight)
     cdef DLTensor *pb = _ptr(bias)
+    cdef DLTensor *pgm = _ptr(stats_mean)
+    cdef DLTensor *pgq = _ptr(stats_m2)
     cdef DLTensor *py = _ptr(y)
     cdef DLTensor *psm = _ptr(save_mean)
     cdef DLTensor *psr = _ptr(save_rstd)
     with nogil:
-        st = bn_norm_forward_stats(&desc.d, px, pw, pb, stats.s, py, psm, psr)
+        st = bn_norm_forward_stats(NULL, &desc.d, px, pw, pb, pgm, pgq, stats_count, stats.s, py, psm, psr)
     check(st)
 
 
-def norm_moments(Desc desc, Tensor x, Tensor mean, Tensor m2):
-    """bn_norm_moments: per-group mean and m2; returns the elements per group."""
+def norm_stats(Desc desc, Tensor x, Tensor mean, Tensor m2):
+    """bn_norm_stats: per-group mean and m2 (the forward's own numbers); returns the elements per group."""
     cdef bn_status_t st
     cdef int64_t count = 0
     cdef DLTensor *px = _ptr(x)
     cdef DLTensor *pm = _ptr(mean)
     cdef DLTensor *pm2 = _ptr(m2)
     with nogil:
-        st = bn_norm_moments(&desc.d, px, pm, pm2, &count)
+        st = bn_norm_stats(NULL, &desc.d, px, pm, pm2, &count)
     check(st)
     return count
+
+
+def moments_merge(Tensor count_a, Tensor mean_a, Tensor m2_a, Tensor count_b, Tensor mean_b, Tensor m2_b,
+                  Tensor count, Tensor mean, Tensor m2):
+    """bn_moments_merge: Chan's merge of two sets of (count, mean, m2), elementwise."""
+    cdef bn_status_t st
+    cdef DLTensor *pca = _ptr(count_a)
+    cdef DLTensor *pma = _ptr(mean_a)
+    cdef DLTensor *pqa = _ptr(m2_a)
+    cdef DLTensor *pcb = _ptr(count_b)
+    cdef DLTensor *pmb = _ptr(mean_b)
+    cdef DLTensor *pqb = _ptr(m2_b)
+    cdef DLTensor *pc = _ptr(count)
+    cdef DLTensor *pm = _ptr(mean)
+    cdef DLTensor *pq = _ptr(m2)
+    with nogil:
+        st = bn_moments_merge(NULL, pca, pma, pqa, pcb, pmb, pqb, pc, pm, pq)
+    check(st)
 
 
 # ---------------------------------------------------------------- the small-call fast path
@@ -686,5 +746,5 @@ def batch_norm_fast(object x, object running_mean, object running_var, object we
     if _view(y, api, &ty):
         return None
     with nogil:
-        st = bn_norm_forward(&d, &tx, pw, pb, prm, prv, &ty, NULL, NULL)
+        st = bn_norm_forward(NULL, &d, &tx, pw, pb, NULL, NULL, 0, prm, prv, &ty, NULL, NULL)
     return y if st == BN_STATUS_SUCCESS else None

@@ -76,15 +76,29 @@ cdef extern from "bncore/bncore.h" nogil:
     bn_status_t bn_set_num_threads(int32_t n)
     int32_t bn_get_num_threads()
 
+    ctypedef struct bn_context_t:
+        pass
+    ctypedef void *(*bn_alloc_fn)(void *user, size_t nbytes)
+    ctypedef void (*bn_free_fn)(void *user, void *ptr)
+    bn_status_t bn_context_create(DLDevice device, bn_context_t **out)
+    bn_status_t bn_context_destroy(bn_context_t *ctx)
+    bn_status_t bn_context_device(const bn_context_t *ctx, DLDevice *device)
+    bn_status_t bn_context_set_stream(bn_context_t *ctx, void *stream)
+    bn_status_t bn_context_set_num_threads(bn_context_t *ctx, int32_t n)
+    bn_status_t bn_context_get_num_threads(const bn_context_t *ctx, int32_t *n)
+    bn_status_t bn_context_set_allocator(bn_context_t *ctx, bn_alloc_fn alloc, bn_free_fn free, void *user)
+
     int BN_MAX_NDIM
     uint32_t BN_FLAG_RMS
     uint32_t BN_FLAG_USE_RUNNING_STATS
     uint32_t BN_FLAG_UPDATE_RUNNING_STATS
     uint32_t BN_FLAG_RUNNING_VAR_BIASED
     uint32_t BN_FLAG_SKIP_NONFINITE
+    uint32_t BN_FLAG_GIVEN_STATS
     uint32_t BN_FLAG_ALL
 
     ctypedef struct bn_norm_desc_t:
+        uint64_t struct_size
         uint64_t reduce_axes
         uint64_t param_axes
         int32_t split_axis
@@ -93,6 +107,7 @@ cdef extern from "bncore/bncore.h" nogil:
         double eps
         double momentum
         uint32_t flags
+        uint32_t reserved2
 
     bn_status_t bn_norm_desc_init_batch(bn_norm_desc_t *desc, int32_t ndim, int32_t channel_axis, double eps)
     bn_status_t bn_norm_desc_init_layer(bn_norm_desc_t *desc, int32_t ndim, int32_t normalized_ndim, double eps)
@@ -100,15 +115,25 @@ cdef extern from "bncore/bncore.h" nogil:
     bn_status_t bn_norm_desc_init_instance(bn_norm_desc_t *desc, int32_t ndim, double eps)
     bn_status_t bn_norm_desc_init_group(bn_norm_desc_t *desc, int32_t ndim, int64_t num_groups, double eps)
 
-    bn_status_t bn_norm_forward(const bn_norm_desc_t *desc, const DLTensor *x, const DLTensor *weight,
-                                const DLTensor *bias, DLTensor *running_mean, DLTensor *running_var,
-                                DLTensor *y, DLTensor *save_mean, DLTensor *save_rstd)
-    bn_status_t bn_norm_backward(const bn_norm_desc_t *desc, const DLTensor *x, const DLTensor *dy,
-                                 const DLTensor *weight, const DLTensor *save_mean, const DLTensor *save_rstd,
-                                 DLTensor *dx, DLTensor *dweight, DLTensor *dbias)
-
-    bn_status_t bn_norm_moments(const bn_norm_desc_t *desc, const DLTensor *x, DLTensor *mean, DLTensor *m2,
-                                int64_t *count)
+    bn_status_t bn_norm_forward(bn_context_t *ctx, const bn_norm_desc_t *desc, const DLTensor *x,
+                                const DLTensor *weight, const DLTensor *bias, const DLTensor *stats_mean,
+                                const DLTensor *stats_m2, int64_t stats_count, DLTensor *running_mean,
+                                DLTensor *running_var, DLTensor *y, DLTensor *save_mean, DLTensor *save_rstd)
+    bn_status_t bn_norm_stats(bn_context_t *ctx, const bn_norm_desc_t *desc, const DLTensor *x, DLTensor *mean,
+                              DLTensor *m2, int64_t *count)
+    bn_status_t bn_moments_merge(bn_context_t *ctx, const DLTensor *count_a, const DLTensor *mean_a,
+                                 const DLTensor *m2_a, const DLTensor *count_b, const DLTensor *mean_b,
+                                 const DLTensor *m2_b, DLTensor *count, DLTensor *mean, DLTensor *m2)
+    bn_status_t bn_norm_backward(bn_context_t *ctx, const bn_norm_desc_t *desc, const DLTensor *x,
+                                 const DLTensor *dy, const DLTensor *weight, const DLTensor *save_mean,
+                                 const DLTensor *save_rstd, DLTensor *dx, DLTensor *dweight, DLTensor *dbias)
+    bn_status_t bn_norm_backward_reduce(bn_context_t *ctx, const bn_norm_desc_t *desc, const DLTensor *x,
+                                        const DLTensor *dy, const DLTensor *save_mean, const DLTensor *save_rstd,
+                                        DLTensor *sum_dy, DLTensor *sum_dy_xhat)
+    bn_status_t bn_norm_backward_apply(bn_context_t *ctx, const bn_norm_desc_t *desc, const DLTensor *x,
+                                       const DLTensor *dy, const DLTensor *weight, const DLTensor *save_mean,
+                                       const DLTensor *save_rstd, const DLTensor *sum_dy,
+                                       const DLTensor *sum_dy_xhat, int64_t count, DLTensor *dx)
 
     ctypedef struct bn_running_stats_t:
         pass
@@ -127,6 +152,7 @@ cdef extern from "bncore/bncore.h" nogil:
     bn_status_t bn_running_stats_set_factor(bn_running_stats_t *stats, double factor)
     bn_status_t bn_running_stats_update(bn_running_stats_t *stats, const DLTensor *batch_mean,
                                         const DLTensor *batch_var, int64_t n)
-    bn_status_t bn_norm_forward_stats(const bn_norm_desc_t *desc, const DLTensor *x, const DLTensor *weight,
-                                      const DLTensor *bias, bn_running_stats_t *stats, DLTensor *y,
-                                      DLTensor *save_mean, DLTensor *save_rstd)
+    bn_status_t bn_norm_forward_stats(bn_context_t *ctx, const bn_norm_desc_t *desc, const DLTensor *x,
+                                      const DLTensor *weight, const DLTensor *bias, const DLTensor *stats_mean,
+                                      const DLTensor *stats_m2, int64_t stats_count, bn_running_stats_t *stats,
+                                      DLTensor *y, DLTensor *save_mean, DLTensor *save_rstd)

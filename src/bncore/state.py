@@ -176,8 +176,10 @@ class Moments:
 
     @classmethod
     def from_batch(cls, x, axis=1):
-        """Moments of each index of ``axis`` over all other axes of ``x`` (any DLPack tensor),
-        computed by the C core in double (two-pass per piece of 2048 elements, Chan merges)."""
+        """Moments of each index of ``axis`` over all other axes of ``x`` (any DLPack tensor): the
+        numbers the forward itself computes (``bn_norm_stats``: a corrected two-pass sum per piece
+        of 2048 elements in the compute type, float64 for float64 input, pieces merged by Chan's
+        formula in double)."""
         from .functional import _axis, _Call
 
         with _Call() as call:
@@ -191,19 +193,26 @@ class Moments:
                 desc = _core.Desc.axes(0, 1, 0.0)
             else:
                 desc = _core.Desc.batch(xt.ndim, ax, 0.0)
-            count = _core.norm_moments(desc, xt, call.add(mean, "mean", True), call.add(m2, "m2", True))
+            count = _core.norm_stats(desc, xt, call.add(mean, "mean", True), call.add(m2, "m2", True))
         return cls(np.full(channels, float(count)), mean, m2)
 
     def merge(self, other: "Moments") -> "Moments":
-        """The moments of both parts' data together."""
+        """The moments of both parts' data together (Chan's formula, in C: ``bn_moments_merge``)."""
+        if not isinstance(other, Moments):
+            raise TypeError(f"merge: expected a bncore.Moments, got {type(other).__name__}")
         if self.mean.shape != other.mean.shape:
             raise ValueError(f"merge: expected moments of {self.mean.shape[0]} channels, got {other.mean.shape[0]}")
-        n = self.count + other.count
-        safe = np.where(n > 0, n, 1.0)
-        delta = other.mean - self.mean
-        mean = np.where(n > 0, self.mean + delta * (other.count / safe), 0.0)
-        m2 = self.m2 + other.m2 + delta * delta * (self.count * other.count / safe)
-        return Moments(n, mean, np.where(n > 0, m2, 0.0))
+        count, mean, m2 = np.empty_like(self.count), np.empty_like(self.mean), np.empty_like(self.m2)
+        tensors = [import_tensor(a, name, writable) for a, name, writable in (
+            (self.count, "count", False), (self.mean, "mean", False), (self.m2, "m2", False),
+            (other.count, "other.count", False), (other.mean, "other.mean", False), (other.m2, "other.m2", False),
+            (count, "count", True), (mean, "mean", True), (m2, "m2", True))]
+        try:
+            _core.moments_merge(*tensors)
+        finally:
+            for t in tensors:
+                t.release()
+        return Moments(count, mean, m2)
 
     @staticmethod
     def merge_all(parts) -> "Moments":

@@ -1,23 +1,61 @@
-/* Public entry points: validate -> plan -> dispatch (device, dtype) -> commit. */
+/*
+ * Public compute entry points: validate -> plan -> backend = table[device] -> commit.
+ *
+ * Every bn_norm_* function lives here. Each checks all of its arguments before it
+ * writes anything, builds one plan on the host and runs the steps of the backend that
+ * computes on the tensors' device. Per-group and per-parameter numbers travel as host
+ * doubles (bn_coef_t); running statistics are folded by state.c's one rule and written
+ * last, so a failing call leaves them as they were.
+ */
 #include <inttypes.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
-#include "internal.h"
+#include "backend.h"
+
+static const char *const PER_PARAM = "parameter index (the product of the parameter axes' sizes)";
+static const char *const PER_GROUP = "statistic group";
+
+/* ------------------------------------------------------------------ argument checks */
+
+/* A copy of *desc at this library's layout: fields the caller's struct_size does not cover are 0. */
+static bn_status_t read_desc(const bn_norm_desc_t *desc, bn_norm_desc_t *out) {
+  if (!desc) return bn_fail(BN_STATUS_INVALID_ARGUMENT, "desc: expected a problem description, got NULL");
+  const size_t known = sizeof *out, given = (size_t)desc->struct_size;
+  const size_t minimum = offsetof(bn_norm_desc_t, flags) + sizeof desc->flags;
+  if (given < minimum)
+    return bn_fail(BN_STATUS_INVALID_ARGUMENT,
+                   "desc.struct_size: expected at least %zu (sizeof(bn_norm_desc_t); the bn_norm_desc_init_* "
+                   "functions set it), got %zu",
+                   minimum, given);
+  if (given > known) {
+    const unsigned char *extra = (const unsigned char *)desc + known;
+    for (size_t i = 0; i < given - known; i++)
+      if (extra[i])
+        return bn_fail(BN_STATUS_INVALID_ARGUMENT,
+                       "desc: fields beyond the %zu bytes of this library's bn_norm_desc_t are set (struct_size %zu); "
+                       "they need a newer bncore",
+                       known, given);
+  }
+  memset(out, 0, sizeof *out);
+  memcpy(out, desc, given < known ? given : known);
+  out->struct_size = known;
+  return BN_STATUS_SUCCESS;
+}
 
 static bn_status_t check_desc(const bn_norm_desc_t *desc, const DLTensor *x) {
-  if (!desc) return bn_fail(BN_STATUS_INVALID_ARGUMENT, "desc: expected a problem description, got NULL");
   if (desc->flags & ~BN_FLAG_ALL)
     return bn_fail(BN_STATUS_INVALID_ARGUMENT, "desc.flags: unknown bits 0x%x", (unsigned)(desc->flags & ~BN_FLAG_ALL));
-  if (desc->reserved != 0) return bn_fail(BN_STATUS_INVALID_ARGUMENT, "desc.reserved: expected 0");
+  if (desc->reserved != 0 || desc->reserved2 != 0)
+    return bn_fail(BN_STATUS_INVALID_ARGUMENT, "desc.reserved, desc.reserved2: expected 0");
   if (!isfinite(desc->eps) || desc->eps < 0)
     return bn_fail(BN_STATUS_INVALID_ARGUMENT, "eps: expected a finite value >= 0, got %g", desc->eps);
   if ((desc->flags & BN_FLAG_UPDATE_RUNNING_STATS) && !(desc->momentum >= 0 && desc->momentum <= 1))
     return bn_fail(BN_STATUS_INVALID_ARGUMENT, "momentum: expected a value in [0, 1], got %g", desc->momentum);
-  if ((desc->flags & BN_FLAG_USE_RUNNING_STATS) && (desc->flags & BN_FLAG_UPDATE_RUNNING_STATS))
+  if ((desc->flags & BN_FLAG_USE_RUNNING_STATS) && (desc->flags & (BN_FLAG_UPDATE_RUNNING_STATS | BN_FLAG_GIVEN_STATS)))
     return bn_fail(BN_STATUS_INVALID_ARGUMENT,
-                   "desc.flags: USE_RUNNING_STATS (eval) and UPDATE_RUNNING_STATS (training) exclude each other");
+                   "desc.flags: USE_RUNNING_STATS (eval) excludes UPDATE_RUNNING_STATS and GIVEN_STATS (training)");
   if ((desc->flags & BN_FLAG_RMS) && (desc->flags & (BN_FLAG_USE_RUNNING_STATS | BN_FLAG_UPDATE_RUNNING_STATS)))
     return bn_fail(BN_STATUS_INVALID_ARGUMENT, "desc.flags: RMS normalization keeps no running statistics");
   const uint64_t axes = x->ndim >= 64 ? ~0ull : ((1ull << x->ndim) - 1);
@@ -35,28 +73,60 @@ static bn_status_t check_desc(const bn_norm_desc_t *desc, const DLTensor *x) {
   return BN_STATUS_SUCCESS;
 }
 
-/* weight / bias / running statistic / saved statistic: optional, float, CPU, `count` values */
-static bn_status_t check_small(const DLTensor *t, const char *what, int64_t count, const char *per) {
+/* A tensor the call reads or writes: float, countable, where ex computes. */
+static bn_status_t check_arg(const bn_exec_t *ex, const DLTensor *t, const char *what, bn_dtype_t *dt) {
+  bn_status_t st = bn_check_tensor(t, what, dt);
+  return st ? st : bn_check_device(ex, t, what);
+}
+
+/* weight / bias / statistics: optional, float, on the device, `count` values */
+static bn_status_t check_small(const bn_exec_t *ex, const DLTensor *t, const char *what, int64_t count,
+                               const char *per) {
   if (!t) return BN_STATUS_SUCCESS;
   bn_dtype_t dt;
-  bn_status_t st = bn_check_tensor(t, what, &dt);
+  bn_status_t st = check_arg(ex, t, what, &dt);
   return st ? st : bn_check_numel(t, what, count, per);
 }
 
+/* An operand of x's shape and dtype (y, dy, dx). */
+static bn_status_t check_like_x(const bn_exec_t *ex, const DLTensor *t, const char *what, const DLTensor *x,
+                                bn_dtype_t dt) {
+  bn_dtype_t dtt;
+  bn_status_t st;
+  if ((st = check_arg(ex, t, what, &dtt)) || (st = bn_check_same_shape(t, what, x, "x"))) return st;
+  if (dtt != dt)
+    return bn_fail(BN_STATUS_UNSUPPORTED_DTYPE, "%s: expected x's dtype %s, got %s", what, bn_dtype_name(dt),
+                   bn_dtype_name(dtt));
+  return BN_STATUS_SUCCESS;
+}
+
+/* The start of every call on x: a readable desc, a valid x, the backend of its device. */
+static bn_status_t begin(bn_context_t *ctx, const bn_norm_desc_t *desc_in, const DLTensor *x, bn_norm_desc_t *desc,
+                         bn_exec_t *ex, bn_dtype_t *dt) {
+  bn_status_t st;
+  if ((st = bn_check_tensor(x, "x", dt))) return st;
+  if ((st = read_desc(desc_in, desc)) || (st = check_desc(desc, x))) return st;
+  if ((st = bn_exec_resolve(ctx, x->device, "x", ex))) return st;
+  return bn_check_device(ex, x, "x");
+}
+
+/* ------------------------------------------------------------------ per-call host arrays */
+
 /* One allocation for every per-group and per-parameter array of a call. */
 typedef struct scratch_t {
-  double *mean, *rstd, *weight, *bias, *s1, *s2, *pa, *pb, *pc, *run_mean, *run_var;
+  double *mean, *rstd, *var, *s1, *s2, *weight, *bias, *pa, *pb, *pc, *run_mean, *run_var;
   int64_t *param_of_group;
   void *block;
 } scratch_t;
 
 static bn_status_t scratch_alloc(scratch_t *s, int64_t ng, int64_t np) {
   const size_t g = (size_t)(ng > 0 ? ng : 1), p = (size_t)(np > 0 ? np : 1);
-  s->block = calloc(4 * g + 7 * p + g, sizeof(double));
+  s->block = calloc(5 * g + 7 * p + g, sizeof(double));
   if (!s->block) return bn_fail(BN_STATUS_OUT_OF_MEMORY, "statistics for %" PRId64 " groups", ng);
   double *d = s->block;
   s->mean = d, d += g;
   s->rstd = d, d += g;
+  s->var = d, d += g;
   s->s1 = d, d += g;
   s->s2 = d, d += g;
   s->weight = d, d += p;
@@ -70,156 +140,357 @@ static bn_status_t scratch_alloc(scratch_t *s, int64_t ng, int64_t np) {
   return BN_STATUS_SUCCESS;
 }
 
-/* Sums per-group values into their parameter index, in group order (accumulates). */
-static void sum_groups_into_params(const scratch_t *s, int64_t ng, const double *by_group, double *by_param) {
-  for (int64_t g = 0; g < ng; g++) by_param[s->param_of_group[g]] += by_group[g];
+/* Optional tensors into host doubles (absent ones leave their array alone). */
+static bn_status_t gather(const bn_exec_t *ex, const DLTensor *t, double *dst) {
+  return t ? ex->backend->gather(ex, t, dst) : BN_STATUS_SUCCESS;
 }
 
-bn_status_t bn_norm_forward(const bn_norm_desc_t *desc, const DLTensor *x, const DLTensor *weight,
-                            const DLTensor *bias, DLTensor *running_mean, DLTensor *running_var, DLTensor *y,
-                            DLTensor *save_mean, DLTensor *save_rstd) {
-  bn_clear_error();
-  return bn_forward_impl(desc, x, weight, bias, running_mean, running_var, y, save_mean, save_rstd, NULL);
+static bn_status_t scatter(const bn_exec_t *ex, DLTensor *t, const double *src) {
+  return t ? ex->backend->scatter(ex, t, src) : BN_STATUS_SUCCESS;
 }
 
-bn_status_t bn_forward_impl(const bn_norm_desc_t *desc, const DLTensor *x, const DLTensor *weight,
-                            const DLTensor *bias, DLTensor *running_mean, DLTensor *running_var, DLTensor *y,
-                            DLTensor *save_mean, DLTensor *save_rstd, int *skipped) {
-  bn_dtype_t dt, dty;
+/* ------------------------------------------------------------------ forward */
+
+/* What the forward's running-statistics update does: the rule, and whether a state counts it. */
+typedef struct update_t {
+  bn_fold_rule_t rule;
+  int skipped; /* out: the rule left the batch out */
+} update_t;
+
+/* The batch value of each parameter index (the average of its groups' mean and biased variance),
+ * folded into the running statistics by the rule; all-or-nothing (computed, then written). */
+static bn_status_t fold_running(const bn_exec_t *ex, const bn_plan_t *plan, scratch_t *s, int64_t n,
+                                  DLTensor *running_mean, DLTensor *running_var, update_t *up) {
+  const int64_t ng = plan->ngroups, np = plan->nparams;
   bn_status_t st;
-  if ((st = bn_check_tensor(x, "x", &dt))) return st;
-  if ((st = check_desc(desc, x))) return st;
-  if ((st = bn_check_tensor(y, "y", &dty))) return st;
-  if ((st = bn_check_same_shape(y, "y", x, "x"))) return st;
-  if (dty != dt)
-    return bn_fail(BN_STATUS_UNSUPPORTED_DTYPE, "y: expected x's dtype %s, got %s", bn_dtype_name(dt),
-                   bn_dtype_name(dty));
+  for (int64_t p = 0; p < np; p++) s->pa[p] = s->pb[p] = s->pc[p] = 0.0;
+  for (int64_t g = 0; g < ng; g++) {
+    const int64_t p = s->param_of_group[g];
+    s->pa[p] += s->mean[g], s->pb[p] += s->var[g], s->pc[p] += 1.0;
+  }
+  for (int64_t p = 0; p < np; p++) s->pa[p] /= s->pc[p], s->pb[p] /= s->pc[p];
+  if ((st = gather(ex, running_mean, s->run_mean)) || (st = gather(ex, running_var, s->run_var))) return st;
+  up->skipped = bn_fold(&up->rule, n, np, s->pa, s->pb, s->run_mean, s->run_var);
+  if (up->skipped) return BN_STATUS_SUCCESS;
+  if ((st = scatter(ex, running_mean, s->run_mean))) return st;
+  return scatter(ex, running_var, s->run_var);
+}
+
+/* The forward behind bn_norm_forward and bn_norm_forward_stats. `up` is NULL for a plain call
+ * (the rule then comes from desc). */
+static bn_status_t forward(bn_context_t *ctx, const bn_norm_desc_t *desc_in, const DLTensor *x,
+                           const DLTensor *weight, const DLTensor *bias, const DLTensor *stats_mean,
+                           const DLTensor *stats_m2, int64_t stats_count, DLTensor *running_mean,
+                           DLTensor *running_var, DLTensor *y, DLTensor *save_mean, DLTensor *save_rstd,
+                           update_t *up) {
+  bn_norm_desc_t desc;
+  bn_exec_t ex;
+  bn_dtype_t dt;
+  bn_status_t st;
+  if ((st = begin(ctx, desc_in, x, &desc, &ex, &dt))) return st;
+  if ((st = check_like_x(&ex, y, "y", x, dt))) return st;
 
   bn_plan_t plan;
-  if ((st = bn_plan_build(desc, x, NULL, y, dt, &plan))) return st;
+  if ((st = bn_plan_build(&desc, x, NULL, y, dt, &plan))) return st;
   const int64_t ng = plan.ngroups, np = plan.nparams;
-  const uint32_t flags = desc->flags;
+  const uint32_t flags = desc.flags;
   const int use_running = (flags & BN_FLAG_USE_RUNNING_STATS) != 0;
   const int update_running = (flags & BN_FLAG_UPDATE_RUNNING_STATS) != 0;
-  const char *per_param = "parameter index (the product of the parameter axes' sizes)";
-  const char *per_group = "statistic group";
-  if ((st = check_small(weight, "weight", np, per_param)) || (st = check_small(bias, "bias", np, per_param)))
+  const int given = (flags & BN_FLAG_GIVEN_STATS) != 0;
+  if ((st = check_small(&ex, weight, "weight", np, PER_PARAM)) || (st = check_small(&ex, bias, "bias", np, PER_PARAM)))
     return st;
-  if ((st = check_small(save_mean, "save_mean", ng, per_group)) ||
-      (st = check_small(save_rstd, "save_rstd", ng, per_group)))
+  if ((st = check_small(&ex, save_mean, "save_mean", ng, PER_GROUP)) ||
+      (st = check_small(&ex, save_rstd, "save_rstd", ng, PER_GROUP)))
     return st;
+  if (given) {
+    if (!stats_mean || !stats_m2)
+      return bn_fail(BN_STATUS_INVALID_ARGUMENT, "%s: required with GIVEN_STATS, got NULL",
+                     stats_mean ? "stats_m2" : "stats_mean");
+    if ((st = check_small(&ex, stats_mean, "stats_mean", ng, PER_GROUP)) ||
+        (st = check_small(&ex, stats_m2, "stats_m2", ng, PER_GROUP)))
+      return st;
+    if (stats_count < 0)
+      return bn_fail(BN_STATUS_INVALID_ARGUMENT, "stats_count: expected the number of elements behind the "
+                     "statistics (>= 0), got %" PRId64, stats_count);
+  } else if (stats_mean || stats_m2 || stats_count) {
+    return bn_fail(BN_STATUS_INVALID_ARGUMENT,
+                   "stats_mean, stats_m2, stats_count: given without BN_FLAG_GIVEN_STATS (expected NULL, NULL, 0)");
+  }
+  const int64_t n = given ? stats_count : plan.group_size; /* elements behind each group's statistics */
   if (use_running || update_running) {
     if (!running_mean || !running_var)
       return bn_fail(BN_STATUS_INVALID_ARGUMENT, "running_mean and running_var: both required %s",
                      use_running ? "in evaluation mode (USE_RUNNING_STATS)" : "to update them (UPDATE_RUNNING_STATS)");
-    if ((st = check_small(running_mean, "running_mean", np, per_param)) ||
-        (st = check_small(running_var, "running_var", np, per_param)))
+    if ((st = check_small(&ex, running_mean, "running_mean", np, PER_PARAM)) ||
+        (st = check_small(&ex, running_var, "running_var", np, PER_PARAM)))
       return st;
     if (!plan.params_in_groups)
       return bn_fail(BN_STATUS_INVALID_ARGUMENT,
                      "running statistics: every parameter axis must separate statistic groups (not be reduced)");
-    if (update_running && !(flags & BN_FLAG_RUNNING_VAR_BIASED) && plan.group_size == 1)
+    const int biased = up ? up->rule.biased : (flags & BN_FLAG_RUNNING_VAR_BIASED) != 0;
+    if (update_running && !biased && n == 1)
       return bn_fail(BN_STATUS_INVALID_ARGUMENT,
-                     "x: expected more than 1 value per statistic group to update the unbiased running variance");
+                     "%s: expected more than 1 value per statistic group to update the unbiased running variance",
+                     given ? "stats_count" : "x");
   }
   {
     /* y may be x itself; nothing else written may share memory with anything read or written */
     const int in_out = use_running || update_running;
-    const bn_arg_t ins[] = {{x, "x"}, {weight, "weight"}, {bias, "bias"}};
+    const bn_arg_t ins[] = {{x, "x"}, {weight, "weight"}, {bias, "bias"}, {stats_mean, "stats_mean"},
+                            {stats_m2, "stats_m2"}};
     const bn_arg_t outs[] = {{y, "y"}, {save_mean, "save_mean"}, {save_rstd, "save_rstd"},
                              {in_out ? running_mean : NULL, "running_mean"},
                              {in_out ? running_var : NULL, "running_var"}};
     const int alias[] = {0, -1, -1, -1, -1};
-    if ((st = bn_check_no_overlap(outs, 5, alias, ins, 3))) return st;
+    if ((st = bn_check_no_overlap(outs, 5, alias, ins, 5))) return st;
   }
 
   scratch_t s;
   if ((st = scratch_alloc(&s, ng, np))) return st;
-  if (weight) bn_gather_f64(weight, s.weight);
-  if (bias) bn_gather_f64(bias, s.bias);
+  if ((st = gather(&ex, weight, s.weight)) || (st = gather(&ex, bias, s.bias))) goto done;
   if (plan.params_in_groups) bn_plan_group_params(&plan, s.param_of_group);
-  bn_coef_t coef = {.mean = s.mean, .rstd = s.rstd, .var = s.s1, .weight = weight ? s.weight : NULL,
+  bn_coef_t coef = {.mean = s.mean, .rstd = s.rstd, .var = s.var, .weight = weight ? s.weight : NULL,
                     .bias = bias ? s.bias : NULL, .param_of_group = plan.params_in_groups ? s.param_of_group : NULL,
-                    .eps = desc->eps, .rms = (flags & BN_FLAG_RMS) != 0};
+                    .eps = desc.eps, .rms = (flags & BN_FLAG_RMS) != 0};
   if (use_running) {
-    bn_gather_f64(running_mean, s.run_mean);
-    bn_gather_f64(running_var, s.run_var);
+    if ((st = gather(&ex, running_mean, s.run_mean)) || (st = gather(&ex, running_var, s.run_var))) goto done;
     for (int64_t g = 0; g < ng; g++) {
       const int64_t p = s.param_of_group[g];
       s.mean[g] = s.run_mean[p];
-      s.rstd[g] = 1.0 / sqrt(s.run_var[p] + desc->eps);
+      s.rstd[g] = 1.0 / sqrt(s.run_var[p] + desc.eps);
     }
+  } else if (given) {
+    if ((st = gather(&ex, stats_mean, s.mean)) || (st = gather(&ex, stats_m2, s.var))) goto done;
+    for (int64_t g = 0; g < ng; g++) bn_finish_stats(&coef, g, (double)n);
   }
-  if ((st = bn_cpu_forward(&plan, &coef, !use_running))) goto done;
-  if (save_mean) bn_scatter_f64(save_mean, s.mean);
-  if (save_rstd) bn_scatter_f64(save_rstd, s.rstd);
+  if ((st = ex.backend->forward(&ex, &plan, &coef, !use_running && !given))) goto done;
+  if ((st = scatter(&ex, save_mean, s.mean)) || (st = scatter(&ex, save_rstd, s.rstd))) goto done;
 
-  if (skipped) *skipped = 0;
-  if (update_running && plan.group_size > 0) {
-    /* all-or-nothing: the new values are computed in full, then written. The batch value
-     * of a parameter index is the average over its groups (one group each in batch norm). */
-    const double n = (double)plan.group_size;
-    const double unbias = (flags & BN_FLAG_RUNNING_VAR_BIASED) ? 1.0 : n / (n - 1.0);
-    for (int64_t p = 0; p < np; p++) s.pa[p] = s.pb[p] = s.pc[p] = 0.0;
-    sum_groups_into_params(&s, ng, s.mean, s.pa);
-    sum_groups_into_params(&s, ng, s.s1, s.pb);
-    for (int64_t g = 0; g < ng; g++) s.pc[s.param_of_group[g]] += 1.0;
-    for (int64_t p = 0; p < np; p++) s.pa[p] /= s.pc[p], s.pb[p] /= s.pc[p];
-    if ((flags & BN_FLAG_SKIP_NONFINITE) && !(bn_all_finite(s.pa, np) && bn_all_finite(s.pb, np))) {
-      if (skipped) *skipped = 1;
-    } else {
-      bn_gather_f64(running_mean, s.run_mean);
-      bn_gather_f64(running_var, s.run_var);
-      bn_fold_running(s.run_mean, s.run_var, s.pa, s.pb, np, desc->momentum, unbias);
-      bn_scatter_f64(running_mean, s.run_mean);
-      bn_scatter_f64(running_var, s.run_var);
-    }
+  if (update_running && n > 0) {
+    update_t plain = {.rule = {desc.momentum, (flags & BN_FLAG_RUNNING_VAR_BIASED) != 0,
+                               (flags & BN_FLAG_SKIP_NONFINITE) != 0}, .skipped = 0};
+    st = fold_running(&ex, &plan, &s, n, running_mean, running_var, up ? up : &plain);
   }
 done:
   free(s.block);
   return st;
 }
 
-bn_status_t bn_norm_backward(const bn_norm_desc_t *desc_in, const DLTensor *x, const DLTensor *dy,
-                             const DLTensor *weight, const DLTensor *save_mean, const DLTensor *save_rstd,
-                             DLTensor *dx, DLTensor *dweight, DLTensor *dbias) {
+bn_status_t bn_norm_forward(bn_context_t *ctx, const bn_norm_desc_t *desc, const DLTensor *x, const DLTensor *weight,
+                            const DLTensor *bias, const DLTensor *stats_mean, const DLTensor *stats_m2,
+                            int64_t stats_count, DLTensor *running_mean, DLTensor *running_var, DLTensor *y,
+                            DLTensor *save_mean, DLTensor *save_rstd) {
   bn_clear_error();
-  bn_dtype_t dt, dt2;
+  return forward(ctx, desc, x, weight, bias, stats_mean, stats_m2, stats_count, running_mean, running_var, y,
+                 save_mean, save_rstd, NULL);
+}
+
+bn_status_t bn_norm_forward_stats(bn_context_t *ctx, const bn_norm_desc_t *desc, const DLTensor *x,
+                                  const DLTensor *weight, const DLTensor *bias, const DLTensor *stats_mean,
+                                  const DLTensor *stats_m2, int64_t stats_count, bn_running_stats_t *state,
+                                  DLTensor *y, DLTensor *save_mean, DLTensor *save_rstd) {
+  bn_clear_error();
+  if (!state) return bn_fail(BN_STATUS_INVALID_ARGUMENT, "stats: expected a running-statistics state, got NULL");
+  bn_norm_desc_t d;
+  bn_status_t st = read_desc(desc, &d);
+  if (st) return st;
+  const int update = (d.flags & BN_FLAG_UPDATE_RUNNING_STATS) != 0;
+  const int uses = update || (d.flags & BN_FLAG_USE_RUNNING_STATS);
+  update_t up = {.skipped = 0};
+  DLTensor tm, tv;
+  bn_running_stats_bind(state, &tm, &tv, &up.rule);
+  /* the state's rule replaces the description's: its factor, variance convention, non-finite policy */
+  d.flags &= ~(BN_FLAG_RUNNING_VAR_BIASED | BN_FLAG_SKIP_NONFINITE);
+  d.momentum = update ? up.rule.factor : 0.0;
+  if ((st = forward(ctx, &d, x, weight, bias, stats_mean, stats_m2, stats_count, uses ? &tm : NULL,
+                    uses ? &tv : NULL, y, save_mean, save_rstd, &up)))
+    return st;
+  if (update) bn_running_stats_count(state, up.skipped);
+  return BN_STATUS_SUCCESS;
+}
+
+/* ------------------------------------------------------------------ statistics and merges */
+
+bn_status_t bn_norm_stats(bn_context_t *ctx, const bn_norm_desc_t *desc_in, const DLTensor *x, DLTensor *mean,
+                          DLTensor *m2, int64_t *count) {
+  bn_clear_error();
+  bn_norm_desc_t desc;
+  bn_exec_t ex;
+  bn_dtype_t dt;
   bn_status_t st;
   if ((st = bn_check_tensor(x, "x", &dt))) return st;
-  if (!desc_in) return bn_fail(BN_STATUS_INVALID_ARGUMENT, "desc: expected a problem description, got NULL");
-  /* the running-statistics update and its momentum belong to the forward: ignored here */
-  bn_norm_desc_t backward_desc = *desc_in;
-  const bn_norm_desc_t *desc = &backward_desc;
-  backward_desc.flags &= ~(BN_FLAG_UPDATE_RUNNING_STATS | BN_FLAG_RUNNING_VAR_BIASED | BN_FLAG_SKIP_NONFINITE);
-  backward_desc.momentum = 0.0;
-  if ((st = check_desc(desc, x))) return st;
-  if ((st = bn_check_tensor(dy, "grad_output", &dt2))) return st;
-  if ((st = bn_check_same_shape(dy, "grad_output", x, "x"))) return st;
-  if (dt2 != dt)
-    return bn_fail(BN_STATUS_UNSUPPORTED_DTYPE, "grad_output: expected x's dtype %s, got %s", bn_dtype_name(dt),
-                   bn_dtype_name(dt2));
-  if (dx) {
-    if ((st = bn_check_tensor(dx, "grad_input", &dt2))) return st;
-    if ((st = bn_check_same_shape(dx, "grad_input", x, "x"))) return st;
-    if (dt2 != dt)
-      return bn_fail(BN_STATUS_UNSUPPORTED_DTYPE, "grad_input: expected x's dtype %s, got %s", bn_dtype_name(dt),
-                     bn_dtype_name(dt2));
-  }
+  if ((st = read_desc(desc_in, &desc))) return st;
+  desc.flags = 0, desc.eps = 0.0, desc.momentum = 0.0; /* only the axes matter here */
+  if ((st = check_desc(&desc, x))) return st;
+  if ((st = bn_exec_resolve(ctx, x->device, "x", &ex)) || (st = bn_check_device(&ex, x, "x"))) return st;
+  if (!mean || !m2) return bn_fail(BN_STATUS_INVALID_ARGUMENT, "%s: required, got NULL", mean ? "m2" : "mean");
   bn_plan_t plan;
-  if ((st = bn_plan_build(desc, x, dy, dx, dt, &plan))) return st;
-  const int64_t ng = plan.ngroups, np = plan.nparams;
-  const int rms = (desc->flags & BN_FLAG_RMS) != 0;
-  const int training = !(desc->flags & BN_FLAG_USE_RUNNING_STATS);
-  const char *per_param = "parameter index (the product of the parameter axes' sizes)";
-  if ((st = check_small(weight, "weight", np, per_param)) || (st = check_small(dweight, "grad_weight", np, per_param)) ||
-      (st = check_small(dbias, "grad_bias", np, per_param)))
+  if ((st = bn_plan_build(&desc, x, NULL, NULL, dt, &plan))) return st;
+  if ((st = check_small(&ex, mean, "mean", plan.ngroups, PER_GROUP)) ||
+      (st = check_small(&ex, m2, "m2", plan.ngroups, PER_GROUP)))
     return st;
+  const bn_arg_t ins[] = {{x, "x"}};
+  const bn_arg_t outs[] = {{mean, "mean"}, {m2, "m2"}};
+  const int alias[] = {-1, -1};
+  if ((st = bn_check_no_overlap(outs, 2, alias, ins, 1))) return st;
+  scratch_t s;
+  if ((st = scratch_alloc(&s, plan.ngroups, plan.nparams))) return st;
+  bn_coef_t coef = {.mean = s.mean, .var = s.var};
+  if (!(st = ex.backend->stats(&ex, &plan, &coef)) && !(st = scatter(&ex, mean, s.mean)) &&
+      !(st = scatter(&ex, m2, s.var)) && count)
+    *count = plan.group_size;
+  free(s.block);
+  return st;
+}
+
+/* A count tensor of a merge: float, finite values >= 0, n or 1 of them. */
+static bn_status_t check_count(const bn_exec_t *ex, const DLTensor *t, const char *what, int64_t n, int64_t *len) {
+  bn_dtype_t dt;
+  bn_status_t st = check_arg(ex, t, what, &dt);
+  if (st) return st;
+  *len = bn_numel(t);
+  if (*len != n && *len != 1)
+    return bn_fail(BN_STATUS_SHAPE_MISMATCH, "%s: expected %" PRId64 " values (one per entry) or 1, got %" PRId64, what,
+                   n, *len);
+  return BN_STATUS_SUCCESS;
+}
+
+bn_status_t bn_moments_merge(bn_context_t *ctx, const DLTensor *count_a, const DLTensor *mean_a, const DLTensor *m2_a,
+                             const DLTensor *count_b, const DLTensor *mean_b, const DLTensor *m2_b, DLTensor *count,
+                             DLTensor *mean, DLTensor *m2) {
+  bn_clear_error();
+  bn_exec_t ex;
+  bn_dtype_t dt;
+  bn_status_t st;
+  if ((st = bn_check_tensor(mean_a, "mean_a", &dt))) return st;
+  if ((st = bn_exec_resolve(ctx, mean_a->device, "mean_a", &ex))) return st;
+  const int64_t n = bn_numel(mean_a);
+  const char *per = "entry of mean_a";
+  if ((st = check_small(&ex, mean_a, "mean_a", n, per)) || (st = check_small(&ex, m2_a, "m2_a", n, per)) ||
+      (st = check_small(&ex, mean_b, "mean_b", n, per)) || (st = check_small(&ex, m2_b, "m2_b", n, per)) ||
+      (st = check_small(&ex, mean, "mean", n, per)) || (st = check_small(&ex, m2, "m2", n, per)))
+    return st;
+  if (!m2_a || !mean_b || !m2_b || !mean || !m2 || !count_a || !count_b)
+    return bn_fail(BN_STATUS_INVALID_ARGUMENT, "%s: required, got NULL",
+                   !count_a ? "count_a" : !m2_a ? "m2_a" : !count_b ? "count_b" : !mean_b ? "mean_b"
+                   : !m2_b ? "m2_b" : !mean ? "mean" : "m2");
+  int64_t la, lb, lo = 0;
+  if ((st = check_count(&ex, count_a, "count_a", n, &la)) || (st = check_count(&ex, count_b, "count_b", n, &lb)))
+    return st;
+  if (count && (st = check_count(&ex, count, "count", n, &lo))) return st;
+  if (count && lo == 1 && n != 1 && (la != 1 || lb != 1))
+    return bn_fail(BN_STATUS_SHAPE_MISMATCH, "count: expected %" PRId64 " values, since count_a or count_b has one "
+                   "per entry; got 1", n);
+  {
+    /* each output may be its own a- or b-side input exactly (in-place accumulation) */
+    const bn_arg_t outs[] = {{count, "count"}, {mean, "mean"}, {m2, "m2"}};
+    const bn_arg_t ins[] = {{count_a, "count_a"}, {mean_a, "mean_a"}, {m2_a, "m2_a"},
+                            {count_b, "count_b"}, {mean_b, "mean_b"}, {m2_b, "m2_b"}};
+    for (int i = 0; i < 3; i++) {
+      for (int j = 0; j < 6; j++)
+        if ((st = bn_check_overlap(outs[i].t, outs[i].name, ins[j].t, ins[j].name, j % 3 == i))) return st;
+      for (int j = 0; j < i; j++)
+        if ((st = bn_check_overlap(outs[i].t, outs[i].name, outs[j].t, outs[j].name, 0))) return st;
+    }
+  }
+  const size_t len = (size_t)(n > 0 ? n : 1);
+  double *buf = malloc(7 * len * sizeof *buf);
+  if (!buf) return bn_fail(BN_STATUS_OUT_OF_MEMORY, "moments of %" PRId64 " entries", n);
+  double *ca = buf, *ma = ca + len, *qa = ma + len, *cb = qa + len, *mb = cb + len, *qb = mb + len, *tmp = qb + len;
+  if ((st = gather(&ex, count_a, ca)) || (st = gather(&ex, mean_a, ma)) || (st = gather(&ex, m2_a, qa)) ||
+      (st = gather(&ex, count_b, cb)) || (st = gather(&ex, mean_b, mb)) || (st = gather(&ex, m2_b, qb)))
+    goto done;
+  for (int64_t i = 0; i < (la > lb ? la : lb); i++) {
+    const double a = ca[la == 1 ? 0 : i], b = cb[lb == 1 ? 0 : i];
+    if (!(isfinite(a) && a >= 0 && isfinite(b) && b >= 0)) {
+      st = bn_fail(BN_STATUS_INVALID_ARGUMENT, "count_a, count_b: expected finite counts >= 0, got %g and %g at "
+                   "entry %" PRId64, a, b, i);
+      goto done;
+    }
+  }
+  for (int64_t i = 0; i < n; i++) {
+    tmp[i] = ca[la == 1 ? 0 : i];
+    bn_chan_merge(&tmp[i], &ma[i], &qa[i], cb[lb == 1 ? 0 : i], mb[i], qb[i]);
+    if (tmp[i] == 0.0) ma[i] = qa[i] = 0.0;
+  }
+  if (count && lo == 1) tmp[0] = ca[0] + cb[0]; /* one count for every entry */
+  if ((st = scatter(&ex, mean, ma)) || (st = scatter(&ex, m2, qa))) goto done;
+  if (count) st = scatter(&ex, count, tmp);
+done:
+  free(buf);
+  return st;
+}
+
+/* ------------------------------------------------------------------ backward */
+
+/* The checks and host arrays every backward entry shares. */
+typedef struct backward_call_t {
+  bn_exec_t ex;
+  bn_plan_t plan;
+  bn_norm_desc_t desc;
+  scratch_t s;
+  bn_coef_t coef;
+  int training;
+} backward_call_t;
+
+static bn_status_t backward_begin(bn_context_t *ctx, const bn_norm_desc_t *desc_in, const DLTensor *x,
+                                  const DLTensor *dy, const DLTensor *weight, const DLTensor *save_mean,
+                                  const DLTensor *save_rstd, DLTensor *dx, backward_call_t *B) {
+  bn_dtype_t dt;
+  bn_status_t st;
+  B->s.block = NULL;
+  if ((st = bn_check_tensor(x, "x", &dt))) return st;
+  if ((st = read_desc(desc_in, &B->desc))) return st;
+  /* the running-statistics update, its momentum and given statistics belong to the forward: ignored here */
+  B->desc.flags &= ~(BN_FLAG_UPDATE_RUNNING_STATS | BN_FLAG_RUNNING_VAR_BIASED | BN_FLAG_SKIP_NONFINITE |
+                     BN_FLAG_GIVEN_STATS);
+  B->desc.momentum = 0.0;
+  if ((st = check_desc(&B->desc, x))) return st;
+  if ((st = bn_exec_resolve(ctx, x->device, "x", &B->ex)) || (st = bn_check_device(&B->ex, x, "x"))) return st;
+  if ((st = check_like_x(&B->ex, dy, "grad_output", x, dt))) return st;
+  if (dx && (st = check_like_x(&B->ex, dx, "grad_input", x, dt))) return st;
+  if ((st = bn_plan_build(&B->desc, x, dy, dx, dt, &B->plan))) return st;
+  const int64_t ng = B->plan.ngroups, np = B->plan.nparams;
+  const int rms = (B->desc.flags & BN_FLAG_RMS) != 0;
+  B->training = !(B->desc.flags & BN_FLAG_USE_RUNNING_STATS);
+  if ((st = check_small(&B->ex, weight, "weight", np, PER_PARAM))) return st;
   if (!save_rstd || (!save_mean && !rms))
     return bn_fail(BN_STATUS_INVALID_ARGUMENT, "%s: required for the backward pass, got NULL",
                    save_rstd ? "save_mean" : "save_rstd");
-  if ((st = check_small(save_mean, "save_mean", ng, "statistic group")) ||
-      (st = check_small(save_rstd, "save_rstd", ng, "statistic group")))
+  if ((st = check_small(&B->ex, save_mean, "save_mean", ng, PER_GROUP)) ||
+      (st = check_small(&B->ex, save_rstd, "save_rstd", ng, PER_GROUP)))
+    return st;
+  return BN_STATUS_SUCCESS;
+}
+
+/* After the overlap checks: the host arrays, filled from weight and the saved statistics. */
+static bn_status_t backward_load(backward_call_t *B, const DLTensor *weight, const DLTensor *save_mean,
+                                 const DLTensor *save_rstd) {
+  bn_status_t st;
+  const int rms = (B->desc.flags & BN_FLAG_RMS) != 0;
+  if ((st = scratch_alloc(&B->s, B->plan.ngroups, B->plan.nparams))) return st;
+  scratch_t *s = &B->s;
+  if ((st = gather(&B->ex, weight, s->weight))) return st;
+  if (!rms && (st = gather(&B->ex, save_mean, s->mean))) return st;
+  if ((st = gather(&B->ex, save_rstd, s->rstd))) return st;
+  if (B->plan.params_in_groups) bn_plan_group_params(&B->plan, s->param_of_group);
+  B->coef = (bn_coef_t){.mean = s->mean, .rstd = s->rstd, .weight = weight ? s->weight : NULL,
+                        .param_of_group = B->plan.params_in_groups ? s->param_of_group : NULL, .sum_dy = s->s1,
+                        .sum_dyx = s->s2,
+                        .inv_n = B->plan.group_size > 0 ? 1.0 / (double)B->plan.group_size : 0.0, .rms = rms};
+  return BN_STATUS_SUCCESS;
+}
+
+bn_status_t bn_norm_backward(bn_context_t *ctx, const bn_norm_desc_t *desc, const DLTensor *x, const DLTensor *dy,
+                             const DLTensor *weight, const DLTensor *save_mean, const DLTensor *save_rstd,
+                             DLTensor *dx, DLTensor *dweight, DLTensor *dbias) {
+  bn_clear_error();
+  backward_call_t B;
+  bn_status_t st;
+  if ((st = backward_begin(ctx, desc, x, dy, weight, save_mean, save_rstd, dx, &B))) return st;
+  const int64_t np = B.plan.nparams;
+  if ((st = check_small(&B.ex, dweight, "grad_weight", np, PER_PARAM)) ||
+      (st = check_small(&B.ex, dbias, "grad_bias", np, PER_PARAM)))
     return st;
   {
     /* grad_input may be grad_output itself; no other sharing */
@@ -229,53 +500,94 @@ bn_status_t bn_norm_backward(const bn_norm_desc_t *desc_in, const DLTensor *x, c
     const int alias[] = {1, -1, -1};
     if ((st = bn_check_no_overlap(outs, 3, alias, ins, 5))) return st;
   }
-
-  scratch_t s;
-  if ((st = scratch_alloc(&s, ng, np))) return st;
-  if (weight) bn_gather_f64(weight, s.weight);
-  if (save_mean && !rms) bn_gather_f64(save_mean, s.mean);
-  bn_gather_f64(save_rstd, s.rstd);
-  if (plan.params_in_groups) bn_plan_group_params(&plan, s.param_of_group);
-  bn_coef_t coef = {.mean = s.mean, .rstd = s.rstd, .weight = weight ? s.weight : NULL,
-                    .param_of_group = plan.params_in_groups ? s.param_of_group : NULL, .sum_dy = s.s1,
-                    .sum_dyx = s.s2, .inv_n = plan.group_size > 0 ? 1.0 / (double)plan.group_size : 0.0,
-                    .rms = rms};
-  if ((st = bn_cpu_backward(&plan, &coef, training, dweight ? s.pa : NULL, dbias ? s.pb : NULL))) goto done;
-  if (dweight) bn_scatter_f64(dweight, s.pa);
-  if (dbias) bn_scatter_f64(dbias, s.pb);
+  if ((st = backward_load(&B, weight, save_mean, save_rstd))) goto done;
+  if ((st = B.ex.backend->backward(&B.ex, &B.plan, &B.coef, B.training, dweight ? B.s.pa : NULL,
+                                   dbias ? B.s.pb : NULL)))
+    goto done;
+  if ((st = scatter(&B.ex, dweight, B.s.pa))) goto done;
+  st = scatter(&B.ex, dbias, B.s.pb);
 done:
-  free(s.block);
+  free(B.s.block);
   return st;
 }
 
-bn_status_t bn_norm_moments(const bn_norm_desc_t *desc_in, const DLTensor *x, DLTensor *mean, DLTensor *m2,
-                            int64_t *count) {
+bn_status_t bn_norm_backward_reduce(bn_context_t *ctx, const bn_norm_desc_t *desc, const DLTensor *x,
+                                    const DLTensor *dy, const DLTensor *save_mean, const DLTensor *save_rstd,
+                                    DLTensor *sum_dy, DLTensor *sum_dy_xhat) {
   bn_clear_error();
-  bn_dtype_t dt;
+  backward_call_t B;
   bn_status_t st;
-  if ((st = bn_check_tensor(x, "x", &dt))) return st;
-  if (!desc_in) return bn_fail(BN_STATUS_INVALID_ARGUMENT, "desc: expected a problem description, got NULL");
-  bn_norm_desc_t desc = *desc_in; /* only the axes matter here */
-  desc.flags = 0, desc.eps = 0.0, desc.momentum = 0.0;
-  if ((st = check_desc(&desc, x))) return st;
-  if (!mean || !m2) return bn_fail(BN_STATUS_INVALID_ARGUMENT, "%s: required, got NULL", mean ? "m2" : "mean");
-  bn_plan_t plan;
-  if ((st = bn_plan_build(&desc, x, NULL, NULL, dt, &plan))) return st;
-  if ((st = check_small(mean, "mean", plan.ngroups, "statistic group")) ||
-      (st = check_small(m2, "m2", plan.ngroups, "statistic group")))
+  if ((st = backward_begin(ctx, desc, x, dy, NULL, save_mean, save_rstd, NULL, &B))) return st;
+  const int64_t np = B.plan.nparams;
+  if ((st = check_small(&B.ex, sum_dy, "sum_dy", np, PER_PARAM)) ||
+      (st = check_small(&B.ex, sum_dy_xhat, "sum_dy_xhat", np, PER_PARAM)))
     return st;
-  const bn_arg_t ins[] = {{x, "x"}};
-  const bn_arg_t outs[] = {{mean, "mean"}, {m2, "m2"}};
-  const int alias[] = {-1, -1};
-  if ((st = bn_check_no_overlap(outs, 2, alias, ins, 1))) return st;
-  scratch_t s;
-  if ((st = scratch_alloc(&s, plan.ngroups, plan.nparams))) return st;
-  bn_coef_t coef = {.mean = s.mean, .var = s.s1};
-  if (!(st = bn_cpu_moments(&plan, &coef))) {
-    bn_scatter_f64(mean, s.mean);
-    bn_scatter_f64(m2, s.s1);
-    if (count) *count = plan.group_size;
+  {
+    const bn_arg_t ins[] = {{x, "x"}, {dy, "grad_output"}, {save_mean, "save_mean"}, {save_rstd, "save_rstd"}};
+    const bn_arg_t outs[] = {{sum_dy, "sum_dy"}, {sum_dy_xhat, "sum_dy_xhat"}};
+    const int alias[] = {-1, -1};
+    if ((st = bn_check_no_overlap(outs, 2, alias, ins, 4))) return st;
   }
-  free(s.block);
+  if ((st = backward_load(&B, NULL, save_mean, save_rstd))) goto done;
+  /* parameter sums only: the group sums of the training dx come in step 2 from these */
+  if ((st = B.ex.backend->backward_reduce(&B.ex, &B.plan, &B.coef, 0, sum_dy_xhat ? B.s.pa : NULL,
+                                          sum_dy ? B.s.pb : NULL)))
+    goto done;
+  if ((st = scatter(&B.ex, sum_dy_xhat, B.s.pa))) goto done;
+  st = scatter(&B.ex, sum_dy, B.s.pb);
+done:
+  free(B.s.block);
+  return st;
+}
+
+bn_status_t bn_norm_backward_apply(bn_context_t *ctx, const bn_norm_desc_t *desc, const DLTensor *x,
+                                   const DLTensor *dy, const DLTensor *weight, const DLTensor *save_mean,
+                                   const DLTensor *save_rstd, const DLTensor *sum_dy, const DLTensor *sum_dy_xhat,
+                                   int64_t count, DLTensor *dx) {
+  bn_clear_error();
+  backward_call_t B;
+  bn_status_t st;
+  if (!dx) return bn_fail(BN_STATUS_INVALID_ARGUMENT, "grad_input: expected a tensor to write, got NULL");
+  if ((st = backward_begin(ctx, desc, x, dy, weight, save_mean, save_rstd, dx, &B))) return st;
+  const int64_t ng = B.plan.ngroups, np = B.plan.nparams;
+  const int rms = (B.desc.flags & BN_FLAG_RMS) != 0;
+  if (B.training) {
+    if (!B.plan.params_in_groups || ng != np)
+      return bn_fail(BN_STATUS_INVALID_ARGUMENT,
+                     "desc: the training backward from parameter sums needs one statistic group per parameter index "
+                     "(the parameter axes exactly the non-reduced axes, as in batch norm); got %" PRId64
+                     " groups and %" PRId64 " parameter indices; use bn_norm_backward",
+                     ng, np);
+    if (!sum_dy_xhat || (!sum_dy && !rms))
+      return bn_fail(BN_STATUS_INVALID_ARGUMENT, "%s: required in training, got NULL",
+                     sum_dy_xhat ? "sum_dy" : "sum_dy_xhat");
+    if (count < 1 && B.plan.numel > 0)
+      return bn_fail(BN_STATUS_INVALID_ARGUMENT, "count: expected the number of elements behind the sums (> 0), "
+                     "got %" PRId64, count);
+    if ((st = check_small(&B.ex, sum_dy, "sum_dy", np, PER_PARAM)) ||
+        (st = check_small(&B.ex, sum_dy_xhat, "sum_dy_xhat", np, PER_PARAM)))
+      return st;
+  }
+  {
+    const bn_arg_t ins[] = {{x, "x"}, {dy, "grad_output"}, {weight, "weight"}, {save_mean, "save_mean"},
+                            {save_rstd, "save_rstd"}, {sum_dy, "sum_dy"}, {sum_dy_xhat, "sum_dy_xhat"}};
+    const bn_arg_t outs[] = {{dx, "grad_input"}};
+    const int alias[] = {1};
+    if ((st = bn_check_no_overlap(outs, 1, alias, ins, 7))) return st;
+  }
+  if ((st = backward_load(&B, weight, save_mean, save_rstd))) goto done;
+  if (B.training) {
+    scratch_t *s = &B.s;
+    if ((!rms && (st = gather(&B.ex, sum_dy, s->pb))) || (st = gather(&B.ex, sum_dy_xhat, s->pa))) goto done;
+    for (int64_t g = 0; g < ng; g++) { /* the group sums of dy*w and dy*w*xhat */
+      const int64_t p = s->param_of_group[g];
+      const double w = B.coef.weight ? B.coef.weight[p] : 1.0;
+      s->s1[g] = rms ? 0.0 : w * s->pb[p], s->s2[g] = w * s->pa[p];
+    }
+    B.coef.inv_n = count > 0 ? 1.0 / (double)count : 0.0;
+  }
+  st = B.ex.backend->backward_apply(&B.ex, &B.plan, &B.coef, B.training);
+done:
+  free(B.s.block);
   return st;
 }

@@ -2,6 +2,7 @@
 #ifndef BNCORE_INTERNAL_H
 #define BNCORE_INTERNAL_H
 
+#include <math.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -37,8 +38,12 @@ int64_t bn_stride(const DLTensor *t, int32_t d);
 /* Address of element 0. */
 char *bn_base(const DLTensor *t);
 
-/* A CPU tensor of float dtype with ndim in [0, BN_MAX_NDIM]. */
+/* A tensor of float dtype with ndim in [0, BN_MAX_NDIM] and countable elements (device: see backend.h). */
 bn_status_t bn_check_tensor(const DLTensor *t, const char *what, bn_dtype_t *dt);
+/* Memory the CPU reads directly: plain, pinned (cuda_host) and managed (cuda_managed). */
+int bn_is_host(DLDevice device);
+/* UNSUPPORTED_DEVICE naming `what` unless t lives in host memory. */
+bn_status_t bn_check_host(const DLTensor *t, const char *what);
 /* Same shape as `ref`. */
 bn_status_t bn_check_same_shape(const DLTensor *t, const char *what, const DLTensor *ref, const char *refname);
 /* One value per index: numel must equal `count`. */
@@ -56,23 +61,34 @@ typedef struct bn_arg_t {
  * exactly when alias[i] >= 0. */
 bn_status_t bn_check_no_overlap(const bn_arg_t *outs, int nouts, const int *alias, const bn_arg_t *ins, int nins);
 
-/* Reads a small tensor (parameters, statistics) of any float dtype and strides into
+/* Reads a small host tensor (parameters, statistics) of any float dtype and strides into
  * `dst` (numel doubles), in row-major order of its own shape. */
 void bn_gather_f64(const DLTensor *t, double *dst);
-/* Writes `src` (numel doubles) into a small tensor, rounding to its dtype. */
+/* Writes `src` (numel doubles) into a small host tensor, rounding to its dtype. */
 void bn_scatter_f64(DLTensor *t, const double *src);
 
-/* ------------------------------------------------------------------ running statistics (state.c, api.c) */
+/* ------------------------------------------------------------------ running statistics (state.c) */
 
-/* run = (1 - factor) * run + factor * batch, the variance times `unbias` first. */
-void bn_fold_running(double *run_mean, double *run_var, const double *batch_mean, const double *batch_var,
-                     int64_t n, double factor, double unbias);
-int bn_all_finite(const double *v, int64_t n);
-/* bn_norm_forward; *skipped (may be NULL) says whether BN_FLAG_SKIP_NONFINITE left the
- * running statistics untouched. */
-bn_status_t bn_forward_impl(const bn_norm_desc_t *desc, const DLTensor *x, const DLTensor *weight,
-                            const DLTensor *bias, DLTensor *running_mean, DLTensor *running_var, DLTensor *y,
-                            DLTensor *save_mean, DLTensor *save_rstd, int *skipped);
+/* How a batch is folded into running statistics: stored = (1 - factor) * stored + factor * batch,
+ * the variance unbiased by n / (n - 1) unless `biased`; with `skip_nonfinite` a batch whose
+ * statistics are not all finite is left out. */
+typedef struct bn_fold_rule_t {
+  double factor;
+  int biased;
+  int skip_nonfinite;
+} bn_fold_rule_t;
+
+/* Folds per-index batch means and biased variances of n values each into run_mean / run_var
+ * (np doubles each, updated in place). Returns 1 when the rule skipped the batch (nothing
+ * written), else 0. */
+int bn_fold(const bn_fold_rule_t *rule, int64_t n, int64_t np, const double *batch_mean, const double *batch_var,
+            double *run_mean, double *run_var);
+
+/* A state's arrays as CPU tensors and the rule of its next update (factor by its convention). */
+void bn_running_stats_bind(bn_running_stats_t *s, DLTensor *mean, DLTensor *var, bn_fold_rule_t *rule);
+int64_t bn_running_stats_features(const bn_running_stats_t *s);
+/* Counts one update (or one skipped batch). */
+void bn_running_stats_count(bn_running_stats_t *s, int skipped);
 
 /* ------------------------------------------------------------------ plan (plan.c) */
 
@@ -94,6 +110,16 @@ typedef struct bn_dim_t {
  * x's strides, size-1 dims dropped, mergeable neighbours merged, negative
  * strides flipped. The last dim is the row that inner loops run along.
  */
+/* How a backend walks a problem; the plan decides, from the shape alone. */
+typedef enum bn_path_t {
+  BN_PATH_EMPTY = 0,   /* no elements: statistics are zero, nothing is read */
+  BN_PATH_FUSED,       /* each group's data fits in cache: reduce it, then apply while it is there */
+  BN_PATH_TWO_PHASE    /* a blocked reduction over the whole tensor, then an apply pass */
+} bn_path_t;
+
+/* A group whose operands take at most this many bytes is fused (half of a typical L2). */
+#define BN_FUSE_BYTES (1 << 20)
+
 typedef struct bn_plan_t {
   int ndim;
   bn_dim_t dim[BN_MAX_CANON];
@@ -105,6 +131,9 @@ typedef struct bn_plan_t {
   int64_t group_size;     /* elements per group */
   int64_t nparams;        /* number of parameter indices */
   int params_in_groups;   /* every parameter axis separates groups: p is a function of g */
+  int row_across_groups;  /* the innermost dim runs across groups (channels-last), not within one */
+  bn_path_t forward_path; /* for the forward's 2 operands (x, y); statistics follow it too */
+  bn_path_t backward_path;/* for the backward's 3 operands (x, dy, dx) */
 } bn_plan_t;
 
 /* Builds the plan for x (and optional dy, out tensors of the same shape). */
@@ -113,43 +142,47 @@ bn_status_t bn_plan_build(const bn_norm_desc_t *desc, const DLTensor *x, const D
 /* For each group g, its parameter index (requires params_in_groups). */
 void bn_plan_group_params(const bn_plan_t *plan, int64_t *param_of_group);
 
-/* ------------------------------------------------------------------ CPU kernels (cpu/) */
+/* ------------------------------------------------------------------ per-call numbers */
 
 /*
- * The numbers of one call that the CPU backend reads and writes, per statistic
- * group (ngroups) and per parameter index (nparams). api.c owns the arrays.
+ * The numbers of one call that every backend reads and writes, per statistic group
+ * (ngroups) and per parameter index (nparams), as host doubles. api.c owns the arrays.
  */
 typedef struct bn_coef_t {
-  double *mean;               /* [ngroups] the mean used (0 for RMS); in: with given stats, else out */
+  double *mean;               /* [ngroups] the mean used (0 for RMS); in: given stats, else out */
   double *rstd;               /* [ngroups] 1 / sqrt(var + eps); in or out as mean */
-  double *var;                /* [ngroups] out: biased variance (forward with computed stats) */
+  double *var;                /* [ngroups] out: biased variance (m2 from the stats step) */
   const double *weight;       /* [nparams] or NULL (1) */
   const double *bias;         /* [nparams] or NULL (0) */
-  const void *weight_ct;      /* weight in the compute type (float, or double for float64), or NULL */
-  const void *bias_ct;        /* bias likewise */
   const int64_t *param_of_group; /* [ngroups] when every parameter axis separates groups, else NULL */
   double *sum_dy;             /* [ngroups] backward: sum over the group of dy*w (NULL: constant stats) */
   double *sum_dyx;            /* [ngroups] backward: sum over the group of dy*w*xhat */
-  const void *gmean_ct, *gscale_ct, *gshift_ct, *gslope_ct; /* engine-internal per-group coefficients */
   double eps;
-  double inv_n;               /* 1 / group_size (0 for empty groups) */
+  double inv_n;               /* 1 / count behind the backward sums (0 for empty groups) */
   int rms;                    /* no mean: BN_FLAG_RMS */
 } bn_coef_t;
 
-/* Group moments only, every sum in double: coef->mean and coef->var (holding m2, the sum of
- * squared deviations). */
-bn_status_t bn_cpu_moments(const bn_plan_t *plan, bn_coef_t *coef);
+/* A group's statistics from its moments (n elements): var and rstd; RMS moves the mean into var. */
+static inline void bn_finish_stats(bn_coef_t *c, int64_t g, double n) {
+  double var = n > 0 ? c->var[g] / n : 0.0; /* c->var holds m2 until here */
+  if (c->rms) var += c->mean[g] * c->mean[g], c->mean[g] = 0.0;
+  c->var[g] = var;
+  c->rstd[g] = 1.0 / sqrt(var + c->eps);
+}
 
-/* Forward: with `compute_stats`, fills mean / rstd / var from x; then writes y. */
-bn_status_t bn_cpu_forward(const bn_plan_t *plan, bn_coef_t *coef, int compute_stats);
-
-/* Backward: with `training`, the group sums and dx of training mode, else dx = dy*w*rstd.
- * dweight / dbias (nparams each, may be NULL) receive sum(dy*xhat) and sum(dy). dx is written
- * when the plan has an output operand. */
-bn_status_t bn_cpu_backward(const bn_plan_t *plan, bn_coef_t *coef, int training, double *dweight,
-                            double *dbias);
-
-/* Thread count for parallel regions (bn_set_num_threads). */
-int bn_threads(void);
+/* Chan et al.: merge (nb, mb, m2b) into the running (cnt, mean, m2). */
+static inline void bn_chan_merge(double *cnt, double *mean, double *m2, double nb, double mb, double m2b) {
+  if (nb == 0.0) return;
+  const double na = *cnt, n = na + nb, d = mb - *mean;
+  if (!isfinite(d)) { /* inf in the data: the plain weighted mean keeps inf + finite = inf, as sums do */
+    *mean = na == 0.0 ? mb : (*mean * na + mb * nb) / n;
+    *m2 = na == 0.0 ? m2b : NAN; /* a spread around an infinite mean is undefined */
+    *cnt = n;
+    return;
+  }
+  *mean += d * (nb / n);
+  *m2 += m2b + d * d * (na * nb / n);
+  *cnt = n;
+}
 
 #endif /* BNCORE_INTERNAL_H */

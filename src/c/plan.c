@@ -66,6 +66,13 @@ static int mergeable(const bn_dim_t *outer, const bn_dim_t *inner) {
   return outer->sg == inner->sg * inner->n && outer->sp == inner->sp * inner->n;
 }
 
+/* Fused when the row is a statistics dim and one group's `operands` fit in BN_FUSE_BYTES. */
+static bn_path_t choose_path(const bn_plan_t *plan, int operands) {
+  if (plan->numel == 0) return BN_PATH_EMPTY;
+  const int64_t bytes = plan->group_size * (int64_t)bn_dtype_size(plan->dtype) * operands;
+  return !plan->row_across_groups && bytes <= BN_FUSE_BYTES ? BN_PATH_FUSED : BN_PATH_TWO_PHASE;
+}
+
 bn_status_t bn_plan_build(const bn_norm_desc_t *desc, const DLTensor *x, const DLTensor *dy,
                           const DLTensor *out, bn_dtype_t dtype, bn_plan_t *plan) {
   const DLTensor *ops[BN_NOPS] = {x, dy, out};
@@ -130,6 +137,9 @@ bn_status_t bn_plan_build(const bn_norm_desc_t *desc, const DLTensor *x, const D
     plan->dim[0] = one;
     plan->ndim = 1;
   }
+  plan->row_across_groups = plan->dim[plan->ndim - 1].sg != 0;
+  plan->forward_path = choose_path(plan, 2);
+  plan->backward_path = choose_path(plan, 3);
   return BN_STATUS_SUCCESS;
 }
 

@@ -1,4 +1,4 @@
-/* Running statistics: the fold rule, the opaque state and its forward. */
+/* Running statistics: the one fold rule, and the opaque state. A leaf: it calls nothing above it. */
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -15,18 +15,21 @@ struct bn_running_stats_t {
   void *mean, *var; /* num_features values of dtype each */
 };
 
-int bn_all_finite(const double *v, int64_t n) {
+static int all_finite(const double *v, int64_t n) {
   for (int64_t i = 0; i < n; i++)
     if (!isfinite(v[i])) return 0;
   return 1;
 }
 
-void bn_fold_running(double *run_mean, double *run_var, const double *batch_mean, const double *batch_var,
-                     int64_t n, double factor, double unbias) {
-  for (int64_t p = 0; p < n; p++) {
-    run_mean[p] = (1.0 - factor) * run_mean[p] + factor * batch_mean[p];
-    run_var[p] = (1.0 - factor) * run_var[p] + factor * (batch_var[p] * unbias);
+int bn_fold(const bn_fold_rule_t *rule, int64_t n, int64_t np, const double *batch_mean, const double *batch_var,
+            double *run_mean, double *run_var) {
+  if (rule->skip_nonfinite && !(all_finite(batch_mean, np) && all_finite(batch_var, np))) return 1;
+  const double f = rule->factor, unbias = rule->biased ? 1.0 : (double)n / (double)(n - 1);
+  for (int64_t p = 0; p < np; p++) {
+    run_mean[p] = (1.0 - f) * run_mean[p] + f * batch_mean[p];
+    run_var[p] = (1.0 - f) * run_var[p] + f * (batch_var[p] * unbias);
   }
+  return 0;
 }
 
 static bn_status_t check_stats(const bn_running_stats_t *s) {
@@ -129,7 +132,8 @@ bn_status_t bn_running_stats_update(bn_running_stats_t *s, const DLTensor *batch
   bn_status_t st = check_stats(s);
   bn_dtype_t dt;
   if (st) return st;
-  if ((st = bn_check_tensor(batch_mean, "batch_mean", &dt)) || (st = bn_check_tensor(batch_var, "batch_var", &dt)))
+  if ((st = bn_check_tensor(batch_mean, "batch_mean", &dt)) || (st = bn_check_host(batch_mean, "batch_mean")) ||
+      (st = bn_check_tensor(batch_var, "batch_var", &dt)) || (st = bn_check_host(batch_var, "batch_var")))
     return st;
   const int64_t nf = s->num_features;
   if ((st = bn_check_numel(batch_mean, "batch_mean", nf, "feature")) ||
@@ -144,41 +148,32 @@ bn_status_t bn_running_stats_update(bn_running_stats_t *s, const DLTensor *batch
   double *bm = buf, *bv = buf + nf, *rm = buf + 2 * nf, *rv = buf + 3 * nf;
   bn_gather_f64(batch_mean, bm);
   bn_gather_f64(batch_var, bv);
-  if ((s->flags & BN_STATS_SKIP_NONFINITE) && !(bn_all_finite(bm, nf) && bn_all_finite(bv, nf))) {
-    s->skipped++;
-    free(buf);
-    return BN_STATUS_SUCCESS;
-  }
-  DLTensor tm = view(s, s->mean), tv = view(s, s->var);
+  DLTensor tm, tv;
+  bn_fold_rule_t rule;
+  bn_running_stats_bind(s, &tm, &tv, &rule);
   bn_gather_f64(&tm, rm);
   bn_gather_f64(&tv, rv);
-  bn_fold_running(rm, rv, bm, bv, nf, next_factor(s), biased ? 1.0 : (double)n / (double)(n - 1));
-  bn_scatter_f64(&tm, rm);
-  bn_scatter_f64(&tv, rv);
-  s->updates++;
+  const int skipped = bn_fold(&rule, n, nf, bm, bv, rm, rv);
+  if (!skipped) {
+    bn_scatter_f64(&tm, rm);
+    bn_scatter_f64(&tv, rv);
+  }
+  bn_running_stats_count(s, skipped);
   free(buf);
   return BN_STATUS_SUCCESS;
 }
 
-bn_status_t bn_norm_forward_stats(const bn_norm_desc_t *desc, const DLTensor *x, const DLTensor *weight,
-                                  const DLTensor *bias, bn_running_stats_t *s, DLTensor *y, DLTensor *save_mean,
-                                  DLTensor *save_rstd) {
-  bn_clear_error();
-  bn_status_t st = check_stats(s);
-  if (st) return st;
-  if (!desc) return bn_fail(BN_STATUS_INVALID_ARGUMENT, "desc: expected a problem description, got NULL");
-  bn_norm_desc_t d = *desc;
-  const int update = (d.flags & BN_FLAG_UPDATE_RUNNING_STATS) != 0;
-  d.flags &= ~(BN_FLAG_RUNNING_VAR_BIASED | BN_FLAG_SKIP_NONFINITE);
-  if (s->flags & BN_STATS_BIASED_VAR) d.flags |= BN_FLAG_RUNNING_VAR_BIASED;
-  if (s->flags & BN_STATS_SKIP_NONFINITE) d.flags |= BN_FLAG_SKIP_NONFINITE;
-  d.momentum = update ? next_factor(s) : 0.0;
-  DLTensor tm = view(s, s->mean), tv = view(s, s->var);
-  int skipped = 0;
-  if ((st = bn_forward_impl(&d, x, weight, bias, &tm, &tv, y, save_mean, save_rstd, &skipped))) return st;
-  if (update) {
-    if (skipped) s->skipped++;
-    else s->updates++;
-  }
-  return BN_STATUS_SUCCESS;
+void bn_running_stats_bind(bn_running_stats_t *s, DLTensor *mean, DLTensor *var, bn_fold_rule_t *rule) {
+  *mean = view(s, s->mean);
+  *var = view(s, s->var);
+  rule->factor = next_factor(s);
+  rule->biased = (s->flags & BN_STATS_BIASED_VAR) != 0;
+  rule->skip_nonfinite = (s->flags & BN_STATS_SKIP_NONFINITE) != 0;
+}
+
+int64_t bn_running_stats_features(const bn_running_stats_t *s) { return s->num_features; }
+
+void bn_running_stats_count(bn_running_stats_t *s, int skipped) {
+  if (skipped) s->skipped++;
+  else s->updates++;
 }

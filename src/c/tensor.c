@@ -3,7 +3,7 @@
 #include <stdio.h>
 #include <string.h>
 
-#include "cpu/vec.h"
+#include "half.h"
 #include "internal.h"
 
 static const char *const dtype_names[BN_DTYPE_COUNT] = {"float16", "bfloat16", "float32", "float64"};
@@ -61,14 +61,21 @@ bn_status_t bn_check_tensor(const DLTensor *t, const char *what, bn_dtype_t *dt)
   }
   bn_status_t st = bn_dtype_of(t, what, dt);
   if (st) return st;
-  if (t->device.device_type != kDLCPU && t->device.device_type != kDLCUDAHost &&
-      t->device.device_type != kDLCUDAManaged)
-    return bn_fail(BN_STATUS_UNSUPPORTED_DEVICE,
-                   "%s: this build of bncore computes on the CPU only; got a tensor on device type %d (id %d)",
-                   what, (int)t->device.device_type, (int)t->device.device_id);
   if (!t->data && bn_numel(t) > 0)
     return bn_fail(BN_STATUS_INVALID_ARGUMENT, "%s: data is NULL for a non-empty tensor", what);
   return BN_STATUS_SUCCESS;
+}
+
+int bn_is_host(DLDevice device) {
+  return device.device_type == kDLCPU || device.device_type == kDLCUDAHost || device.device_type == kDLCUDAManaged;
+}
+
+bn_status_t bn_check_host(const DLTensor *t, const char *what) {
+  if (bn_is_host(t->device)) return BN_STATUS_SUCCESS;
+  return bn_fail(BN_STATUS_UNSUPPORTED_DEVICE,
+                 "%s: expected a tensor in host memory (cpu, cuda_host or cuda_managed), got one on device type %d "
+                 "(id %d)",
+                 what, (int)t->device.device_type, (int)t->device.device_id);
 }
 
 static void shape_text(const DLTensor *t, char *buf, size_t cap) {

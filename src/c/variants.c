@@ -11,7 +11,7 @@ static bn_status_t start(bn_norm_desc_t *desc, int32_t ndim, int32_t min_ndim, d
                    (int)min_ndim, BN_MAX_NDIM, (int)ndim);
   if (!isfinite(eps) || eps < 0)
     return bn_fail(BN_STATUS_INVALID_ARGUMENT, "eps: expected a finite value >= 0, got %g", eps);
-  bn_norm_desc_t zero = {.split_axis = -1, .eps = eps};
+  bn_norm_desc_t zero = {.struct_size = sizeof zero, .split_axis = -1, .eps = eps};
   *desc = zero;
   return BN_STATUS_SUCCESS;
 }

@@ -49,7 +49,7 @@ static void fx_init(fx_t *f) {
 }
 
 static bn_status_t fx_forward(fx_t *f) {
-  return bn_norm_forward(f->D, f->X, f->W_, f->B_, f->RM, f->RV, f->Y, f->SM, f->SR);
+  return bn_norm_forward(NULL, f->D, f->X, f->W_, f->B_, NULL, NULL, 0, f->RM, f->RV, f->Y, f->SM, f->SR);
 }
 
 static int stats_unchanged(const fx_t *f) {
@@ -239,12 +239,12 @@ SUITE(bad_input) {
     DLTensor *DY = tt_init(&dy, dys, TT_F32, 4, f.shape, NULL), *DX = tt_init(&dx, dxs, TT_F32, 4, f.shape, NULL);
     DLTensor *DW = tt_vec(&tdw, f.mem + 10, TT_F32, C), *DB = tt_vec(&tdb, db, TT_F32, C); /* grad_weight inside x */
     memcpy(before_x, f.mem, sizeof before_x);
-    bn_status_t st = bn_norm_backward(&f.desc, f.X, DY, f.W_, f.SM, f.SR, DX, DW, DB);
+    bn_status_t st = bn_norm_backward(NULL, &f.desc, f.X, DY, f.W_, f.SM, f.SR, DX, DW, DB);
     if (!CHECK(st == BN_STATUS_OVERLAP)) fprintf(stderr, "  grad_weight inside x: got %s\n", bn_status_string(st));
     CHECK(memcmp(before_x, f.mem, sizeof before_x) == 0);
     tdw.t.data = f.w, tdb.t.data = dys + 20; /* grad_bias inside dy */
     memcpy(before_dy, dys, sizeof before_dy);
-    st = bn_norm_backward(&f.desc, f.X, DY, f.W_, f.SM, f.SR, DX, DW, DB);
+    st = bn_norm_backward(NULL, &f.desc, f.X, DY, f.W_, f.SM, f.SR, DX, DW, DB);
     if (!CHECK(st == BN_STATUS_OVERLAP)) fprintf(stderr, "  grad_bias inside grad_output: got %s\n", bn_status_string(st));
     CHECK(memcmp(before_dy, dys, sizeof before_dy) == 0);
   }
@@ -333,35 +333,35 @@ SUITE(bad_input) {
     tt_t dy, dx, tdw, tdb;
     DLTensor *DY = tt_init(&dy, dys, TT_F32, 4, f.shape, NULL), *DX = tt_init(&dx, dxs, TT_F32, 4, f.shape, NULL);
     DLTensor *DW = tt_vec(&tdw, dw, TT_F32, C), *DB = tt_vec(&tdb, db, TT_F32, C);
-    CHECK(bn_norm_backward(&f.desc, f.X, DY, f.W_, f.SM, f.SR, DX, DW, DB) == BN_STATUS_SUCCESS);
-    CHECK(bn_norm_backward(NULL, f.X, DY, f.W_, f.SM, f.SR, DX, DW, DB) == BN_STATUS_INVALID_ARGUMENT);
+    CHECK(bn_norm_backward(NULL, &f.desc, f.X, DY, f.W_, f.SM, f.SR, DX, DW, DB) == BN_STATUS_SUCCESS);
+    CHECK(bn_norm_backward(NULL, NULL, f.X, DY, f.W_, f.SM, f.SR, DX, DW, DB) == BN_STATUS_INVALID_ARGUMENT);
     CHECK(strstr(bn_last_error(), "desc") != NULL);
-    CHECK(bn_norm_backward(&f.desc, NULL, DY, f.W_, f.SM, f.SR, DX, DW, DB) == BN_STATUS_INVALID_ARGUMENT);
-    CHECK(bn_norm_backward(&f.desc, f.X, NULL, f.W_, f.SM, f.SR, DX, DW, DB) == BN_STATUS_INVALID_ARGUMENT);
-    CHECK(bn_norm_backward(&f.desc, f.X, DY, f.W_, f.SM, NULL, DX, DW, DB) == BN_STATUS_INVALID_ARGUMENT);
+    CHECK(bn_norm_backward(NULL, &f.desc, NULL, DY, f.W_, f.SM, f.SR, DX, DW, DB) == BN_STATUS_INVALID_ARGUMENT);
+    CHECK(bn_norm_backward(NULL, &f.desc, f.X, NULL, f.W_, f.SM, f.SR, DX, DW, DB) == BN_STATUS_INVALID_ARGUMENT);
+    CHECK(bn_norm_backward(NULL, &f.desc, f.X, DY, f.W_, f.SM, NULL, DX, DW, DB) == BN_STATUS_INVALID_ARGUMENT);
     CHECK(strstr(bn_last_error(), "save_rstd") != NULL);
-    CHECK(bn_norm_backward(&f.desc, f.X, DY, f.W_, NULL, f.SR, DX, DW, DB) == BN_STATUS_INVALID_ARGUMENT);
+    CHECK(bn_norm_backward(NULL, &f.desc, f.X, DY, f.W_, NULL, f.SR, DX, DW, DB) == BN_STATUS_INVALID_ARGUMENT);
     CHECK(strstr(bn_last_error(), "save_mean") != NULL);
     tdw.shape[0] = C + 1;
-    CHECK(bn_norm_backward(&f.desc, f.X, DY, f.W_, f.SM, f.SR, DX, DW, DB) == BN_STATUS_SHAPE_MISMATCH);
+    CHECK(bn_norm_backward(NULL, &f.desc, f.X, DY, f.W_, f.SM, f.SR, DX, DW, DB) == BN_STATUS_SHAPE_MISMATCH);
     tdw.shape[0] = C;
     dy.t.dtype = TT_I32;
-    CHECK(bn_norm_backward(&f.desc, f.X, DY, f.W_, f.SM, f.SR, DX, DW, DB) == BN_STATUS_UNSUPPORTED_DTYPE);
+    CHECK(bn_norm_backward(NULL, &f.desc, f.X, DY, f.W_, f.SM, f.SR, DX, DW, DB) == BN_STATUS_UNSUPPORTED_DTYPE);
     dy.t.dtype = TT_F32, dy.t.device.device_type = kDLCUDA;
-    CHECK(bn_norm_backward(&f.desc, f.X, DY, f.W_, f.SM, f.SR, DX, DW, DB) == BN_STATUS_UNSUPPORTED_DEVICE);
+    CHECK(bn_norm_backward(NULL, &f.desc, f.X, DY, f.W_, f.SM, f.SR, DX, DW, DB) == BN_STATUS_UNSUPPORTED_DEVICE);
     dy.t.device.device_type = kDLCPU;
     dx.t.data = f.mem + 3; /* dx over x */
-    CHECK(bn_norm_backward(&f.desc, f.X, DY, f.W_, f.SM, f.SR, DX, DW, DB) == BN_STATUS_OVERLAP);
+    CHECK(bn_norm_backward(NULL, &f.desc, f.X, DY, f.W_, f.SM, f.SR, DX, DW, DB) == BN_STATUS_OVERLAP);
     dx.t.data = f.mem; /* dx exactly x: not allowed either */
-    CHECK(bn_norm_backward(&f.desc, f.X, DY, f.W_, f.SM, f.SR, DX, DW, DB) == BN_STATUS_OVERLAP);
+    CHECK(bn_norm_backward(NULL, &f.desc, f.X, DY, f.W_, f.SM, f.SR, DX, DW, DB) == BN_STATUS_OVERLAP);
     dx.t.data = dys + 1; /* partly over dy */
-    CHECK(bn_norm_backward(&f.desc, f.X, DY, f.W_, f.SM, f.SR, DX, DW, DB) == BN_STATUS_OVERLAP);
+    CHECK(bn_norm_backward(NULL, &f.desc, f.X, DY, f.W_, f.SM, f.SR, DX, DW, DB) == BN_STATUS_OVERLAP);
     dx.t.data = dys; /* exactly dy: in place, allowed */
-    CHECK(bn_norm_backward(&f.desc, f.X, DY, f.W_, f.SM, f.SR, DX, DW, DB) == BN_STATUS_SUCCESS);
+    CHECK(bn_norm_backward(NULL, &f.desc, f.X, DY, f.W_, f.SM, f.SR, DX, DW, DB) == BN_STATUS_SUCCESS);
     dx.t.data = dxs, dx.shape[1] = C + 1;
-    CHECK(bn_norm_backward(&f.desc, f.X, DY, f.W_, f.SM, f.SR, DX, DW, DB) == BN_STATUS_SHAPE_MISMATCH);
+    CHECK(bn_norm_backward(NULL, &f.desc, f.X, DY, f.W_, f.SM, f.SR, DX, DW, DB) == BN_STATUS_SHAPE_MISMATCH);
     dx.shape[1] = C;
     f.desc.eps = NAN;
-    CHECK(bn_norm_backward(&f.desc, f.X, DY, f.W_, f.SM, f.SR, DX, DW, DB) == BN_STATUS_INVALID_ARGUMENT);
+    CHECK(bn_norm_backward(NULL, &f.desc, f.X, DY, f.W_, f.SM, f.SR, DX, DW, DB) == BN_STATUS_INVALID_ARGUMENT);
   }
 }

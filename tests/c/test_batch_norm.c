@@ -168,7 +168,7 @@ static void run_case(const case_t *k) {
   unsigned char rm_before[64 * 8], rv_before[64 * 8];
   memcpy(rm_before, rm.buf, (size_t)C * (k->pdt.bits / 8));
   memcpy(rv_before, rv.buf, (size_t)C * (k->pdt.bits / 8));
-  const int fwd_ok = check_ok(bn_norm_forward(&desc, X, W, B, RM, RV, Y, SM, SR), name);
+  const int fwd_ok = check_ok(bn_norm_forward(NULL, &desc, X, W, B, NULL, NULL, 0, RM, RV, Y, SM, SR), name);
 
   if (fwd_ok) {
     check_tensor("y", Y, yref, rtol);
@@ -198,7 +198,7 @@ static void run_case(const case_t *k) {
     double *dxref = malloc((size_t)numel * sizeof *dxref), dwref[64], dbref[64];
     ref_backward(X, DY, smv, srv, win, !k->eval, dxref, dwref, dbref);
     bn_norm_desc_t bdesc = desc;
-    if (check_ok(bn_norm_backward(&bdesc, X, DY, W, SM, SR, DX, DW, DB), name)) {
+    if (check_ok(bn_norm_backward(NULL, &bdesc, X, DY, W, SM, SR, DX, DW, DB), name)) {
       check_tensor("dx", DX, dxref, k->dt.bits == 32 ? 1e-4 : 1e-10);
       check_vec("dweight", &dw, dwref, rtol_p * 10);
       check_vec("dbias", &db, dbref, rtol_p * 10);
@@ -242,8 +242,8 @@ static void run_threads(int nthreads, DLDataType dt, const int64_t *shape, int l
   desc.flags = BN_FLAG_UPDATE_RUNNING_STATS;
   desc.momentum = 0.1;
   CHECK(bn_set_num_threads(nthreads) == BN_STATUS_SUCCESS);
-  check_ok(bn_norm_forward(&desc, X, W, B, RM, RV, Y, SM, SR), "forward");
-  check_ok(bn_norm_backward(&desc, X, DY, W, SM, SR, DX, DW, DB), "backward");
+  check_ok(bn_norm_forward(NULL, &desc, X, W, B, NULL, NULL, 0, RM, RV, Y, SM, SR), "forward");
+  check_ok(bn_norm_backward(NULL, &desc, X, DY, W, SM, SR, DX, DW, DB), "backward");
   bn_set_num_threads(0);
   free(vw.buf), free(vb.buf);
 }
@@ -331,8 +331,7 @@ SUITE(batch_norm) {
     tt_t x, y;
     bn_norm_desc_t desc;
     bn_norm_desc_init_batch(&desc, 4, 1, 1e-3);
-    CHECK(check_ok(bn_norm_forward(&desc, tt_init(&x, xs, TT_F32, 4, shape, strides), NULL, NULL, NULL, NULL,
-                                   tt_init(&y, ys, TT_F32, 4, shape, strides), NULL, NULL),
+    CHECK(check_ok(bn_norm_forward(NULL, &desc, tt_init(&x, xs, TT_F32, 4, shape, strides), NULL, NULL, NULL, NULL, 0, NULL, NULL, tt_init(&y, ys, TT_F32, 4, shape, strides), NULL, NULL),
                    "forward"));
     /* channel c is every C-th float of memory */
     for (int c = 0; c < C; c++) {
@@ -387,9 +386,7 @@ SUITE(batch_norm) {
     bn_norm_desc_init_batch(&desc, 3, 1, 0.0);
     desc.flags = BN_FLAG_UPDATE_RUNNING_STATS;
     desc.momentum = 0.1;
-    CHECK(check_ok(bn_norm_forward(&desc, tt_init(&x, xs, TT_F64, 3, shape, NULL), NULL, NULL,
-                                   tt_vec(&m, rm, TT_F64, 1), tt_vec(&v, rv, TT_F64, 1),
-                                   tt_init(&y, ys, TT_F64, 3, shape, NULL), NULL, NULL),
+    CHECK(check_ok(bn_norm_forward(NULL, &desc, tt_init(&x, xs, TT_F64, 3, shape, NULL), NULL, NULL, NULL, NULL, 0, tt_vec(&m, rm, TT_F64, 1), tt_vec(&v, rv, TT_F64, 1), tt_init(&y, ys, TT_F64, 3, shape, NULL), NULL, NULL),
                    "forward"));
     CHECK_CLOSE(rm[0], 0.9 * 0.5 + 0.1 * 3.0, 1e-15);
     CHECK_CLOSE(rv[0], 0.9 * 2.0 + 0.1 * (14.0 / 3.0), 1e-15);

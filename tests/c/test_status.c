@@ -18,8 +18,7 @@ static bn_status_t good_forward(void) {
   bn_status_t st = bn_norm_desc_init_batch(&desc, 3, 1, 1e-5);
   if (st) return st;
   for (int i = 0; i < 24; i++) xs[i] = (float)(i % 7) - 3.0f;
-  return bn_norm_forward(&desc, tt_init(&x, xs, TT_F32, 3, shape3, NULL), NULL, NULL, NULL, NULL,
-                         tt_init(&y, ys, TT_F32, 3, shape3, NULL), NULL, NULL);
+  return bn_norm_forward(NULL, &desc, tt_init(&x, xs, TT_F32, 3, shape3, NULL), NULL, NULL, NULL, NULL, 0, NULL, NULL, tt_init(&y, ys, TT_F32, 3, shape3, NULL), NULL, NULL);
 }
 
 static bn_status_t forward_with_eps(double eps) {
@@ -27,8 +26,7 @@ static bn_status_t forward_with_eps(double eps) {
   bn_norm_desc_t desc;
   bn_norm_desc_init_batch(&desc, 3, 1, 1e-5);
   desc.eps = eps;
-  return bn_norm_forward(&desc, tt_init(&x, xs, TT_F32, 3, shape3, NULL), NULL, NULL, NULL, NULL,
-                         tt_init(&y, ys, TT_F32, 3, shape3, NULL), NULL, NULL);
+  return bn_norm_forward(NULL, &desc, tt_init(&x, xs, TT_F32, 3, shape3, NULL), NULL, NULL, NULL, NULL, 0, NULL, NULL, tt_init(&y, ys, TT_F32, 3, shape3, NULL), NULL, NULL);
 }
 
 static void *fail_on_other_thread(void *out) {
@@ -98,11 +96,9 @@ SUITE(status) {
     tt_t x, y, w;
     float wv[2] = {1, 1};
     CHECK(bn_norm_desc_init_batch(&desc, 3, 1, 1e-5) == BN_STATUS_SUCCESS);
-    CHECK(bn_norm_forward(&desc, tt_init(&x, xs, TT_F32, 3, shape3, NULL), tt_vec(&w, wv, TT_F32, 2), NULL, NULL,
-                          NULL, tt_init(&y, ys, TT_F32, 3, shape3, NULL), NULL, NULL) == BN_STATUS_SHAPE_MISMATCH);
+    CHECK(bn_norm_forward(NULL, &desc, tt_init(&x, xs, TT_F32, 3, shape3, NULL), tt_vec(&w, wv, TT_F32, 2), NULL, NULL, NULL, 0, NULL, NULL, tt_init(&y, ys, TT_F32, 3, shape3, NULL), NULL, NULL) == BN_STATUS_SHAPE_MISMATCH);
     CHECK(strstr(bn_last_error(), "weight") != NULL);
-    CHECK(bn_norm_forward(&desc, NULL, NULL, NULL, NULL, NULL, tt_init(&y, ys, TT_F32, 3, shape3, NULL), NULL,
-                          NULL) == BN_STATUS_INVALID_ARGUMENT);
+    CHECK(bn_norm_forward(NULL, &desc, NULL, NULL, NULL, NULL, NULL, 0, NULL, NULL, tt_init(&y, ys, TT_F32, 3, shape3, NULL), NULL, NULL) == BN_STATUS_INVALID_ARGUMENT);
     CHECK(strncmp(bn_last_error(), "x:", 2) == 0);
   }
 

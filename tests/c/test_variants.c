@@ -172,7 +172,7 @@ static int make_desc(int v, const int64_t *shape, double eps, bn_norm_desc_t *de
       st = bn_norm_desc_init_group(desc, 4, s->groups, eps), s->reduce = 0xc, s->param = 0x2, s->split = 1;
       break;
     default: { /* layer norm over the channels of an NCHW tensor, by hand */
-      bn_norm_desc_t d = {.reduce_axes = 0x2, .param_axes = 0x2, .split_axis = -1, .eps = eps};
+      bn_norm_desc_t d = {.struct_size = sizeof(bn_norm_desc_t), .reduce_axes = 0x2, .param_axes = 0x2, .split_axis = -1, .eps = eps};
       *desc = d;
       s->reduce = s->param = 0x2;
     }
@@ -275,7 +275,7 @@ static void run_case(const case_t *k) {
     free(sum_m), free(sum_v), free(gp), free(pc);
   }
 
-  const int fwd_ok = check_ok(bn_norm_forward(&desc, X, W, B, RM, RV, Y, SM, SR), name);
+  const int fwd_ok = check_ok(bn_norm_forward(NULL, &desc, X, W, B, NULL, NULL, 0, RM, RV, Y, SM, SR), name);
   if (fwd_ok) {
     check_tensor(name, "y", Y, yref, rtol);
     double *zero = calloc((size_t)ng, sizeof *zero);
@@ -297,7 +297,7 @@ static void run_case(const case_t *k) {
     double *dxref = malloc((size_t)numel * sizeof *dxref);
     double *dwref = malloc((size_t)np * sizeof *dwref), *dbref = malloc((size_t)np * sizeof *dbref);
     ref_backward(&s, X, DY, smv, srv, win, k->mode != M_EVAL, dxref, dwref, dbref);
-    if (check_ok(bn_norm_backward(&desc, X, DY, W, SM, SR, DX, DW, DB), name)) {
+    if (check_ok(bn_norm_backward(NULL, &desc, X, DY, W, SM, SR, DX, DW, DB), name)) {
       check_tensor(name, "dx", DX, dxref, k->dt.bits == 32 ? 1e-4 : 1e-10);
       check_tensor(name, "dweight", &dw.tt.t, dwref, rtol_p * 10);
       check_tensor(name, "dbias", &db.tt.t, dbref, rtol_p * 10);
@@ -342,8 +342,8 @@ static void run_threads(int nthreads, int v, uint32_t extra, DLDataType dt, cons
   DLTensor *DW = vec_alloc(&o->dw, dt, np, NULL), *DB = vec_alloc(&o->db, dt, np, NULL);
   const int running = (extra & (BN_FLAG_UPDATE_RUNNING_STATS | BN_FLAG_USE_RUNNING_STATS)) != 0;
   CHECK(bn_set_num_threads(nthreads) == BN_STATUS_SUCCESS);
-  check_ok(bn_norm_forward(&desc, X, W, B, running ? RM : NULL, running ? RV : NULL, Y, SM, SR), "forward");
-  check_ok(bn_norm_backward(&desc, X, DY, W, SM, SR, DX, DW, DB), "backward");
+  check_ok(bn_norm_forward(NULL, &desc, X, W, B, NULL, NULL, 0, running ? RM : NULL, running ? RV : NULL, Y, SM, SR), "forward");
+  check_ok(bn_norm_backward(NULL, &desc, X, DY, W, SM, SR, DX, DW, DB), "backward");
   bn_set_num_threads(0);
   free(vw.buf), free(vb.buf), free(w), free(b), free(z), free(one);
 }

@@ -4,7 +4,7 @@
 
 #include <math.h>
 
-#include "../internal.h"
+#include "../backend.h"
 
 /* Elements per piece of a row: pieces are reduced two-pass while in L1, then merged. */
 #define BN_PIECE 2048
@@ -46,41 +46,33 @@ enum { BN_TARGET_GROUP = 0, BN_TARGET_PARAM = 1 };
 #define BN_INLINE static inline
 #endif
 
+/* What the CPU kernels read: the neutral numbers plus compute-type copies made for them. */
+typedef struct bn_cpu_coef_t {
+  bn_coef_t c;
+  const void *weight_ct;      /* weight in the compute type (float, or double for float64), or NULL */
+  const void *bias_ct;        /* bias likewise */
+  const void *gmean_ct, *gscale_ct, *gshift_ct, *gslope_ct; /* per-group coefficients, rows across groups */
+} bn_cpu_coef_t;
+
 typedef struct bn_kernels_t {
-  /* precise: every sum in double (bn_norm_moments); else compute-type lanes per piece */
-  void (*moments_row)(const bn_row_t *row, double *mean, double *m2, int precise);
-  void (*moments_cols)(const bn_row_t *row, int64_t rows, int64_t rs, double *tmean, double *tm2, void *scratch,
-                       int precise);
+  /* compute-type lanes per piece, pieces merged in double */
+  void (*moments_row)(const bn_row_t *row, double *mean, double *m2);
+  void (*moments_cols)(const bn_row_t *row, int64_t rows, int64_t rs, double *tmean, double *tm2, void *scratch);
   /* tiles: every row of `tile`; row r's targets start at t + r*rt */
-  void (*grad_sums)(const bn_row_t *tile, const bn_coef_t *c, int target, int64_t t, int64_t ts, int64_t rt,
+  void (*grad_sums)(const bn_row_t *tile, const bn_cpu_coef_t *k, int target, int64_t t, int64_t ts, int64_t rt,
                     double *acc_a, double *acc_b);
-  void (*apply_forward)(const bn_row_t *tile, const bn_coef_t *c);
-  void (*apply_backward)(const bn_row_t *tile, const bn_coef_t *c);
+  void (*apply_forward)(const bn_row_t *tile, const bn_cpu_coef_t *k);
+  void (*apply_backward)(const bn_row_t *tile, const bn_cpu_coef_t *k);
   /* per-group coefficients (mean, scale, shift | mean, k1, c1, k2) in the compute type */
   void (*group_coefs)(const bn_coef_t *c, int64_t ngroups, int backward, void *mean, void *scale, void *shift,
                       void *slope);
   void (*to_compute)(const double *src, int64_t n, void *dst);
   /* parameter sums of a one-group row into compute-type slab partials, and their merge */
-  void (*param_sums_ct)(const bn_row_t *row, const bn_coef_t *c, void *pa, void *pb);
+  void (*param_sums_ct)(const bn_row_t *row, const bn_cpu_coef_t *k, void *pa, void *pb);
   void (*add_to_double)(const void *src, int64_t n, double *dst);
   size_t ct_size; /* bytes of one compute-type value */
 } bn_kernels_t;
 
 const bn_kernels_t *bn_cpu_kernels(bn_dtype_t dt);
-
-/* Chan et al.: merge (nb, mb, m2b) into the running (cnt, mean, m2). */
-static inline void bn_chan_merge(double *cnt, double *mean, double *m2, double nb, double mb, double m2b) {
-  if (nb == 0.0) return;
-  const double na = *cnt, n = na + nb, d = mb - *mean;
-  if (!isfinite(d)) { /* inf in the data: the plain weighted mean keeps inf + finite = inf, as sums do */
-    *mean = na == 0.0 ? mb : (*mean * na + mb * nb) / n;
-    *m2 = na == 0.0 ? m2b : NAN; /* a spread around an infinite mean is undefined */
-    *cnt = n;
-    return;
-  }
-  *mean += d * (nb / n);
-  *m2 += m2b + d * d * (na * nb / n);
-  *cnt = n;
-}
 
 #endif /* BNCORE_CPU_CPU_H */

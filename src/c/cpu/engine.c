@@ -1,7 +1,8 @@
 /*
- * Drivers that walk the canonical problem and call the row kernels.
+ * The CPU backend: drivers that walk the canonical problem and call the row kernels,
+ * and the backend table (bn_cpu_backend) at the end.
  *
- * Two strategies, chosen by the shape alone:
+ * Two strategies, chosen by the plan from the shape alone (bn_path_t):
  *  - fused: when the row is a statistics dim and one group's data fits in L2,
  *    each group is reduced and then normalized (or differentiated) while it is
  *    still in cache, one group per thread at a time: one read of x from memory.
@@ -31,27 +32,6 @@
 #define BN_COL_ROWS_MAX 128     /* rows per chunk, at most: compute-type column sums stay short */
 #define BN_TILE_ELEMS 16384     /* elements per tile of rows handed to a kernel, about */
 #define BN_PAR_MIN (1 << 15)    /* below this many elements a pass runs on one thread */
-#define BN_FUSE_BYTES (1 << 20) /* a group whose operands fit in this many bytes is fused */
-
-static int requested_threads = 0;
-
-bn_status_t bn_set_num_threads(int32_t n) {
-  bn_clear_error();
-  __atomic_store_n(&requested_threads, n > 0 ? n : 0, __ATOMIC_RELAXED);
-  return BN_STATUS_SUCCESS;
-}
-
-int bn_threads(void) {
-  int n = __atomic_load_n(&requested_threads, __ATOMIC_RELAXED);
-#ifdef _OPENMP
-  return n > 0 ? n : omp_get_max_threads();
-#else
-  (void)n;
-  return 1;
-#endif
-}
-
-int32_t bn_get_num_threads(void) { return bn_threads(); }
 
 static int thread_id(void) {
 #ifdef _OPENMP
@@ -112,14 +92,14 @@ static int64_t row_count(const bn_plan_t *P) {
 /* ------------------------------------------------------------------ reductions */
 
 typedef struct reduction_t {
+  const bn_exec_t *ex;
   const bn_plan_t *P;
   const bn_kernels_t *K;
   int moments;              /* 1: moments of x into (cnt, a=mean, b=m2); 0: backward sums into (a, b) */
   int target;               /* backward sums: BN_TARGET_GROUP or BN_TARGET_PARAM */
-  const bn_coef_t *coef;
+  const bn_cpu_coef_t *coef;
   int64_t ts[BN_MAX_CANON]; /* target-index stride per dim */
   int64_t t0;               /* target index of element 0 */
-  int precise;              /* moments: every sum in double */
 } reduction_t;
 
 /* Reduces rows [r0, r1) into arrays indexed by `ts_idx` (global or block-local strides)
@@ -139,7 +119,7 @@ static void reduce_rows(const reduction_t *R, int64_t r0, int64_t r1, const int6
       r += row.m;
     } else if (t_in == 0) {
       double mean, m2;
-      R->K->moments_row(&row, &mean, &m2, R->precise);
+      R->K->moments_row(&row, &mean, &m2);
       bn_chan_merge(&cnt[t], &a[t], &b[t], (double)row.n, mean, m2);
       r++;
     } else {
@@ -152,8 +132,7 @@ static void reduce_rows(const reduction_t *R, int64_t r0, int64_t r1, const int6
         if (k > r1 - r) k = r1 - r;
       }
       double *tmean = tmp, *tm2 = tmp + row.n;
-      R->K->moments_cols(&row, k, P->dim[last - 1 >= 0 ? last - 1 : 0].s[BN_OP_X], tmean, tm2, tmp + 2 * row.n,
-                         R->precise);
+      R->K->moments_cols(&row, k, P->dim[last - 1 >= 0 ? last - 1 : 0].s[BN_OP_X], tmean, tm2, tmp + 2 * row.n);
       for (int64_t i = 0; i < row.n; i++)
         bn_chan_merge(&cnt[t + i * t_in], &a[t + i * t_in], &b[t + i * t_in], (double)k, tmean[i], tm2[i]);
       r += k;
@@ -170,7 +149,7 @@ static int64_t local_targets(const reduction_t *R, int prefix, int64_t *lts, int
     lts[d] = (d >= prefix && R->ts[d] != 0) ? ntl : 0;
     if (d >= prefix && R->ts[d] != 0) ntl *= P->dim[d].n;
   }
-  int64_t *map = malloc((size_t)ntl * sizeof *map);
+  int64_t *map = bn_ws_alloc(R->ex, (size_t)ntl * sizeof *map);
   if (!map) return -1;
   int64_t idx[BN_MAX_CANON] = {0};
   for (int64_t l = 0; l < ntl; l++) {
@@ -189,7 +168,7 @@ static int64_t local_targets(const reduction_t *R, int prefix, int64_t *lts, int
 
 static bn_status_t run_reduction(const reduction_t *R, int64_t ntargets, double *cnt, double *a, double *b) {
   const bn_plan_t *P = R->P;
-  const int last = P->ndim - 1, nthreads = bn_threads();
+  const int last = P->ndim - 1, nthreads = R->ex->nthreads;
   const int64_t nrows = row_count(P), L = P->dim[last].n;
   if (R->moments) memset(cnt, 0, (size_t)ntargets * sizeof *cnt);
   memset(a, 0, (size_t)ntargets * sizeof *a);
@@ -207,7 +186,7 @@ static bn_status_t run_reduction(const reduction_t *R, int64_t ntargets, double 
 
   if (L > (INT64_C(1) << 40)) return bn_fail(BN_STATUS_OUT_OF_MEMORY, "a row of %lld elements", (long long)L);
   const int64_t tmp_len = 5 * L; /* column means, m2, and 3 compute-type scratch columns */
-  double *tmp = malloc((size_t)(nthreads * tmp_len) * sizeof *tmp);
+  double *tmp = bn_ws_alloc(R->ex, (size_t)(nthreads * tmp_len) * sizeof *tmp);
   if (!tmp) return bn_fail(BN_STATUS_OUT_OF_MEMORY, "reduction workspace of %lld doubles", (long long)(nthreads * tmp_len));
   const int par = P->numel >= BN_PAR_MIN;
 
@@ -216,16 +195,16 @@ static bn_status_t run_reduction(const reduction_t *R, int64_t ntargets, double 
     for (int64_t blk = 0; blk < nblocks; blk++) {
       reduce_rows(R, blk * rpb, (blk + 1) * rpb, R->ts, R->t0, cnt, a, b, tmp + thread_id() * tmp_len);
     }
-    free(tmp);
+    bn_ws_free(R->ex, tmp);
     return BN_STATUS_SUCCESS;
   }
 
   int64_t lts[BN_MAX_CANON], *map = NULL;
   const int64_t ntl = local_targets(R, prefix, lts, &map);
   const int nacc = R->moments ? 3 : 2;
-  double *ws = ntl < 0 ? NULL : malloc((size_t)(nslab * ntl * nacc) * sizeof *ws);
+  double *ws = ntl < 0 ? NULL : bn_ws_alloc(R->ex, (size_t)(nslab * ntl * nacc) * sizeof *ws);
   if (!ws) {
-    free(map), free(tmp);
+    bn_ws_free(R->ex, map), bn_ws_free(R->ex, tmp);
     return bn_fail(BN_STATUS_OUT_OF_MEMORY, "reduction workspace of %lld slabs", (long long)nslab);
   }
   for (int64_t blk = 0; blk < nblocks; blk++) {
@@ -252,28 +231,19 @@ static bn_status_t run_reduction(const reduction_t *R, int64_t ntargets, double 
       }
     }
   }
-  free(ws), free(map), free(tmp);
+  bn_ws_free(R->ex, ws), bn_ws_free(R->ex, map), bn_ws_free(R->ex, tmp);
   return BN_STATUS_SUCCESS;
 }
 
 /* ------------------------------------------------------------------ shared steps */
 
-/* mean / m2 of each group -> the statistics the forward uses */
-static void finish_stats(const bn_plan_t *P, bn_coef_t *c, int64_t g) {
-  const double n = (double)P->group_size;
-  double var = n > 0 ? c->var[g] / n : 0.0; /* c->var holds m2 until here */
-  if (c->rms) var += c->mean[g] * c->mean[g], c->mean[g] = 0.0;
-  c->var[g] = var;
-  c->rstd[g] = 1.0 / sqrt(var + c->eps);
-}
-
-static void apply_rows(const bn_plan_t *P, const bn_coef_t *c, int backward) {
+static void apply_rows(const bn_exec_t *ex, const bn_plan_t *P, const bn_cpu_coef_t *c, int backward) {
   const bn_kernels_t *K = bn_cpu_kernels(P->dtype);
   const int64_t nrows = row_count(P), run = P->ndim >= 2 ? P->dim[P->ndim - 2].n : 1;
   /* tiles: runs of the next-to-last dim cut into pieces of at most tile_rows() rows */
   const int64_t per_run = (run + tile_rows(P, 0, run) - 1) / tile_rows(P, 0, run), ntiles = nrows / run * per_run;
   const int64_t step = tile_rows(P, 0, run);
-  const int nthreads = bn_threads();
+  const int nthreads = ex->nthreads;
 #pragma omp parallel for num_threads(nthreads) schedule(static) if (P->numel >= BN_PAR_MIN && ntiles > 1)
   for (int64_t i = 0; i < ntiles; i++) {
     const int64_t r = (i / per_run) * run + (i % per_run) * step;
@@ -285,29 +255,25 @@ static void apply_rows(const bn_plan_t *P, const bn_coef_t *c, int backward) {
   }
 }
 
-/* Workspace of the compute-type copies a pass reads; freed by release_ct. */
-typedef struct ct_arrays_t {
-  void *block;
-} ct_arrays_t;
-
-/* Fills weight_ct / bias_ct and, for rows of groups, the per-group coefficients. */
-static bn_status_t prepare_ct(const bn_plan_t *P, bn_coef_t *c, int backward, ct_arrays_t *ws) {
+/* The kernels' view of `c`: compute-type copies of weight and bias and, for rows across
+ * groups, per-group coefficients, in one workspace block (*block; free with bn_ws_free). */
+static bn_status_t prepare_ct(const bn_exec_t *ex, const bn_plan_t *P, const bn_coef_t *c, int backward,
+                              bn_cpu_coef_t *k, void **block) {
   const bn_kernels_t *K = bn_cpu_kernels(P->dtype);
-  const int groups_along_row = P->dim[P->ndim - 1].sg != 0 && c->param_of_group != NULL;
+  const int groups_along_row = P->row_across_groups && c->param_of_group != NULL;
   const size_t cs = K->ct_size, np = (size_t)P->nparams, ng = groups_along_row ? (size_t)P->ngroups : 0;
-  ws->block = malloc((2 * np + 4 * ng + 1) * cs);
-  if (!ws->block) return bn_fail(BN_STATUS_OUT_OF_MEMORY, "compute-type coefficients");
-  char *p = ws->block;
-  c->weight_ct = c->bias_ct = NULL;
-  c->gmean_ct = c->gscale_ct = c->gshift_ct = c->gslope_ct = NULL;
-  if (c->weight) K->to_compute(c->weight, P->nparams, p), c->weight_ct = p;
+  *k = (bn_cpu_coef_t){.c = *c};
+  *block = bn_ws_alloc(ex, (2 * np + 4 * ng + 1) * cs);
+  if (!*block) return bn_fail(BN_STATUS_OUT_OF_MEMORY, "compute-type coefficients");
+  char *p = *block;
+  if (c->weight) K->to_compute(c->weight, P->nparams, p), k->weight_ct = p;
   p += np * cs;
-  if (c->bias) K->to_compute(c->bias, P->nparams, p), c->bias_ct = p;
+  if (c->bias) K->to_compute(c->bias, P->nparams, p), k->bias_ct = p;
   p += np * cs;
   if (ng) {
-    void *m = p, *a = p + ng * cs, *b = p + 2 * ng * cs, *k = p + 3 * ng * cs;
-    K->group_coefs(c, P->ngroups, backward, m, a, b, k);
-    c->gmean_ct = m, c->gscale_ct = a, c->gshift_ct = b, c->gslope_ct = k;
+    void *m = p, *a = p + ng * cs, *b = p + 2 * ng * cs, *s = p + 3 * ng * cs;
+    K->group_coefs(c, P->ngroups, backward, m, a, b, s);
+    k->gmean_ct = m, k->gscale_ct = a, k->gshift_ct = b, k->gslope_ct = s;
   }
   return BN_STATUS_SUCCESS;
 }
@@ -372,11 +338,6 @@ static void prefetch_next_group(const bn_plan_t *P, const group_walk_t *W, int64
   }
 }
 
-static int fusable(const bn_plan_t *P, int operands) {
-  return P->dim[P->ndim - 1].sg == 0 &&
-         P->group_size * (int64_t)bn_dtype_size(P->dtype) * operands <= BN_FUSE_BYTES;
-}
-
 static int64_t slab_count(const bn_plan_t *P, int64_t units) {
   int64_t n = P->numel / BN_SLAB_ELEMS;
   if (n > BN_MAX_SLABS) n = BN_MAX_SLABS;
@@ -384,62 +345,74 @@ static int64_t slab_count(const bn_plan_t *P, int64_t units) {
   return n < 1 ? 1 : n;
 }
 
-static void fused_forward(const bn_plan_t *P, bn_coef_t *c) {
+/* Moments of the j-th group, row after row in a fixed order (the fused path's reduction);
+ * returns the group's index. `row` is left at the group's last row. */
+static int64_t group_moments(const bn_plan_t *P, const bn_kernels_t *K, const group_walk_t *W, int64_t j,
+                             bn_row_t *row, double *mean_out, double *m2_out) {
+  double cnt = 0, mean = 0, m2 = 0;
+  group_row(P, W, j, 0, row);
+  for (int64_t r = 0; r < W->rows; r++) {
+    double rm, rm2;
+    if (r > 0) group_row(P, W, j, r, row);
+    K->moments_row(row, &rm, &rm2);
+    bn_chan_merge(&cnt, &mean, &m2, (double)row->n, rm, rm2);
+  }
+  *mean_out = mean, *m2_out = m2;
+  return row->g;
+}
+
+/* Forward, one group at a time: reduce, finish the statistics, apply from cache. */
+static void fused_forward(const bn_exec_t *ex, const bn_plan_t *P, const bn_cpu_coef_t *k) {
   const bn_kernels_t *K = bn_cpu_kernels(P->dtype);
+  bn_coef_t c = k->c; /* a copy of the pointers: the arrays receive the statistics */
   group_walk_t W;
   group_walk_init(P, &W);
-  const int nthreads = bn_threads();
-#pragma omp parallel for num_threads(nthreads) schedule(static) if (P->numel >= BN_PAR_MIN && P->ngroups > 1)
+#pragma omp parallel for num_threads(ex->nthreads) schedule(static) if (P->numel >= BN_PAR_MIN && P->ngroups > 1)
   for (int64_t j = 0; j < P->ngroups; j++) {
     bn_row_t row;
-    double cnt = 0, mean = 0, m2 = 0;
-    for (int64_t r = 0; r < W.rows; r++) { /* reduce */
-      double rm, rm2;
-      group_row(P, &W, j, r, &row);
-      K->moments_row(&row, &rm, &rm2, 0);
-      bn_chan_merge(&cnt, &mean, &m2, (double)row.n, rm, rm2);
-    }
-    const int64_t g = row.g;
-    c->mean[g] = mean, c->var[g] = m2;
-    finish_stats(P, c, g);
+    double mean, m2;
+    const int64_t g = group_moments(P, K, &W, j, &row, &mean, &m2); /* reduce */
+    c.mean[g] = mean, c.var[g] = m2;
+    bn_finish_stats(&c, g, (double)P->group_size);
     prefetch_next_group(P, &W, j);
     for (int64_t r = 0; r < W.rows; r++) { /* apply, from cache (a one-row group's row is at hand) */
       if (W.rows > 1) group_row(P, &W, j, r, &row);
-      K->apply_forward(&row, c);
+      K->apply_forward(&row, k);
     }
   }
 }
 
-/* Backward, one group at a time. Parameter sums that cross groups (parameters along
- * the row) accumulate per slab of groups and merge in slab order. */
-static bn_status_t fused_backward(const bn_plan_t *P, bn_coef_t *c, int training, double *dweight,
-                                  double *dbias) {
+/* Backward, one group at a time (the apply from cache when the plan has dx). Parameter sums
+ * that cross groups (parameters along the row) accumulate per slab of groups and merge in
+ * slab order. */
+static bn_status_t fused_backward(const bn_exec_t *ex, const bn_plan_t *P, const bn_cpu_coef_t *k, int training,
+                                  double *dweight, double *dbias) {
   const bn_kernels_t *K = bn_cpu_kernels(P->dtype);
+  const bn_coef_t *c = &k->c;
   group_walk_t W;
   group_walk_init(P, &W);
   const int want_params = dweight || dbias, by_group = c->param_of_group != NULL;
   const int64_t ng = P->ngroups, np = P->nparams, nslab = slab_count(P, ng);
-  const int nthreads = bn_threads();
-  /* by_group: raw sums of dy and dy*xhat per group (double); else per-slab parameter partials in
-   * the compute type (a slab holds at most 1/64 of the rows; slabs then add in double) */
-  /* compute-type partials where parameters run along the row (layer norm); where a row adds into
-   * one parameter (group norm: the row is spatial), the double dot products of grad_sums */
+  /* by_group: raw sums of dy and dy*xhat per group (double); else per-slab parameter partials:
+   * compute-type partials where parameters run along the row (a slab holds at most 1/64 of the
+   * rows; slabs then add in double); where a row adds into one parameter (the row is spatial),
+   * the double dot products of grad_sums */
   const int ct_partials = P->dim[P->ndim - 1].sp == 1;
   const size_t pbytes = ct_partials ? K->ct_size : sizeof(double);
   const size_t extra = by_group ? 2 * (size_t)ng : 0;
   const size_t partial_bytes = (!by_group && want_params) ? 2 * (size_t)(nslab * np) * pbytes : 0;
-  double *ws = calloc(extra + 1, sizeof *ws);
-  char *partials = calloc(partial_bytes + 1, 1);
+  double *ws = bn_ws_calloc(ex, extra + 1, sizeof *ws);
+  char *partials = bn_ws_calloc(ex, partial_bytes + 1, 1);
   if (!ws || !partials) {
-    free(ws), free(partials);
+    bn_ws_free(ex, ws), bn_ws_free(ex, partials);
     return bn_fail(BN_STATUS_OUT_OF_MEMORY, "backward workspace");
   }
-  bn_coef_t plain = *c;
-  plain.weight = NULL;
-  bn_coef_t apply = *c;
-  if (!training) apply.sum_dy = apply.sum_dyx = NULL;
-  else if (c->rms) apply.sum_dy = NULL;
-#pragma omp parallel for num_threads(nthreads) schedule(static) if (P->numel >= BN_PAR_MIN && nslab > 1)
+  bn_cpu_coef_t plain = *k;
+  plain.c.weight = NULL;
+  bn_cpu_coef_t apply = *k;
+  if (!training) apply.c.sum_dy = apply.c.sum_dyx = NULL;
+  else if (c->rms) apply.c.sum_dy = NULL;
+#pragma omp parallel for num_threads(ex->nthreads) schedule(static) if (P->numel >= BN_PAR_MIN && nslab > 1)
   for (int64_t s = 0; s < nslab; s++) {
     char *pa = partials + (size_t)(s * 2 * np) * pbytes, *pb = pa + (size_t)np * pbytes;
     for (int64_t j = ng * s / nslab; j < ng * (s + 1) / nslab; j++) {
@@ -458,8 +431,8 @@ static bn_status_t fused_backward(const bn_plan_t *P, bn_coef_t *c, int training
         c->sum_dy[g] = c->sum_dyx[g] = 0.0;
         for (int64_t r = 0; r < W.rows; r++) {
           group_row(P, &W, j, r, &row);
-          if (training) K->grad_sums(&row, c, BN_TARGET_GROUP, g, 0, 0, c->sum_dy, c->sum_dyx);
-          if (want_params && ct_partials) K->param_sums_ct(&row, c, pa, pb);
+          if (training) K->grad_sums(&row, k, BN_TARGET_GROUP, g, 0, 0, c->sum_dy, c->sum_dyx);
+          if (want_params && ct_partials) K->param_sums_ct(&row, k, pa, pb);
           else if (want_params) K->grad_sums(&row, &plain, BN_TARGET_PARAM, row.p, row.sp, 0, (double *)pa, (double *)pb);
         }
       }
@@ -488,121 +461,187 @@ static bn_status_t fused_backward(const bn_plan_t *P, bn_coef_t *c, int training
       if (dweight && ct_partials) K->add_to_double(pb, np, dweight);
     }
   }
-  free(ws);
-  free(partials);
+  bn_ws_free(ex, ws);
+  bn_ws_free(ex, partials);
   return BN_STATUS_SUCCESS;
 }
 
 /* ------------------------------------------------------------------ two-phase */
 
-static bn_status_t reduce_moments(const bn_plan_t *P, bn_coef_t *c, int precise) {
-  reduction_t R = {.P = P, .K = bn_cpu_kernels(P->dtype), .moments = 1, .t0 = P->g0, .precise = precise};
+static bn_status_t reduce_moments(const bn_exec_t *ex, const bn_plan_t *P, bn_coef_t *c) {
+  reduction_t R = {.ex = ex, .P = P, .K = bn_cpu_kernels(P->dtype), .moments = 1, .t0 = P->g0};
   for (int d = 0; d < P->ndim; d++) R.ts[d] = P->dim[d].sg;
-  double *cnt = malloc((size_t)(P->ngroups > 0 ? P->ngroups : 1) * sizeof *cnt);
+  double *cnt = bn_ws_alloc(ex, (size_t)(P->ngroups > 0 ? P->ngroups : 1) * sizeof *cnt);
   if (!cnt) return bn_fail(BN_STATUS_OUT_OF_MEMORY, "group counts");
   bn_status_t st = run_reduction(&R, P->ngroups, cnt, c->mean, c->var);
-  free(cnt);
+  bn_ws_free(ex, cnt);
   return st;
 }
 
-static bn_status_t reduce_grads(const bn_plan_t *P, const bn_coef_t *c, int target, double *a, double *b) {
-  reduction_t R = {.P = P, .K = bn_cpu_kernels(P->dtype), .moments = 0, .target = target, .coef = c,
+static bn_status_t reduce_grads(const bn_exec_t *ex, const bn_plan_t *P, const bn_cpu_coef_t *k, int target,
+                                double *a, double *b) {
+  reduction_t R = {.ex = ex, .P = P, .K = bn_cpu_kernels(P->dtype), .moments = 0, .target = target, .coef = k,
                    .t0 = target == BN_TARGET_GROUP ? P->g0 : P->p0};
   for (int d = 0; d < P->ndim; d++) R.ts[d] = target == BN_TARGET_GROUP ? P->dim[d].sg : P->dim[d].sp;
   return run_reduction(&R, target == BN_TARGET_GROUP ? P->ngroups : P->nparams, NULL, a, b);
 }
 
-/* ------------------------------------------------------------------ entry points */
+/* ------------------------------------------------------------------ the backend's steps */
 
-bn_status_t bn_cpu_moments(const bn_plan_t *P, bn_coef_t *c) {
-  if (P->numel == 0) {
+static bn_status_t cpu_stats(const bn_exec_t *ex, const bn_plan_t *P, bn_coef_t *c) {
+  if (P->forward_path == BN_PATH_EMPTY) {
     for (int64_t g = 0; g < P->ngroups; g++) c->mean[g] = c->var[g] = 0.0;
     return BN_STATUS_SUCCESS;
   }
-  return reduce_moments(P, c, 1);
+  if (P->forward_path == BN_PATH_TWO_PHASE) return reduce_moments(ex, P, c);
+  const bn_kernels_t *K = bn_cpu_kernels(P->dtype);
+  group_walk_t W;
+  group_walk_init(P, &W);
+#pragma omp parallel for num_threads(ex->nthreads) schedule(static) if (P->numel >= BN_PAR_MIN && P->ngroups > 1)
+  for (int64_t j = 0; j < P->ngroups; j++) {
+    bn_row_t row;
+    double mean, m2;
+    const int64_t g = group_moments(P, K, &W, j, &row, &mean, &m2);
+    c->mean[g] = mean, c->var[g] = m2;
+  }
+  return BN_STATUS_SUCCESS;
 }
 
-bn_status_t bn_cpu_forward(const bn_plan_t *P, bn_coef_t *c, int compute_stats) {
-  bn_status_t st = BN_STATUS_SUCCESS;
-  ct_arrays_t ws = {NULL};
-  if (P->numel == 0) {
-    for (int64_t g = 0; compute_stats && g < P->ngroups; g++) c->mean[g] = c->var[g] = 0.0, finish_stats(P, c, g);
-    return st;
+static bn_status_t cpu_forward(const bn_exec_t *ex, const bn_plan_t *P, bn_coef_t *c, int compute_stats) {
+  bn_status_t st;
+  const int64_t n = P->group_size;
+  if (P->forward_path == BN_PATH_EMPTY) {
+    for (int64_t g = 0; compute_stats && g < P->ngroups; g++) c->mean[g] = c->var[g] = 0.0, bn_finish_stats(c, g, 0);
+    return BN_STATUS_SUCCESS;
   }
-  if (compute_stats && fusable(P, 2)) {
-    if ((st = prepare_ct(P, c, 0, &ws))) return st;
-    fused_forward(P, c);
+  bn_cpu_coef_t k;
+  void *block = NULL;
+  if (compute_stats && P->forward_path == BN_PATH_FUSED) {
+    if ((st = prepare_ct(ex, P, c, 0, &k, &block))) return st;
+    fused_forward(ex, P, &k);
   } else {
     if (compute_stats) {
-      if ((st = reduce_moments(P, c, 0))) return st;
-      for (int64_t g = 0; g < P->ngroups; g++) finish_stats(P, c, g);
+      if ((st = reduce_moments(ex, P, c))) return st;
+      for (int64_t g = 0; g < P->ngroups; g++) bn_finish_stats(c, g, (double)n);
     }
-    if ((st = prepare_ct(P, c, 0, &ws))) return st;
-    apply_rows(P, c, 0);
+    if ((st = prepare_ct(ex, P, c, 0, &k, &block))) return st;
+    apply_rows(ex, P, &k, 0);
   }
-  free(ws.block);
+  bn_ws_free(ex, block);
+  return BN_STATUS_SUCCESS;
+}
+
+/* The two-phase reduce: group sums (training) and parameter sums in full passes. */
+static bn_status_t two_phase_reduce(const bn_exec_t *ex, const bn_plan_t *P, bn_coef_t *c, int training,
+                                    double *dweight, double *dbias) {
+  const int64_t ng = P->ngroups, np = P->nparams;
+  const int want_params = dweight || dbias, by_group = c->param_of_group != NULL;
+  bn_cpu_coef_t k = {.c = *c}, plain = {.c = *c};
+  plain.c.weight = NULL;
+  bn_status_t st = BN_STATUS_SUCCESS;
+  if (by_group && (training || want_params)) { /* one reduction per group gives both; weight factors out */
+    double *raw = bn_ws_calloc(ex, 2 * (size_t)ng + 1, sizeof *raw);
+    if (!raw) return bn_fail(BN_STATUS_OUT_OF_MEMORY, "backward workspace");
+    if (!(st = reduce_grads(ex, P, &plain, BN_TARGET_GROUP, raw, raw + ng)))
+      for (int64_t g = 0; g < ng; g++) {
+        const int64_t p = c->param_of_group[g];
+        const double w = c->weight ? c->weight[p] : 1.0;
+        c->sum_dy[g] = w * raw[g], c->sum_dyx[g] = w * raw[ng + g];
+        if (dbias) dbias[p] += raw[g];
+        if (dweight) dweight[p] += raw[ng + g];
+      }
+    bn_ws_free(ex, raw);
+    return st;
+  }
+  if (training && (st = reduce_grads(ex, P, &k, BN_TARGET_GROUP, c->sum_dy, c->sum_dyx))) return st;
+  if (!want_params) return BN_STATUS_SUCCESS;
+  double *tmp = bn_ws_calloc(ex, 2 * (size_t)np + 1, sizeof *tmp);
+  if (!tmp) return bn_fail(BN_STATUS_OUT_OF_MEMORY, "backward workspace");
+  st = reduce_grads(ex, P, &plain, BN_TARGET_PARAM, tmp, tmp + np);
+  for (int64_t p = 0; p < np && !st; p++) {
+    if (dbias) dbias[p] = tmp[p];
+    if (dweight) dweight[p] = tmp[np + p];
+  }
+  bn_ws_free(ex, tmp);
   return st;
 }
 
-bn_status_t bn_cpu_backward(const bn_plan_t *P, bn_coef_t *c, int training, double *dweight, double *dbias) {
-  bn_status_t st = BN_STATUS_SUCCESS;
-  const int64_t ng = P->ngroups, np = P->nparams;
-  const int want_params = dweight || dbias, by_group = c->param_of_group != NULL;
-  for (int64_t p = 0; p < np; p++) {
+static void zero_sums(const bn_plan_t *P, bn_coef_t *c, double *dweight, double *dbias) {
+  for (int64_t p = 0; p < P->nparams; p++) {
     if (dweight) dweight[p] = 0.0;
     if (dbias) dbias[p] = 0.0;
   }
-  for (int64_t g = 0; g < ng; g++) c->sum_dy[g] = c->sum_dyx[g] = 0.0;
-  if (P->numel == 0) return st;
-  ct_arrays_t ws = {NULL};
-  if (fusable(P, 3)) {
-    if ((st = prepare_ct(P, c, 1, &ws))) return st;
-    st = fused_backward(P, c, training, dweight, dbias);
-    free(ws.block);
-    return st;
-  }
-  double *raw = NULL;
-  if (by_group && (training || want_params)) { /* one reduction per group gives both; weight factors out */
-    raw = calloc(2 * (size_t)ng + 1, sizeof *raw);
-    if (!raw) return bn_fail(BN_STATUS_OUT_OF_MEMORY, "backward workspace");
-    bn_coef_t plain = *c;
-    plain.weight = NULL;
-    if ((st = reduce_grads(P, &plain, BN_TARGET_GROUP, raw, raw + ng))) goto done;
-    for (int64_t g = 0; g < ng; g++) {
-      const int64_t p = c->param_of_group[g];
-      const double w = c->weight ? c->weight[p] : 1.0;
-      c->sum_dy[g] = w * raw[g], c->sum_dyx[g] = w * raw[ng + g];
-      if (dbias) dbias[p] += raw[g];
-      if (dweight) dweight[p] += raw[ng + g];
-    }
-  } else {
-    if (training && (st = reduce_grads(P, c, BN_TARGET_GROUP, c->sum_dy, c->sum_dyx))) goto done;
-    if (want_params) {
-      double *tmp = calloc(2 * (size_t)np + 1, sizeof *tmp);
-      if (!tmp) {
-        st = bn_fail(BN_STATUS_OUT_OF_MEMORY, "backward workspace");
-        goto done;
-      }
-      bn_coef_t plain = *c;
-      plain.weight = NULL;
-      st = reduce_grads(P, &plain, BN_TARGET_PARAM, tmp, tmp + np);
-      for (int64_t p = 0; p < np && !st; p++) {
-        if (dbias) dbias[p] = tmp[p];
-        if (dweight) dweight[p] = tmp[np + p];
-      }
-      free(tmp);
-      if (st) goto done;
-    }
-  }
-  if (P->base[BN_OP_OUT]) {
-    bn_coef_t apply = *c;
-    if (!training) apply.sum_dy = apply.sum_dyx = NULL;
-    else if (c->rms) apply.sum_dy = NULL;
-    if ((st = prepare_ct(P, &apply, 1, &ws))) goto done;
-    apply_rows(P, &apply, 1);
-  }
-done:
-  free(raw);
-  free(ws.block);
+  for (int64_t g = 0; c->sum_dy && g < P->ngroups; g++) c->sum_dy[g] = c->sum_dyx[g] = 0.0;
+}
+
+static bn_status_t cpu_backward_reduce(const bn_exec_t *ex, const bn_plan_t *P, bn_coef_t *c, int training,
+                                       double *dweight, double *dbias) {
+  zero_sums(P, c, dweight, dbias);
+  if (P->backward_path == BN_PATH_EMPTY) return BN_STATUS_SUCCESS;
+  if (P->backward_path == BN_PATH_TWO_PHASE) return two_phase_reduce(ex, P, c, training, dweight, dbias);
+  bn_plan_t reduce_only = *P; /* the fused walk without its apply */
+  reduce_only.base[BN_OP_OUT] = NULL;
+  bn_cpu_coef_t k;
+  void *block = NULL;
+  bn_status_t st = prepare_ct(ex, P, c, 1, &k, &block);
+  if (!st) st = fused_backward(ex, &reduce_only, &k, training, dweight, dbias);
+  bn_ws_free(ex, block);
   return st;
 }
+
+static bn_status_t cpu_backward_apply(const bn_exec_t *ex, const bn_plan_t *P, const bn_coef_t *c, int training) {
+  if (P->backward_path == BN_PATH_EMPTY || !P->base[BN_OP_OUT]) return BN_STATUS_SUCCESS;
+  bn_coef_t apply = *c;
+  if (!training) apply.sum_dy = apply.sum_dyx = NULL;
+  else if (c->rms) apply.sum_dy = NULL;
+  bn_cpu_coef_t k;
+  void *block = NULL;
+  bn_status_t st = prepare_ct(ex, P, &apply, 1, &k, &block);
+  if (!st) apply_rows(ex, P, &k, 1);
+  bn_ws_free(ex, block);
+  return st;
+}
+
+static bn_status_t cpu_backward(const bn_exec_t *ex, const bn_plan_t *P, bn_coef_t *c, int training,
+                                double *dweight, double *dbias) {
+  if (P->backward_path != BN_PATH_FUSED) {
+    bn_status_t st = cpu_backward_reduce(ex, P, c, training, dweight, dbias);
+    return st ? st : cpu_backward_apply(ex, P, c, training);
+  }
+  zero_sums(P, c, dweight, dbias);
+  bn_cpu_coef_t k;
+  void *block = NULL;
+  bn_status_t st = prepare_ct(ex, P, c, 1, &k, &block);
+  if (!st) st = fused_backward(ex, P, &k, training, dweight, dbias);
+  bn_ws_free(ex, block);
+  return st;
+}
+
+static bn_status_t cpu_gather(const bn_exec_t *ex, const DLTensor *t, double *dst) {
+  (void)ex;
+  bn_gather_f64(t, dst);
+  return BN_STATUS_SUCCESS;
+}
+
+static bn_status_t cpu_scatter(const bn_exec_t *ex, DLTensor *t, const double *src) {
+  (void)ex;
+  bn_scatter_f64(t, src);
+  return BN_STATUS_SUCCESS;
+}
+
+static int cpu_accepts(DLDevice home, DLDevice device) {
+  (void)home;
+  return bn_is_host(device);
+}
+
+const bn_backend_t bn_cpu_backend = {
+    .name = "cpu",
+    .accepts = cpu_accepts,
+    .stats = cpu_stats,
+    .forward = cpu_forward,
+    .backward_reduce = cpu_backward_reduce,
+    .backward_apply = cpu_backward_apply,
+    .backward = cpu_backward,
+    .gather = cpu_gather,
+    .scatter = cpu_scatter,
+};

@@ -3,7 +3,7 @@
 #include <string.h>
 
 #include "cpu.h"
-#include "vec.h"
+#include "../half.h"
 
 static inline float load_f16(const uint16_t *p) { return bn_f16_to_f32(*p); }
 static inline float load_bf16(const uint16_t *p) { return bn_bf16_to_f32(*p); }

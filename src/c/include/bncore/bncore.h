@@ -1,7 +1,8 @@
 /*
  * bncore: normalization layers (batch, layer, instance, group, RMS) over DLPack tensors.
  *
- * This is the one public header of the C library. It includes only <stdint.h>,
+ * This is the one public header of the C library. It includes only <stddef.h>,
+ * <stdint.h>,
  * the version header generated from the project's single version, and the
  * DLPack structure definitions.
  *
@@ -23,12 +24,28 @@
  *  - On failure, outputs may hold partial results but in-out state (running
  *    statistics) is left bit for bit as it was: updates are computed into
  *    temporaries and committed last.
- *  - The library is thread-safe: calls on different tensors may run
- *    concurrently. Results are bitwise identical for any thread count.
+ *  - Compute calls take a bn_context_t (the device, stream, workspace allocator
+ *    and thread count to run with) first; NULL means the default context of the
+ *    device x lives on. Every tensor of a call must live where that context
+ *    computes.
+ *  - Threads: calls on different tensors may run concurrently, also through one
+ *    context (a context is only read by compute calls). A call that writes
+ *    tensors (outputs, running statistics) must not run concurrently with any
+ *    other call that reads or writes the same memory; bn_running_stats_t handles
+ *    likewise take one writer at a time (see there). Results are bitwise
+ *    identical for any thread count.
+ *
+ * What changed in 0.2 (an ABI break, allowed before 1.0): compute calls take a
+ * context first; bn_norm_desc_t starts with struct_size; bn_norm_forward and
+ * bn_norm_forward_stats take statistics given from outside (BN_FLAG_GIVEN_STATS);
+ * bn_norm_moments became bn_norm_stats (the forward's own numbers); new are
+ * bn_moments_merge, bn_norm_backward_reduce, bn_norm_backward_apply and the
+ * bn_context_* functions. docs/c_api.md lists the details.
  */
 #ifndef BNCORE_BNCORE_H
 #define BNCORE_BNCORE_H
 
+#include <stddef.h>
 #include <stdint.h>
 
 #include "bncore/version.h"
@@ -82,12 +99,56 @@ BN_API const char *bn_version_string(void);
 
 /* ------------------------------------------------------------------ threads */
 
-/* Sets the number of OpenMP threads bncore's kernels use; n <= 0 restores
- * the OpenMP default. Process-wide. Results do not depend on it.
- * Returns BN_STATUS_SUCCESS. */
+/* Sets the process-wide default number of OpenMP threads of bncore's CPU kernels
+ * (used by contexts whose own thread count is 0, and by NULL contexts); n <= 0
+ * restores the OpenMP default. Results do not depend on it. Returns BN_STATUS_SUCCESS. */
 BN_API bn_status_t bn_set_num_threads(int32_t n);
-/* The thread count kernels will use now (1 in a build without OpenMP). */
+/* The process-wide default thread count kernels will use now (1 in a build without OpenMP). */
 BN_API int32_t bn_get_num_threads(void);
+
+/* ------------------------------------------------------------------ execution context */
+
+/*
+ * A context says where and how compute calls run: the device (and so the backend:
+ * the CPU backend for kDLCPU, kDLCUDAHost and kDLCUDAManaged memory in this build),
+ * the stream of devices that have them, a workspace allocator and the thread count.
+ * Opaque; owned by the caller from bn_context_create to bn_context_destroy.
+ * Compute calls only read a context, so one context may serve concurrent calls;
+ * the bn_context_set_* functions must not run concurrently with calls using it.
+ */
+typedef struct bn_context_t bn_context_t;
+
+/*
+ * Workspace allocator of a context: bncore asks it for the temporary memory of a
+ * call (on the context's device) and gives every block back before the call
+ * returns. alloc returns NULL when it cannot serve `bytes`; blocks must be aligned
+ * for any type (as malloc's). `user` is passed through unchanged.
+ */
+typedef void *(*bn_alloc_fn)(void *user, size_t bytes);
+typedef void (*bn_free_fn)(void *user, void *ptr);
+
+/* Creates a context for `device` (out: owned by the caller; free it with
+ * bn_context_destroy): no stream, malloc for workspaces, the process-wide thread count.
+ * Returns SUCCESS, INVALID_ARGUMENT (out NULL), UNSUPPORTED_DEVICE (no backend of this
+ * build computes there), OUT_OF_MEMORY. */
+BN_API bn_status_t bn_context_create(DLDevice device, bn_context_t **out);
+/* Frees a context; NULL does nothing. Returns SUCCESS. */
+BN_API bn_status_t bn_context_destroy(bn_context_t *ctx);
+/* The device of a context (out). Returns SUCCESS, INVALID_ARGUMENT. */
+BN_API bn_status_t bn_context_device(const bn_context_t *ctx, DLDevice *device);
+/* The stream calls are ordered on (a cudaStream_t for CUDA devices; NULL: the default
+ * stream). Borrowed: it must outlive the calls that use it. The CPU backend has no
+ * streams and refuses a non-NULL one. Returns SUCCESS, INVALID_ARGUMENT. */
+BN_API bn_status_t bn_context_set_stream(bn_context_t *ctx, void *stream);
+/* Threads of CPU kernels run through this context; 0 (the default) follows
+ * bn_set_num_threads. Returns SUCCESS, INVALID_ARGUMENT (n < 0). */
+BN_API bn_status_t bn_context_set_num_threads(bn_context_t *ctx, int32_t n);
+/* The thread count calls through ctx use now (out). Returns SUCCESS, INVALID_ARGUMENT. */
+BN_API bn_status_t bn_context_get_num_threads(const bn_context_t *ctx, int32_t *n);
+/* Workspaces from a caller's allocator (a framework's cached memory); both NULL
+ * restores malloc. Borrowed: the functions and `user` must stay valid while calls
+ * use the context. Returns SUCCESS, INVALID_ARGUMENT (only one of the two given). */
+BN_API bn_status_t bn_context_set_allocator(bn_context_t *ctx, bn_alloc_fn alloc, bn_free_fn free, void *user);
 
 /* ------------------------------------------------------------------ problem description */
 
@@ -95,19 +156,30 @@ BN_API int32_t bn_get_num_threads(void);
 #define BN_MAX_NDIM 16
 
 /*
- * Option bits of bn_norm_desc_t.flags. Unknown bits are refused with
- * BN_STATUS_INVALID_ARGUMENT.
+ * Option bits of bn_norm_desc_t.flags, each documented for the forward and the
+ * backward. Unknown bits are refused with BN_STATUS_INVALID_ARGUMENT.
  *
  * BN_FLAG_RMS
  *   forward:  no mean is subtracted: xhat = x * rstd, rstd = 1/sqrt(mean(x^2) + eps);
  *             save_mean, if given, receives zeros.
  *   backward: the matching gradient (the mean terms vanish).
- * BN_FLAG_USE_RUNNING_STATS
+ * BN_FLAG_USE_RUNNING_STATS  (evaluation mode)
  *   forward:  statistics are not computed from x; mean and variance come from
  *             running_mean / running_var (eval-mode batch norm, instance norm
  *             with use_input_stats=False). Requires the parameter axes to be
  *             statistic-group axes.
  *   backward: the statistics are treated as constants: dx = dy * weight * rstd.
+ * BN_FLAG_GIVEN_STATS  (statistics from outside the call: synchronized batch norm)
+ *   forward:  statistics are not computed from x; each group's mean and m2 (the sum
+ *             of squared deviations) come from stats_mean / stats_m2, over
+ *             stats_count elements: var = m2 / count (the biased variance; with
+ *             BN_FLAG_RMS, var = m2 / count + mean^2 and no mean is subtracted).
+ *             These are exactly the numbers bn_norm_stats returns, merged by
+ *             bn_moments_merge or a collective. May be combined with
+ *             BN_FLAG_UPDATE_RUNNING_STATS (the running variance is then unbiased with
+ *             stats_count), not with BN_FLAG_USE_RUNNING_STATS.
+ *   backward: ignored: the backward of such a forward is the training backward
+ *             (statistics depend on x), bn_norm_backward_reduce / _apply.
  * BN_FLAG_UPDATE_RUNNING_STATS
  *   forward:  (training only) running_mean and running_var are updated in place
  *             (requires the parameter axes to be statistic-group axes, and groups of
@@ -121,18 +193,19 @@ BN_API int32_t bn_get_num_threads(void);
  * BN_FLAG_RUNNING_VAR_BIASED
  *   forward:  store the biased variance in running_var (Keras's convention).
  *   backward: ignored.
+ * BN_FLAG_SKIP_NONFINITE
+ *   forward:  (with BN_FLAG_UPDATE_RUNNING_STATS) when any batch mean or variance is not
+ *             finite, the running statistics are left untouched (the output is still
+ *             written); bn_norm_forward_stats counts such batches as skipped.
+ *   backward: ignored.
  */
 #define BN_FLAG_RMS                  (1u << 0)
 #define BN_FLAG_USE_RUNNING_STATS    (1u << 1)
 #define BN_FLAG_UPDATE_RUNNING_STATS (1u << 2)
 #define BN_FLAG_RUNNING_VAR_BIASED   (1u << 3)
-/* BN_FLAG_SKIP_NONFINITE
- *   forward:  (with BN_FLAG_UPDATE_RUNNING_STATS) when any batch mean or variance is not
- *             finite, the running statistics are left untouched (the output is still
- *             written); bn_norm_forward_stats counts such batches as skipped.
- *   backward: ignored. */
 #define BN_FLAG_SKIP_NONFINITE       (1u << 4)
-#define BN_FLAG_ALL                  (0x1fu)
+#define BN_FLAG_GIVEN_STATS          (1u << 5)
+#define BN_FLAG_ALL                  (0x3fu)
 
 /*
  * What to normalize: a plain struct the caller fills (or gets from one of the
@@ -149,8 +222,14 @@ BN_API int32_t bn_get_num_threads(void);
  * reduce_axes, that is read as (num_groups, C / num_groups): the outer part
  * separates groups, the inner part is reduced. If the axis is in param_axes,
  * parameters are indexed by the whole axis.
+ *
+ * struct_size: sizeof(bn_norm_desc_t) as the caller was compiled (the init functions
+ * set it), so that later versions can add fields at the end without breaking callers:
+ * a library reads the fields the caller's size covers, treats missing ones as 0, and
+ * refuses a larger struct whose extra bytes it does not know and are not zero.
  */
 typedef struct bn_norm_desc_t {
+  uint64_t struct_size;  /* sizeof(bn_norm_desc_t) of the caller */
   uint64_t reduce_axes;  /* statistics are taken over these axes */
   uint64_t param_axes;   /* weight / bias / running statistics are indexed by these axes */
   int32_t split_axis;    /* -1, or the axis read as (num_groups, C / num_groups) */
@@ -159,11 +238,13 @@ typedef struct bn_norm_desc_t {
   double eps;            /* added to the variance; finite and >= 0 */
   double momentum;       /* running-statistics factor in [0, 1] (BN_FLAG_UPDATE_RUNNING_STATS) */
   uint32_t flags;        /* BN_FLAG_* bits */
+  uint32_t reserved2;    /* must be 0 */
 } bn_norm_desc_t;
 
 /*
  * Variants as mappings onto bn_norm_desc_t. Each writes *desc (out, caller
- * owned) with momentum 0 and no flags; the caller may then set flags and momentum.
+ * owned) with struct_size set, momentum 0 and no flags; the caller may then set flags
+ * and momentum.
  * Returns BN_STATUS_SUCCESS, or BN_STATUS_INVALID_ARGUMENT for a NULL desc,
  * ndim outside [1, BN_MAX_NDIM], an axis out of range, bad eps or groups.
  *
@@ -185,18 +266,24 @@ BN_API bn_status_t bn_norm_desc_init_instance(bn_norm_desc_t *desc, int32_t ndim
 BN_API bn_status_t bn_norm_desc_init_group(bn_norm_desc_t *desc, int32_t ndim, int64_t num_groups,
                                            double eps);
 
-/* ------------------------------------------------------------------ forward and backward */
+/* ------------------------------------------------------------------ forward */
 
 /*
  * Forward:  y = (x - mean_g) * rstd_g * weight[p] + bias[p],  rstd_g = 1 / sqrt(var_g + eps)
- * with mean_g, var_g (biased) the statistics of the element's group g, or the
- * running statistics with BN_FLAG_USE_RUNNING_STATS, and p its parameter index.
+ * with mean_g, var_g (biased) the statistics of the element's group g: computed from x,
+ * given (BN_FLAG_GIVEN_STATS) or the running statistics (BN_FLAG_USE_RUNNING_STATS);
+ * p is the element's parameter index.
  *
+ *  ctx           in, borrowed, may be NULL (the default context of x's device).
  *  desc          in, borrowed: the problem (see bn_norm_desc_t).
- *  x             in, borrowed: any strides, float16 / bfloat16 / float32 / float64, host memory
- *                (kDLCPU, kDLCUDAHost or kDLCUDAManaged in a CPU build), at most 2^56 elements.
+ *  x             in, borrowed: any strides, float16 / bfloat16 / float32 / float64, on the
+ *                context's device, at most 2^56 elements.
  *  weight, bias  in, borrowed, may be NULL (then 1 and 0): one value per parameter
  *                index (numel = product of the param_axes sizes), any float dtype.
+ *  stats_mean, stats_m2, stats_count
+ *                in, borrowed: with BN_FLAG_GIVEN_STATS, one value per statistic group each
+ *                (any float dtype) and the number of elements behind them (>= 0); without
+ *                it, NULL, NULL and 0.
  *  running_mean, running_var
  *                in-out, borrowed: one value per parameter index, any float dtype, distinct memory.
  *                Read with BN_FLAG_USE_RUNNING_STATS, written with
@@ -208,14 +295,62 @@ BN_API bn_status_t bn_norm_desc_init_group(bn_norm_desc_t *desc, int32_t ndim, i
  *                out, borrowed, may be NULL: one value per statistic group (numel =
  *                number of groups; group index row-major over the non-reduced axes,
  *                with the split axis's group part), any float dtype: the mean and
- *                rstd actually used.
+ *                rstd actually used (the cache the backward reads).
  *
  * Returns SUCCESS, INVALID_ARGUMENT, SHAPE_MISMATCH, UNSUPPORTED_DTYPE,
  * UNSUPPORTED_DEVICE, OVERLAP, OUT_OF_MEMORY.
  */
-BN_API bn_status_t bn_norm_forward(const bn_norm_desc_t *desc, const DLTensor *x, const DLTensor *weight,
-                                   const DLTensor *bias, DLTensor *running_mean, DLTensor *running_var,
-                                   DLTensor *y, DLTensor *save_mean, DLTensor *save_rstd);
+BN_API bn_status_t bn_norm_forward(bn_context_t *ctx, const bn_norm_desc_t *desc, const DLTensor *x,
+                                   const DLTensor *weight, const DLTensor *bias, const DLTensor *stats_mean,
+                                   const DLTensor *stats_m2, int64_t stats_count, DLTensor *running_mean,
+                                   DLTensor *running_var, DLTensor *y, DLTensor *save_mean, DLTensor *save_rstd);
+
+/* ------------------------------------------------------------------ the forward's steps */
+
+/*
+ * Step 1 of a forward: per-group moments of x, the very numbers bn_norm_forward
+ * computes for itself (same blocking and summation order, so that
+ * bn_norm_stats -> bn_norm_forward(BN_FLAG_GIVEN_STATS) is bitwise the one-call forward):
+ * mean and m2, the sum of squared deviations from it (biased variance = m2 / count).
+ * desc.flags, eps and momentum are ignored (BN_FLAG_RMS too: the moments are raw).
+ *
+ *  ctx        in, borrowed, may be NULL.
+ *  x          in, borrowed: as for bn_norm_forward.
+ *  mean, m2   out, borrowed: one value per statistic group, any float dtype (float64
+ *             keeps every digit computed); must not overlap x or each other.
+ *  count      out, may be NULL: elements per group.
+ *
+ * Returns SUCCESS, INVALID_ARGUMENT, SHAPE_MISMATCH, UNSUPPORTED_DTYPE,
+ * UNSUPPORTED_DEVICE, OVERLAP, OUT_OF_MEMORY.
+ */
+BN_API bn_status_t bn_norm_stats(bn_context_t *ctx, const bn_norm_desc_t *desc, const DLTensor *x,
+                                 DLTensor *mean, DLTensor *m2, int64_t *count);
+
+/*
+ * Step 2 (between processes, or between parts of a batch): Chan's merge of two sets of
+ * moments, elementwise over n entries, in double:
+ *   count = ca + cb,  d = mean_b - mean_a,
+ *   mean  = mean_a + d * cb / count,  m2 = m2_a + m2_b + d^2 * ca * cb / count
+ * (an empty side gives the other unchanged; both empty give zeros).
+ *
+ *  ctx          in, borrowed, may be NULL (the default context of mean_a's device).
+ *  count_a, mean_a, m2_a, count_b, mean_b, m2_b
+ *               in, borrowed: mean and m2 with n values each, any float dtype; counts
+ *               with n values or 1 (the same count for every entry), any float dtype,
+ *               finite and >= 0 (float64 counts are exact up to 2^53).
+ *  count, mean, m2
+ *               out, borrowed: n values each (count: 1 value when both input counts have
+ *               1). Each may be its own a-side or b-side input exactly (in-place
+ *               accumulation), and must share no other memory. count may be NULL.
+ *
+ * Returns SUCCESS, INVALID_ARGUMENT, SHAPE_MISMATCH, UNSUPPORTED_DTYPE,
+ * UNSUPPORTED_DEVICE, OVERLAP, OUT_OF_MEMORY.
+ */
+BN_API bn_status_t bn_moments_merge(bn_context_t *ctx, const DLTensor *count_a, const DLTensor *mean_a,
+                                    const DLTensor *m2_a, const DLTensor *count_b, const DLTensor *mean_b,
+                                    const DLTensor *m2_b, DLTensor *count, DLTensor *mean, DLTensor *m2);
+
+/* ------------------------------------------------------------------ backward */
 
 /*
  * Backward of bn_norm_forward, with xhat = (x - mean_g) * rstd_g and n_g the group size:
@@ -223,7 +358,10 @@ BN_API bn_status_t bn_norm_forward(const bn_norm_desc_t *desc, const DLTensor *x
  *   dbias[p]   = sum over elements with index p of dy               (assigned, not accumulated)
  *   dx = rstd_g * (dy*w - mean_g(dy*w) - xhat * mean_g(dy*w*xhat))  (training)
  *   dx = rstd_g * dy * w                                            (BN_FLAG_USE_RUNNING_STATS)
+ * It is bn_norm_backward_reduce then bn_norm_backward_apply with count n_g, fused into
+ * one pass over memory where a group fits in cache.
  *
+ *  ctx           in, borrowed, may be NULL.
  *  x, dy         in, borrowed: same shape and dtype, any strides.
  *  weight        in, borrowed, may be NULL (1).
  *  save_mean, save_rstd
@@ -236,34 +374,58 @@ BN_API bn_status_t bn_norm_forward(const bn_norm_desc_t *desc, const DLTensor *x
  * Returns SUCCESS, INVALID_ARGUMENT, SHAPE_MISMATCH, UNSUPPORTED_DTYPE,
  * UNSUPPORTED_DEVICE, OVERLAP, OUT_OF_MEMORY.
  */
-BN_API bn_status_t bn_norm_backward(const bn_norm_desc_t *desc, const DLTensor *x, const DLTensor *dy,
-                                    const DLTensor *weight, const DLTensor *save_mean,
-                                    const DLTensor *save_rstd, DLTensor *dx, DLTensor *dweight,
-                                    DLTensor *dbias);
+BN_API bn_status_t bn_norm_backward(bn_context_t *ctx, const bn_norm_desc_t *desc, const DLTensor *x,
+                                    const DLTensor *dy, const DLTensor *weight, const DLTensor *save_mean,
+                                    const DLTensor *save_rstd, DLTensor *dx, DLTensor *dweight, DLTensor *dbias);
 
-/* ------------------------------------------------------------------ statistics only */
+/* ------------------------------------------------------------------ the backward's steps */
 
 /*
- * Per-group moments of x: the mean and m2, the sum of squared deviations from it
- * (biased variance = m2 / n, n = elements per group): pieces of 2048 elements reduced
- * two-pass in double and merged in double (Chan), with the forward's blocking. (The
- * forward itself sums a piece in the compute type, float32 for float32 and half inputs.)
- * desc.flags, eps and momentum are ignored.
+ * Step 1 of a backward: per-parameter sums, assigned (not accumulated):
+ *   sum_dy[p] = sum of dy,  sum_dy_xhat[p] = sum of dy * xhat   over the elements with index p
+ * (that is grad_bias and grad_weight). Between processes, all-reduce them (sums of
+ * rank-local sums), then call bn_norm_backward_apply with the global count.
  *
- *  x          in, borrowed: as for bn_norm_forward.
- *  mean, m2   out, borrowed: one value per statistic group, any float dtype (float64
- *             keeps every digit computed); must not overlap x or each other.
- *  count      out, may be NULL: elements per group.
+ *  ctx, desc, x, dy, save_mean, save_rstd   as for bn_norm_backward.
+ *  sum_dy, sum_dy_xhat   out, borrowed, either may be NULL: one value per parameter index,
+ *                        any float dtype (float64 keeps every digit).
  *
  * Returns SUCCESS, INVALID_ARGUMENT, SHAPE_MISMATCH, UNSUPPORTED_DTYPE,
  * UNSUPPORTED_DEVICE, OVERLAP, OUT_OF_MEMORY.
  */
-BN_API bn_status_t bn_norm_moments(const bn_norm_desc_t *desc, const DLTensor *x, DLTensor *mean, DLTensor *m2,
-                                   int64_t *count);
+BN_API bn_status_t bn_norm_backward_reduce(bn_context_t *ctx, const bn_norm_desc_t *desc, const DLTensor *x,
+                                           const DLTensor *dy, const DLTensor *save_mean,
+                                           const DLTensor *save_rstd, DLTensor *sum_dy, DLTensor *sum_dy_xhat);
+
+/*
+ * Step 2 of a backward: grad_input from the sums of step 1 (possibly all-reduced across
+ * processes) and the number of elements behind them:
+ *   dx = rstd_g * w * (dy - sum_dy[p] / count - xhat * sum_dy_xhat[p] / count)   (training)
+ *   dx = rstd_g * dy * w                                     (BN_FLAG_USE_RUNNING_STATS)
+ * In training this needs one statistic group per parameter index (the parameter axes
+ * are exactly the non-reduced axes, as in batch norm); other variants use bn_norm_backward.
+ *
+ *  ctx, desc, x, dy, weight, save_mean, save_rstd   as for bn_norm_backward.
+ *  sum_dy, sum_dy_xhat   in, borrowed: one value per parameter index, any float dtype;
+ *                        NULL with BN_FLAG_USE_RUNNING_STATS (and sum_dy with BN_FLAG_RMS).
+ *  count         elements behind the sums (> 0 in training, unless x is empty).
+ *  dx            out, borrowed: x's shape and dtype; may be dy itself.
+ *
+ * Returns SUCCESS, INVALID_ARGUMENT, SHAPE_MISMATCH, UNSUPPORTED_DTYPE,
+ * UNSUPPORTED_DEVICE, OVERLAP, OUT_OF_MEMORY.
+ */
+BN_API bn_status_t bn_norm_backward_apply(bn_context_t *ctx, const bn_norm_desc_t *desc, const DLTensor *x,
+                                          const DLTensor *dy, const DLTensor *weight, const DLTensor *save_mean,
+                                          const DLTensor *save_rstd, const DLTensor *sum_dy,
+                                          const DLTensor *sum_dy_xhat, int64_t count, DLTensor *dx);
 
 /* ------------------------------------------------------------------ running-statistics state */
 
-/* Opaque: running mean and variance of num_features values plus their counters. */
+/* Opaque: running mean and variance of num_features values plus their counters.
+ * One writer at a time: calls that update a state (bn_running_stats_update,
+ * _set_counts, _set_factor, bn_norm_forward_stats with BN_FLAG_UPDATE_RUNNING_STATS)
+ * must not run concurrently with any other call on the same state; read-only calls
+ * (_counts, _tensors, forward_stats in evaluation mode) may run together. */
 typedef struct bn_running_stats_t bn_running_stats_t;
 
 /*
@@ -325,19 +487,21 @@ BN_API bn_status_t bn_running_stats_update(bn_running_stats_t *stats, const DLTe
 
 /*
  * bn_norm_forward with the running statistics kept in a state: with
- * BN_FLAG_UPDATE_RUNNING_STATS in desc.flags the batch's statistics are folded in by the
- * state's rule (its factor or cumulative average, its variance convention, its
- * non-finite policy) and the counters advance; with BN_FLAG_USE_RUNNING_STATS the state
- * normalizes. desc.momentum and BN_FLAG_RUNNING_VAR_BIASED / BN_FLAG_SKIP_NONFINITE
- * are taken from the state. With either flag the parameter count must equal num_features
- * (without one the state is not used). A training call on an empty x counts as an update
- * that folds nothing in, as PyTorch counts such batches.
+ * BN_FLAG_UPDATE_RUNNING_STATS in desc.flags the batch's statistics (computed, or given
+ * with BN_FLAG_GIVEN_STATS) are folded in by the state's rule (its factor or cumulative
+ * average, its variance convention, its non-finite policy) and the counters advance;
+ * with BN_FLAG_USE_RUNNING_STATS the state normalizes. desc.momentum and
+ * BN_FLAG_RUNNING_VAR_BIASED / BN_FLAG_SKIP_NONFINITE are taken from the state. With
+ * either flag the parameter count must equal num_features (without one the state is not
+ * used). A training call on an empty x counts as an update that folds nothing in, as
+ * PyTorch counts such batches.
  *  stats  in-out, borrowed. Unchanged on any failure.
- * Returns what bn_norm_forward returns.
+ * Other arguments as for bn_norm_forward. Returns what bn_norm_forward returns.
  */
-BN_API bn_status_t bn_norm_forward_stats(const bn_norm_desc_t *desc, const DLTensor *x, const DLTensor *weight,
-                                         const DLTensor *bias, bn_running_stats_t *stats, DLTensor *y,
-                                         DLTensor *save_mean, DLTensor *save_rstd);
+BN_API bn_status_t bn_norm_forward_stats(bn_context_t *ctx, const bn_norm_desc_t *desc, const DLTensor *x,
+                                         const DLTensor *weight, const DLTensor *bias, const DLTensor *stats_mean,
+                                         const DLTensor *stats_m2, int64_t stats_count, bn_running_stats_t *stats,
+                                         DLTensor *y, DLTensor *save_mean, DLTensor *save_rstd);
 
 #ifdef __cplusplus
 }

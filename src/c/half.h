@@ -1,10 +1,10 @@
 /*
- * The thin element layer: loads and stores of each element type in its
- * compute type. Half types are converted by bit manipulation so that the
- * library builds with any C11 compiler; rounding is to nearest, ties to even.
+ * Half types (float16, bfloat16) to and from float32, for every backend: by bit
+ * manipulation, so that the library builds with any C11 compiler (and a CUDA file
+ * can include it); rounding is to nearest, ties to even.
  */
-#ifndef BNCORE_CPU_VEC_H
-#define BNCORE_CPU_VEC_H
+#ifndef BNCORE_HALF_H
+#define BNCORE_HALF_H
 
 #include <stdint.h>
 #include <string.h>
@@ -63,4 +63,4 @@ static inline uint16_t bn_f32_to_f16(float f) {
   return (uint16_t)(sign | (r >> 13));
 }
 
-#endif /* BNCORE_CPU_VEC_H */
+#endif /* BNCORE_HALF_H */
