@@ -173,10 +173,14 @@ static inline void bn_finish_stats(bn_coef_t *c, int64_t g, double n) {
 /* Chan et al.: merge (nb, mb, m2b) into the running (cnt, mean, m2). */
 static inline void bn_chan_merge(double *cnt, double *mean, double *m2, double nb, double mb, double m2b) {
   if (nb == 0.0) return;
+  if (*cnt == 0.0) { /* an empty side gives the other exactly (and 0 * d^2 never meets d^2 = inf) */
+    *cnt = nb, *mean = mb, *m2 = m2b;
+    return;
+  }
   const double na = *cnt, n = na + nb, d = mb - *mean;
   if (!isfinite(d)) { /* inf in the data: the plain weighted mean keeps inf + finite = inf, as sums do */
-    *mean = na == 0.0 ? mb : (*mean * na + mb * nb) / n;
-    *m2 = na == 0.0 ? m2b : NAN; /* a spread around an infinite mean is undefined */
+    *mean = (*mean * na + mb * nb) / n;
+    *m2 = NAN; /* a spread around an infinite mean is undefined */
     *cnt = n;
     return;
   }
