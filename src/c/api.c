@@ -477,6 +477,10 @@ static bn_status_t backward_load(backward_call_t *B, const DLTensor *weight, con
   if (!rms && (st = gather(&B->ex, save_mean, s->mean))) return st;
   if ((st = gather(&B->ex, save_rstd, s->rstd))) return st;
   if (B->plan.params_in_groups) bn_plan_group_params(&B->plan, s->param_of_group);
+  if (B->training && !rms && B->plan.group_size == 1)
+    /* a one-element group normalizes to the constant 0: xhat and dx are exactly 0, which the
+     * formula reaches only up to rounding (dy*w*rstd - rstd*sum(dy*w) in two precisions) */
+    for (int64_t g = 0; g < B->plan.ngroups; g++) s->rstd[g] = 0.0;
   B->coef = (bn_coef_t){.mean = s->mean, .rstd = s->rstd, .weight = weight ? s->weight : NULL,
                         .param_of_group = B->plan.params_in_groups ? s->param_of_group : NULL, .sum_dy = s->s1,
                         .sum_dyx = s->s2,

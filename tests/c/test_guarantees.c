@@ -8,6 +8,7 @@
 #include <string.h>
 
 #include "bncore/bncore.h"
+#include "half.h"
 #include "harness.h"
 #include "tensors.h"
 
@@ -95,6 +96,30 @@ SUITE(guarantees) {
                           tt_vec(&trm, rm, TT_F64, 2), tt_vec(&trv, rv, TT_F64, 2),
                           tt_init(&ty, &v, TT_F64, 3, shape, NULL), NULL, NULL) == BN_STATUS_SUCCESS);
     CHECK(rm[0] == 0.5 && rm[1] == -0.5 && rv[0] == 2 && rv[1] == 3);
+  }
+
+  TEST(one_element_groups_have_an_exact_zero_gradient) {
+    /* PyTorch's OpInfo sample layer_norm(float16 (1,), (1,)): the exact gradient is 0 */
+    const DLDataType f16 = {kDLFloat, 16, 1};
+    const int64_t one = 1;
+    uint64_t seed = 17;
+    int nonzero = 0;
+    for (int trial = 0; trial < 200; trial++) {
+      uint16_t x = bn_f32_to_f16((float)tt_rand(&seed)), dy = bn_f32_to_f16((float)(2 * tt_rand(&seed))),
+               w = bn_f32_to_f16((float)tt_rand(&seed)), dx = 0xffff, dw = 0xffff, y;
+      float sm, sr;
+      tt_t tx, tdy, tw, tdx, tdw, ty, tsm, tsr;
+      bn_norm_desc_t d;
+      bn_norm_desc_init_layer(&d, 1, 1, 1e-5);
+      tt_init(&tx, &x, f16, 1, &one, NULL), tt_init(&tdy, &dy, f16, 1, &one, NULL), tt_init(&tw, &w, f16, 1, &one, NULL);
+      CHECK(bn_norm_forward(NULL, &d, &tx.t, &tw.t, NULL, NULL, NULL, 0, NULL, NULL,
+                            tt_init(&ty, &y, f16, 1, &one, NULL), tt_vec(&tsm, &sm, TT_F32, 1),
+                            tt_vec(&tsr, &sr, TT_F32, 1)) == BN_STATUS_SUCCESS);
+      CHECK(bn_norm_backward(NULL, &d, &tx.t, &tdy.t, &tw.t, &tsm.t, &tsr.t, tt_init(&tdx, &dx, f16, 1, &one, NULL),
+                             tt_init(&tdw, &dw, f16, 1, &one, NULL), NULL) == BN_STATUS_SUCCESS);
+      nonzero += (dx & 0x7fff) != 0 || (dw & 0x7fff) != 0;
+    }
+    CHECK(nonzero == 0);
   }
 
   TEST(load_is_all_or_nothing) {
