@@ -142,6 +142,15 @@ def test_bench_in_help():
     assert "--suite" not in out and "--no-torch" not in out  # hidden, for tests
 
 
+def test_version_option(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["--version"])
+    assert stop.value.code == 0
+    out = capsys.readouterr().out
+    main(["version"])
+    assert out == capsys.readouterr().out == f"bncore {bncore.__version__} (C library {bncore.__version__})\n"
+
+
 def test_numpy_contender_is_the_reference():
     """The NumPy contender times bncore.reference itself, at the input's dtype: no second copy of the formulas."""
     from bncore import reference

@@ -5,9 +5,28 @@ import argparse
 import sys
 
 
+def _version_text() -> str:
+    import bncore
+
+    return f"bncore {bncore.__version__} (C library {bncore._core.version_string()})"
+
+
+class _VersionAction(argparse.Action):
+    """--version: like argparse's own, but imports bncore only when asked."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(_version_text())
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The whole command line; each subcommand sets `run`, the function that carries it out."""
     parser = argparse.ArgumentParser(prog="bncore", description="Normalization layers on one C core.")
+    parser.add_argument("--version", action=_VersionAction,
+                        help="print the versions of bncore and of its C library, and exit")
     # build flags for C and C++ programs that link the installed library (like numpy.get_include())
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--cflags", action="store_true", help="print the compiler flags: -I<include dir>")
@@ -56,9 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _version(args) -> int:
-    import bncore
-
-    print(f"bncore {bncore.__version__} (C library {bncore._core.version_string()})")
+    print(_version_text())
     return 0
 
 
