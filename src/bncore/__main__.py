@@ -50,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0, metavar="S",
                       help="seed of the train/test split, the initial weights and the batch order (default 0)")
     demo.add_argument("--plot", default="bncore-demo.png", metavar="FILE",
-                      help="PNG of the loss curves, written when matplotlib is installed (default %(default)s)")
+                      help="PNG of the loss curves, written when matplotlib is installed "
+                           "(default: %(default)s in the current directory)")
     demo.set_defaults(run=_demo)
 
     bench = commands.add_parser(
