@@ -188,7 +188,7 @@ def print_table(result: dict, a_name: str, b_name: str):
     head = (f"{'op':<20} {'shape':<13} {'dtype':<8} {'layout':<6} {'A ms':>7} {'B ms':>7} {'B/A':>6} "
             f"{'alloc':>6} {'torch':>6}")
     print(f"A = {a_name}, B = {b_name}. bncore's median ms (forward into out=); B/A of bncore, of bncore")
-    print(f"allocating ('alloc') and of PyTorch ('torch': the same code on both sides, so its B/A shows the")
+    print("allocating ('alloc') and of PyTorch ('torch': the same code on both sides, so its B/A shows the")
     print(f"noise). SLOWER: bncore or alloc slower in B by more than {100 * result['threshold']:.0f}%.")
     print(head)
     print("-" * len(head))

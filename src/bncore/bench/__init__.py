@@ -33,16 +33,16 @@ __all__ = ["CONTENDERS", "FULL", "QUICK", "SUITES", "Case", "Repeats", "Suite", 
            "run_case", "tiny_suite"]
 
 NOTES = [
-    "bncore forward writes into a preallocated out=; PyTorch's functional forward allocates its output "
-    "(it has no out=); both backward passes allocate their gradients. bncore_alloc is bncore's forward "
-    "without out=. A fresh allocation above glibc's mmap threshold (at most 32 MiB) is page-faulted in "
-    "on every call, which can dominate the time of a memory-bound kernel.",
-    "PyTorch backward: torch.ops.aten.native_{batch,layer,group}_norm_backward called directly with "
-    "output_mask [True, True, True]: only the backward kernel, no autograd graph or engine.",
-    "numpy: bncore.reference's formulas evaluated in float32, single-threaded; its backward takes the "
-    "forward's saved statistics; its training forward also updates the running statistics.",
-    "Every contender's outputs are checked against bncore.reference in float64 (max_error_vs_reference: "
-    "the largest error relative to the largest expected magnitude, within tolerance).",
+    ("bncore forward writes into a preallocated out=; PyTorch's functional forward allocates its output "
+     "(it has no out=); both backward passes allocate their gradients. bncore_alloc is bncore's forward "
+     "without out=. A fresh allocation above glibc's mmap threshold (at most 32 MiB) is page-faulted in "
+     "on every call, which can dominate the time of a memory-bound kernel."),
+    ("PyTorch backward: torch.ops.aten.native_{batch,layer,group}_norm_backward called directly with "
+     "output_mask [True, True, True]: only the backward kernel, no autograd graph or engine."),
+    ("numpy: bncore.reference's formulas evaluated in float32, single-threaded; its backward takes the "
+     "forward's saved statistics; its training forward also updates the running statistics."),
+    ("Every contender's outputs are checked against bncore.reference in float64 (max_error_vs_reference: "
+     "the largest error relative to the largest expected magnitude, within tolerance)."),
     "Each repeat runs every contender once, the order rotated per repeat; times are medians after warm-up.",
     "Speed-ups are bncore's: the other's time / bncore's time (above 1: bncore is faster).",
     "bfloat16 cases keep weight, bias and running statistics in float32; NumPy has no bfloat16 ('-').",

@@ -62,10 +62,10 @@ class Tensors:
         xp = rng.standard_normal(phys, dtype=np.float32) * 2 + 0.5
         dyp = rng.standard_normal(phys, dtype=np.float32)
         c = shape[-1] if case.op == "layer_norm" else shape[1]
-        params = dict(w=1 + 0.1 * rng.standard_normal(c, dtype=np.float32),
-                      b=0.1 * rng.standard_normal(c, dtype=np.float32),
-                      rm=0.1 * rng.standard_normal(c, dtype=np.float32),
-                      rv=1 + 0.1 * rng.random(c, dtype=np.float32))
+        params = {"w": 1 + 0.1 * rng.standard_normal(c, dtype=np.float32),
+                  "b": 0.1 * rng.standard_normal(c, dtype=np.float32),
+                  "rm": 0.1 * rng.standard_normal(c, dtype=np.float32),
+                  "rv": 1 + 0.1 * rng.random(c, dtype=np.float32)}
         self.np_axis = -1 if nhwc else 1
         self.nhwc = nhwc
         self.torch = torch

@@ -85,8 +85,8 @@ def format_row(r: dict) -> str:
 def overhead_lines(overhead: dict) -> list:
     """The small-call overhead, its speed-up stated as in the table (torch / bncore)."""
     us = overhead["us"]
-    lines = [f"Python overhead, batch norm of a {tuple(overhead['shape'])} {overhead['input']} tensor "
-             f"(training, median of {overhead['calls']} calls):",
+    lines = [(f"Python overhead, batch norm of a {tuple(overhead['shape'])} {overhead['input']} tensor "
+              f"(training, median of {overhead['calls']} calls):"),
              f"  bncore.batch_norm {us['bncore']:.1f} us"]
     if us["torch"] is not None:
         lines[1] += (f", torch.nn.functional.batch_norm {us['torch']:.1f} us: "

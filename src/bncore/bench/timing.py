@@ -120,7 +120,7 @@ def time_contenders(fns: dict, reps: Repeats):
                 t0 = time.perf_counter()
                 r = fn()
                 samples[name].append(time.perf_counter() - t0)
-                r = None  # noqa: F841 -- the result is freed outside the clock
+                r = None  # the result is freed outside the clock
     return samples, repeats, first
 
 
