@@ -206,6 +206,10 @@ def print_table(result: dict, a_name: str, b_name: str):
     for side, keys in (("A", result["only_in_a"]), ("B", result["only_in_b"])):
         for key in keys:
             print(f"only in {side}: {key[0]} {'x'.join(map(str, key[1]))} {key[2]} {key[3]}")
+    torch_ratios = sorted(row["b_over_a"]["torch"] for row in result["rows"] if "torch" in row["b_over_a"])
+    if torch_ratios:
+        print(f"noise: torch's B/A over the rows: median {statistics.median(torch_ratios):.3f}, "
+              f"from {torch_ratios[0]:.3f} to {torch_ratios[-1]:.3f}")
     flagged = sum(1 for row in result["rows"] if row["slower"])
     print(f"{flagged} of {len(result['rows'])} rows slower by more than {100 * result['threshold']:.0f}%"
           + ("" if flagged else ": none"))
