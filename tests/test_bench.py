@@ -165,3 +165,33 @@ def test_numpy_contender_is_the_reference():
                                                  dtype=np.float32)
     for got, want in zip((dx, dw, db), expected):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_bench_compare_flags_rows_slower_by_more_than_the_threshold():
+    """tools/bench_compare.py: per row, the median over the rounds of each side (a disturbed round does
+    not count), B/A, and a flag when bncore (out= or allocating) is slower in B by more than the threshold."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "tools" / "bench_compare.py"
+    spec = importlib.util.spec_from_file_location("bench_compare", path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+
+    def report(fwd_ms, bwd_ms, torch_ms):
+        """One round: a forward row (bncore, allocating and torch) and a backward row (bncore and torch)."""
+        row = {"shape": [4, 8], "dtype": "float32", "layout": "NC"}
+        return {"cases": [dict(row, name="batch_norm fwd-train",
+                               ms={"bncore": fwd_ms, "bncore_alloc": fwd_ms, "torch": torch_ms, "numpy": None}),
+                          dict(row, name="batch_norm bwd",
+                               ms={"bncore": bwd_ms, "bncore_alloc": None, "torch": torch_ms, "numpy": None})],
+                "overhead": {"us": {"bncore": 5.0, "torch": 8.0}}}
+
+    a = [report(1.0, 2.0, 1.0), report(1.0, 2.0, 1.0), report(9.0, 9.0, 9.0)]  # a disturbed round
+    b = [report(1.04, 2.2, 3.0), report(1.04, 2.2, 3.0), report(1.04, 2.2, 3.0)]
+    result = tool.compare(a, b, threshold=0.05)
+    rows = {row["key"][0]: row for row in result["rows"]}
+    assert rows["batch_norm fwd-train"]["slower"] == []  # 4% slower (and torch 3x, never flagged)
+    assert rows["batch_norm bwd"]["slower"] == ["bncore"]  # 10% slower
+    assert math.isclose(rows["batch_norm bwd"]["b_over_a"]["bncore"], 1.1)
+    assert result["only_in_a"] == result["only_in_b"] == []
