@@ -147,7 +147,7 @@ def row_key(case: dict) -> tuple:
 
 def medians(reports: list) -> dict:
     """{row key: {contender: median over the rounds of the round's median ms}} and the overhead's."""
-    times = {}
+    times: dict[tuple, dict[str, list[float]]] = {}
     for report in reports:
         for case in report["cases"]:
             per = times.setdefault(row_key(case), {})
@@ -249,7 +249,7 @@ def main(argv=None) -> int:
         + ([f"--threads={args.threads}"] if args.threads is not None else [])
     results = work / "results" / time.strftime("%Y%m%d-%H%M%S")
     results.mkdir(parents=True)
-    reports = {"a": [], "b": []}
+    reports: dict[str, list[dict]] = {"a": [], "b": []}
     for i in range(1, args.rounds + 1):
         for name, side in zip("ab", sides):
             json_path, log_path = results / f"{name}-{i}.json", results / f"{name}-{i}.txt"

@@ -25,6 +25,7 @@ setup), which both libraries accept.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 
@@ -138,8 +139,9 @@ def build(case: Case, torch):
     """The contenders of `case`: ({name: callable returning the case's outputs}, a short description
     of what the PyTorch contender calls, the case's Tensors)."""
     d = Tensors(case, torch)
-    F = torch.nn.functional if torch is not None else None
-    aten = torch.ops.aten if torch is not None else None
+    # used only where torch is not None
+    F: Any = torch.nn.functional if torch is not None else None
+    aten: Any = torch.ops.aten if torch is not None else None
     x, dy, w, b = d.x, d.dy, d.p["w"], d.p["b"]
     fns, torch_call = {}, None
     out = d.empty_like(x)

@@ -136,6 +136,7 @@ def machine_info(threads: int, torch) -> dict:
                     break
     except OSError:
         pass
+    usable: int | None
     try:
         usable = len(os.sched_getaffinity(0))
     except AttributeError:

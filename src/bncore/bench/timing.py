@@ -111,7 +111,7 @@ def time_contenders(fns: dict, reps: Repeats):
             r = None
         round_s = time.perf_counter() - t_round
     repeats = reps.count(round_s)
-    samples = {name: [] for name in names}
+    samples: dict[str, list[float]] = {name: [] for name in names}
     with _GcOff():
         for k in range(repeats):
             j = k % len(names)
@@ -132,7 +132,7 @@ def time_blocks(fns: dict, blocks: int, per_block: int = PER_BLOCK) -> dict:
     for name in names:
         for _ in range(per_block):
             fns[name]()
-    samples = {name: [] for name in names}
+    samples: dict[str, list[float]] = {name: [] for name in names}
     with _GcOff():
         for k in range(blocks):
             j = k % len(names)
