@@ -26,9 +26,9 @@ static bn_status_t read_desc(const bn_norm_desc_t *desc, bn_norm_desc_t *out) {
   const size_t minimum = offsetof(bn_norm_desc_t, flags) + sizeof desc->flags;
   if (given < minimum)
     return bn_fail(BN_STATUS_INVALID_ARGUMENT,
-                   "desc.struct_size: expected at least %zu (sizeof(bn_norm_desc_t); the bn_norm_desc_init_* "
-                   "functions set it), got %zu",
-                   minimum, given);
+                   "desc.struct_size: expected sizeof(bn_norm_desc_t) = %zu (at least %zu, through flags; the "
+                   "bn_norm_desc_init_* functions set it), got %zu",
+                   known, minimum, given);
   if (given > known) {
     const unsigned char *extra = (const unsigned char *)desc + known;
     for (size_t i = 0; i < given - known; i++)

@@ -6,10 +6,12 @@
  * the version header generated from the project's single version, and the
  * DLPack structure definitions.
  *
- * ABI rule: functions and types declared here keep their signatures and
- * layouts for all releases with the same BN_VERSION_MAJOR. A minor release may
+ * ABI rule: from 1.0 on, functions and types declared here keep their signatures
+ * and layouts for all releases with the same BN_VERSION_MAJOR; a minor release may
  * add functions, statuses (before BN_STATUS_COUNT moves, so COUNT grows) and
- * flags; it never changes the meaning of existing ones. Compare the runtime
+ * flags, and never changes the meaning of existing ones. Before 1.0 a minor
+ * release may change the ABI (0.2 did), so the shared library's soname carries
+ * the minor version (libbncore.so.0.2) and find_package takes the same minor only. Compare the runtime
  * bn_version() with the compile-time BN_VERSION if you need to know which
  * library was loaded.
  *
@@ -94,7 +96,7 @@ BN_API const char *bn_last_error(void);
 
 /* BN_VERSION of the loaded library: major * 10000 + minor * 100 + patch. */
 BN_API uint32_t bn_version(void);
-/* BN_VERSION_STRING of the loaded library, e.g. "0.1.0". Static, never NULL. */
+/* BN_VERSION_STRING of the loaded library, e.g. "0.2.0". Static, never NULL. */
 BN_API const char *bn_version_string(void);
 
 /* ------------------------------------------------------------------ threads */
@@ -119,9 +121,10 @@ BN_API int32_t bn_get_num_threads(void);
 typedef struct bn_context_t bn_context_t;
 
 /*
- * Workspace allocator of a context: bncore asks it for the temporary memory of a
- * call (on the context's device) and gives every block back before the call
- * returns. alloc returns NULL when it cannot serve `bytes`; blocks must be aligned
+ * Workspace allocator of a context: the backend asks it for its temporary memory of a
+ * call (on the context's device: the CPU kernels' slab partials, column scratch and
+ * compute-type copies) and gives every block back before the call returns. The small
+ * per-group and per-parameter host arrays of the entry points come from malloc. alloc returns NULL when it cannot serve `bytes`; blocks must be aligned
  * for any type (as malloc's). `user` is passed through unchanged.
  */
 typedef void *(*bn_alloc_fn)(void *user, size_t bytes);
@@ -173,7 +176,8 @@ BN_API bn_status_t bn_context_set_allocator(bn_context_t *ctx, bn_alloc_fn alloc
  *   forward:  statistics are not computed from x; each group's mean and m2 (the sum
  *             of squared deviations) come from stats_mean / stats_m2, over
  *             stats_count elements: var = m2 / count (the biased variance; with
- *             BN_FLAG_RMS, var = m2 / count + mean^2 and no mean is subtracted).
+ *             BN_FLAG_RMS, var = m2 / count + mean^2 and no mean is subtracted;
+ *             stats_count 0 gives var 0, so rstd = 1/sqrt(eps)).
  *             These are exactly the numbers bn_norm_stats returns, merged by
  *             bn_moments_merge or a collective. May be combined with
  *             BN_FLAG_UPDATE_RUNNING_STATS (the running variance is then unbiased with
@@ -187,8 +191,8 @@ BN_API bn_status_t bn_context_set_allocator(bn_context_t *ctx, bn_alloc_fn alloc
  *             r = (1 - momentum) * r + momentum * batch, where the batch value for a
  *             parameter index is the average over the statistic groups mapped to it.
  *             running_var receives the unbiased variance unless
- *             BN_FLAG_RUNNING_VAR_BIASED is set. Groups of zero elements leave
- *             the running statistics untouched.
+ *             BN_FLAG_RUNNING_VAR_BIASED is set. Groups of zero elements (with
+ *             BN_FLAG_GIVEN_STATS: stats_count 0) leave the running statistics untouched.
  *   backward: ignored (so is desc.momentum).
  * BN_FLAG_RUNNING_VAR_BIASED
  *   forward:  store the biased variance in running_var (Keras's convention).
@@ -224,7 +228,9 @@ BN_API bn_status_t bn_context_set_allocator(bn_context_t *ctx, bn_alloc_fn alloc
  * parameters are indexed by the whole axis.
  *
  * struct_size: sizeof(bn_norm_desc_t) as the caller was compiled (the init functions
- * set it), so that later versions can add fields at the end without breaking callers:
+ * set it; a hand-filled struct sets it to sizeof(bn_norm_desc_t); it must cover at least
+ * the fields through `flags`, so 0 is refused), so that later versions can add fields at
+ * the end without breaking callers:
  * a library reads the fields the caller's size covers, treats missing ones as 0, and
  * refuses a larger struct whose extra bytes it does not know and are not zero.
  */
@@ -318,7 +324,7 @@ BN_API bn_status_t bn_norm_forward(bn_context_t *ctx, const bn_norm_desc_t *desc
  *  x          in, borrowed: as for bn_norm_forward.
  *  mean, m2   out, borrowed: one value per statistic group, any float dtype (float64
  *             keeps every digit computed); must not overlap x or each other.
- *  count      out, may be NULL: elements per group.
+ *  count      out, may be NULL: elements per group (written on success only).
  *
  * Returns SUCCESS, INVALID_ARGUMENT, SHAPE_MISMATCH, UNSUPPORTED_DTYPE,
  * UNSUPPORTED_DEVICE, OVERLAP, OUT_OF_MEMORY.
@@ -331,7 +337,8 @@ BN_API bn_status_t bn_norm_stats(bn_context_t *ctx, const bn_norm_desc_t *desc, 
  * moments, elementwise over n entries, in double:
  *   count = ca + cb,  d = mean_b - mean_a,
  *   mean  = mean_a + d * cb / count,  m2 = m2_a + m2_b + d^2 * ca * cb / count
- * (an empty side gives the other unchanged; both empty give zeros).
+ * (an empty side gives the other exactly; both empty give zeros; a mean difference that is
+ * not finite, from inf in the data, gives the count-weighted mean and m2 = NaN).
  *
  *  ctx          in, borrowed, may be NULL (the default context of mean_a's device).
  *  count_a, mean_a, m2_a, count_b, mean_b, m2_b
@@ -407,7 +414,8 @@ BN_API bn_status_t bn_norm_backward_reduce(bn_context_t *ctx, const bn_norm_desc
  *
  *  ctx, desc, x, dy, weight, save_mean, save_rstd   as for bn_norm_backward.
  *  sum_dy, sum_dy_xhat   in, borrowed: one value per parameter index, any float dtype;
- *                        NULL with BN_FLAG_USE_RUNNING_STATS (and sum_dy with BN_FLAG_RMS).
+ *                        not read (and may be NULL) with BN_FLAG_USE_RUNNING_STATS, nor sum_dy
+ *                        with BN_FLAG_RMS.
  *  count         elements behind the sums (> 0 in training, unless x is empty).
  *  dx            out, borrowed: x's shape and dtype; may be dy itself.
  *
@@ -505,7 +513,8 @@ BN_API bn_status_t bn_running_stats_update(bn_running_stats_t *stats, const DLTe
  * with BN_FLAG_USE_RUNNING_STATS the state normalizes. desc.momentum and
  * BN_FLAG_RUNNING_VAR_BIASED / BN_FLAG_SKIP_NONFINITE are taken from the state. With
  * either flag the parameter count must equal num_features (without one the state is not
- * used). A training call on an empty x counts as an update that folds nothing in, as
+ * used). A training call whose statistics cover no element (an empty x; with
+ * BN_FLAG_GIVEN_STATS, stats_count 0) counts as an update that folds nothing in, as
  * PyTorch counts such batches.
  *  stats  in-out, borrowed. Unchanged on any failure.
  * Other arguments as for bn_norm_forward. Returns what bn_norm_forward returns.
