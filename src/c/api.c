@@ -466,6 +466,14 @@ static bn_status_t backward_begin(bn_context_t *ctx, const bn_norm_desc_t *desc_
   return BN_STATUS_SUCCESS;
 }
 
+/* A one-element group normalizes to the constant 0: xhat and dx are exactly 0, which the formula
+ * reaches only up to rounding (dy*w*rstd - rstd*sum(dy*w) in two precisions). `count` is the
+ * number of elements behind the statistics: the whole group's, not this call's part of it. */
+static void one_element_groups(backward_call_t *B, int64_t count) {
+  if (B->training && !(B->desc.flags & BN_FLAG_RMS) && count == 1)
+    for (int64_t g = 0; g < B->plan.ngroups; g++) B->s.rstd[g] = 0.0;
+}
+
 /* After the overlap checks: the host arrays, filled from weight and the saved statistics. */
 static bn_status_t backward_load(backward_call_t *B, const DLTensor *weight, const DLTensor *save_mean,
                                  const DLTensor *save_rstd) {
@@ -477,10 +485,6 @@ static bn_status_t backward_load(backward_call_t *B, const DLTensor *weight, con
   if (!rms && (st = gather(&B->ex, save_mean, s->mean))) return st;
   if ((st = gather(&B->ex, save_rstd, s->rstd))) return st;
   if (B->plan.params_in_groups) bn_plan_group_params(&B->plan, s->param_of_group);
-  if (B->training && !rms && B->plan.group_size == 1)
-    /* a one-element group normalizes to the constant 0: xhat and dx are exactly 0, which the
-     * formula reaches only up to rounding (dy*w*rstd - rstd*sum(dy*w) in two precisions) */
-    for (int64_t g = 0; g < B->plan.ngroups; g++) s->rstd[g] = 0.0;
   B->coef = (bn_coef_t){.mean = s->mean, .rstd = s->rstd, .weight = weight ? s->weight : NULL,
                         .param_of_group = B->plan.params_in_groups ? s->param_of_group : NULL, .sum_dy = s->s1,
                         .sum_dyx = s->s2,
@@ -508,6 +512,7 @@ bn_status_t bn_norm_backward(bn_context_t *ctx, const bn_norm_desc_t *desc, cons
     if ((st = bn_check_no_overlap(outs, 3, alias, ins, 5))) return st;
   }
   if ((st = backward_load(&B, weight, save_mean, save_rstd))) goto done;
+  one_element_groups(&B, B.plan.group_size);
   if ((st = B.ex.backend->backward(&B.ex, &B.plan, &B.coef, B.training, dweight ? B.s.pa : NULL,
                                    dbias ? B.s.pb : NULL)))
     goto done;
@@ -592,6 +597,7 @@ bn_status_t bn_norm_backward_apply(bn_context_t *ctx, const bn_norm_desc_t *desc
       s->s1[g] = rms ? 0.0 : w * s->pb[p], s->s2[g] = w * s->pa[p];
     }
     B.coef.inv_n = count > 0 ? 1.0 / (double)count : 0.0;
+    one_element_groups(&B, count);
   }
   st = B.ex.backend->backward_apply(&B.ex, &B.plan, &B.coef, B.training);
 done:
