@@ -9,13 +9,13 @@ from __future__ import annotations
 import os as _os
 
 from . import _core
-from ._core import (BncoreError, InternalError, InvalidArgumentError, OutOfMemoryError, OverlapError,
-                    ShapeMismatchError, UnsupportedDeviceError, UnsupportedDtypeError, get_num_threads,
-                    set_num_threads)
-from .functional import (MissingRunningStatsError, batch_norm, batch_norm_backward, batch_norm_forward, group_norm,
-                         group_norm_backward, group_norm_forward, instance_norm, instance_norm_backward,
-                         instance_norm_forward, layer_norm, layer_norm_backward, layer_norm_forward, normalize,
-                         normalize_backward, normalize_forward, rms_norm, rms_norm_backward, rms_norm_forward)
+from ._core import get_num_threads, set_num_threads
+from .errors import (BncoreError, InternalError, InvalidArgumentError, MissingRunningStatsError, OutOfMemoryError,
+                     OverlapError, ShapeMismatchError, UnsupportedDeviceError, UnsupportedDtypeError)
+from .functional import (batch_norm, batch_norm_backward, batch_norm_forward, group_norm, group_norm_backward,
+                         group_norm_forward, instance_norm, instance_norm_backward, instance_norm_forward, layer_norm,
+                         layer_norm_backward, layer_norm_forward, normalize, normalize_backward, normalize_forward,
+                         rms_norm, rms_norm_backward, rms_norm_forward)
 from .layers import BatchNorm, GroupNorm, InstanceNorm, LayerNorm, RMSNorm
 from .state import Moments, RunningStats, precise_stats
 

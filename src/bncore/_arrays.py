@@ -12,6 +12,7 @@ import sys
 import numpy as np
 
 from . import _core
+from .errors import UnsupportedDeviceError
 
 FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 HALF_DTYPES = ("float16", "bfloat16")
@@ -102,7 +103,7 @@ def check_same_device(tensors):
         if first is None:
             first = (name, t.device)
         elif t.device != first[1]:
-            raise _core.UnsupportedDeviceError(f"{name}: expected a tensor on the device of {first[0]} {describe_device(first[1])}, "
+            raise UnsupportedDeviceError(f"{name}: expected a tensor on the device of {first[0]} {describe_device(first[1])}, "
                              f"got one on {describe_device(t.device)}")
 
 

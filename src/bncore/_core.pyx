@@ -19,48 +19,15 @@ from bncore.capi cimport *
 # ---------------------------------------------------------------- statuses -> exceptions
 
 
-class BncoreError(Exception):
-    """Base class of every error bncore raises for a C status. `status` is the C code."""
-    status = None
+from bncore.errors import (STATUS_ERRORS, BncoreError, InternalError, InvalidArgumentError, OutOfMemoryError,
+                           OverlapError, ShapeMismatchError, UnsupportedDeviceError, UnsupportedDtypeError)
 
-
-class InvalidArgumentError(BncoreError, ValueError):
-    status = BN_STATUS_INVALID_ARGUMENT
-
-
-class ShapeMismatchError(BncoreError, ValueError):
-    status = BN_STATUS_SHAPE_MISMATCH
-
-
-class UnsupportedDtypeError(BncoreError, TypeError):
-    status = BN_STATUS_UNSUPPORTED_DTYPE
-
-
-class UnsupportedDeviceError(BncoreError, ValueError):
-    status = BN_STATUS_UNSUPPORTED_DEVICE
-
-
-class OverlapError(BncoreError, ValueError):
-    status = BN_STATUS_OVERLAP
-
-
-class OutOfMemoryError(BncoreError, MemoryError):
-    status = BN_STATUS_OUT_OF_MEMORY
-
-
-class InternalError(BncoreError, RuntimeError):
-    status = BN_STATUS_INTERNAL
-
-
-STATUS_ERRORS = {
-    BN_STATUS_INVALID_ARGUMENT: InvalidArgumentError,
-    BN_STATUS_SHAPE_MISMATCH: ShapeMismatchError,
-    BN_STATUS_UNSUPPORTED_DTYPE: UnsupportedDtypeError,
-    BN_STATUS_UNSUPPORTED_DEVICE: UnsupportedDeviceError,
-    BN_STATUS_OVERLAP: OverlapError,
-    BN_STATUS_OUT_OF_MEMORY: OutOfMemoryError,
-    BN_STATUS_INTERNAL: InternalError,
-}
+# the classes live in bncore.errors (pure Python); their codes must be this library's
+if STATUS_ERRORS != {BN_STATUS_INVALID_ARGUMENT: InvalidArgumentError, BN_STATUS_SHAPE_MISMATCH: ShapeMismatchError,
+                     BN_STATUS_UNSUPPORTED_DTYPE: UnsupportedDtypeError,
+                     BN_STATUS_UNSUPPORTED_DEVICE: UnsupportedDeviceError, BN_STATUS_OVERLAP: OverlapError,
+                     BN_STATUS_OUT_OF_MEMORY: OutOfMemoryError, BN_STATUS_INTERNAL: InternalError}:
+    raise ImportError("bncore.errors.STATUS_ERRORS does not match the C library's bn_status_t codes")
 STATUS_COUNT = BN_STATUS_COUNT
 
 

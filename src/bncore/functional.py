@@ -14,13 +14,10 @@ import numpy as np
 
 from . import _core
 from ._arrays import Allocator, check_float, check_same_device, import_tensor, stat_dtype
+from .errors import MissingRunningStatsError, ShapeMismatchError, UnsupportedDtypeError
 
 _F32_EPS = float(np.finfo(np.float32).eps)
 _F64_EPS = float(np.finfo(np.float64).eps)
-
-
-class MissingRunningStatsError(_core.InvalidArgumentError, RuntimeError):
-    """Evaluation mode needs running statistics (PyTorch raises RuntimeError here)."""
 
 
 # ---------------------------------------------------------------- argument checks
@@ -145,10 +142,10 @@ def _forward(call, desc, input, x, w, b, rm, rv, out, group_shape, stats=None, w
     y_obj = out if out is not None else alloc.empty(x.shape, x.dtype, like_layout=input)
     y = call.add(y_obj, "out", writable=True)
     if tuple(y.shape) != tuple(x.shape):
-        raise _core.ShapeMismatchError(f"out: expected the input's shape {_shape_text(x.shape)}, "
+        raise ShapeMismatchError(f"out: expected the input's shape {_shape_text(x.shape)}, "
                                        f"got {_shape_text(y.shape)}")
     if y.dtype != x.dtype:
-        raise _core.UnsupportedDtypeError(f"out: expected the input's dtype {x.dtype}, got {y.dtype}")
+        raise UnsupportedDtypeError(f"out: expected the input's dtype {x.dtype}, got {y.dtype}")
     check_same_device([("input", x), ("out", y)])
     sdt = stat_dtype(x.dtype)
     # the plain functions return only the output: no statistics to allocate and export
@@ -182,10 +179,10 @@ def _backward(call, desc, input, x, grad_output, w, sm, sr, param_shape, want_bi
             db_obj = alloc.empty(param_shape, w.dtype)
     dx = call.add(dx_obj, "out", True)
     if tuple(dx.shape) != tuple(x.shape):
-        raise _core.ShapeMismatchError(f"out: expected the input's shape {_shape_text(x.shape)}, "
+        raise ShapeMismatchError(f"out: expected the input's shape {_shape_text(x.shape)}, "
                                        f"got {_shape_text(dx.shape)}")
     if dx.dtype != x.dtype:
-        raise _core.UnsupportedDtypeError(f"out: expected the input's dtype {x.dtype}, got {dx.dtype}")
+        raise UnsupportedDtypeError(f"out: expected the input's dtype {x.dtype}, got {dx.dtype}")
     _core.norm_backward(desc, x, dy, w, sm, sr, dx,
                         call.add(dw_obj, "grad_weight", True), call.add(db_obj, "grad_bias", True))
     return alloc.finish(dx_obj), alloc.finish(dw_obj), alloc.finish(db_obj)
