@@ -8,11 +8,14 @@ a writable `empty` (JAX) receive a bncore-owned buffer through DLPack instead.
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 import numpy as np
 
 from . import _core
-from .errors import UnsupportedDeviceError
+
+# any object with __dlpack__ / __dlpack_device__ (or a DLPack capsule); results come back as the caller's type
+Array = Any
 
 FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 HALF_DTYPES = ("float16", "bfloat16")
@@ -35,10 +38,51 @@ def detach(obj):
     return obj
 
 
-def import_tensor(obj, what: str, writable: bool = False):
+def to_numpy(value: Any, what: str) -> np.ndarray:
+    """A NumPy copy of any DLPack tensor (or array-like), for loading state."""
+    value = detach(value)
+    if hasattr(value, "__dlpack__") and not isinstance(value, np.ndarray):
+        try:
+            return np.array(np.from_dlpack(value), copy=True)
+        except (TypeError, BufferError, RuntimeError) as exc:
+            raise TypeError(f"{what}: cannot read it through DLPack ({exc})") from exc
+    return np.array(value, copy=True)
+
+
+def import_tensor(obj: Any, what: str, writable: bool = False) -> _core.Tensor | None:
     if obj is None:
         return None
     return _core.import_tensor(obj, what, writable)
+
+
+class Call:
+    """The imported tensors of one call, handed back to their producers at the end (a context manager)."""
+
+    def __init__(self) -> None:
+        self.tensors: list[_core.Tensor] = []
+
+    def add(self, obj: Any, what: str, writable: bool = False) -> _core.Tensor | None:
+        """Imports an optional tensor (None stays None)."""
+        t = import_tensor(obj, what, writable)
+        if t is not None:
+            self.tensors.append(t)
+        return t
+
+    def need(self, obj: Any, what: str, writable: bool = False) -> _core.Tensor:
+        """Imports a required tensor."""
+        if obj is None:
+            raise TypeError(f"{what}: expected a tensor that supports DLPack (NumPy, PyTorch, JAX, ...), got None")
+        t = _core.import_tensor(obj, what, writable)
+        self.tensors.append(t)
+        return t
+
+    def __enter__(self) -> Call:
+        return self
+
+    def __exit__(self, *exc: object) -> bool:
+        for t in self.tensors:
+            t.release()
+        return False
 
 
 class Allocator:
@@ -87,24 +131,6 @@ class Allocator:
 def stat_dtype(dtype: str) -> str:
     """Saved statistics are float32 for half inputs, else the input's dtype."""
     return "float32" if dtype in HALF_DTYPES else dtype
-
-
-def check_float(t, what: str):
-    if t.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{what}: expected a floating dtype (float16, bfloat16, float32 or float64), got {t.dtype}")
-
-
-def check_same_device(tensors):
-    """tensors: (name, imported tensor or None) pairs; all must share a device."""
-    first = None
-    for name, t in tensors:
-        if t is None:
-            continue
-        if first is None:
-            first = (name, t.device)
-        elif t.device != first[1]:
-            raise UnsupportedDeviceError(f"{name}: expected a tensor on the device of {first[0]} {describe_device(first[1])}, "
-                             f"got one on {describe_device(t.device)}")
 
 
 _DEVICE_NAMES = {1: "cpu", 2: "cuda", 3: "cuda_host", 10: "rocm", 13: "cuda_managed"}

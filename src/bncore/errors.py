@@ -1,8 +1,10 @@
 """Every exception bncore raises, and the table from C status codes to classes.
 
 One class per C status (``bn_status_t`` in ``bncore/bncore.h``), each also deriving from the
-builtin that fits, so ``except ValueError`` keeps working. This module imports nothing of bncore;
-``_core`` checks at import that the codes below agree with the C library's.
+builtin that fits, so ``except ValueError`` keeps working. An error found in Python has the class
+the C core would give the same condition: a shape that does not fit is a `ShapeMismatchError`
+wherever it is found. This module imports nothing of bncore; ``_core`` checks at import that the
+codes below agree with the C library's.
 """
 from __future__ import annotations
 
