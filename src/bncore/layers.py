@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from . import _keras
 from . import functional as F
 from ._arrays import Array, to_numpy
 from ._checks import (CONVENTIONS, check_choice, check_eps, check_groups_divide, check_positive_int, check_shape,
@@ -181,8 +182,6 @@ class _RunningStatsLayer(_Layer):
 
 
 _DEFAULT: Any = object()
-_KERAS_DEFAULTS = {"eps": 1e-3, "momentum": 0.99, "axis": -1}
-_TORCH_DEFAULTS = {"eps": 1e-5, "momentum": 0.1, "axis": 1}
 
 
 class BatchNorm(_RunningStatsLayer):
@@ -204,8 +203,7 @@ class BatchNorm(_RunningStatsLayer):
                  affine: bool = True, track_running_stats: bool = True, *, axis: int = _DEFAULT,
                  dtype: str = "float32", convention: str = "torch", center: bool | None = None,
                  scale: bool | None = None, nan_policy: str = "propagate") -> None:
-        check_choice(convention, "convention", CONVENTIONS)
-        defaults = _KERAS_DEFAULTS if convention == "keras" else _TORCH_DEFAULTS
+        defaults = _keras.LAYER_DEFAULTS[check_choice(convention, "convention", CONVENTIONS)]
         eps = defaults["eps"] if eps is _DEFAULT else eps
         momentum = defaults["momentum"] if momentum is _DEFAULT else momentum
         self.axis = defaults["axis"] if axis is _DEFAULT else axis
@@ -242,39 +240,12 @@ class BatchNorm(_RunningStatsLayer):
     def keras_weights(self) -> dict[str, np.ndarray]:
         """Keras's names: gamma (if scale), beta (if center), moving_mean, moving_variance.
         The variance is the one stored by this layer's convention."""
-        out = {}
-        if self.weight is not None:
-            out["gamma"] = self.weight.copy()
-        if self.bias is not None:
-            out["beta"] = self.bias.copy()
-        if self.stats is not None:
-            out["moving_mean"] = self.stats.mean.copy()
-            out["moving_variance"] = self.stats.var.copy()
-        return out
+        return _keras.keras_weights(self)
 
     def load_keras_weights(self, weights: Mapping[str, Any] | Iterable[Any]) -> BatchNorm:
         """Takes `keras_weights()`'s dict or the list `keras_layer.get_weights()` returns
         (gamma, beta, moving_mean, moving_variance, without those the layer lacks)."""
-        names = list(self.keras_weights().keys())
-        if isinstance(weights, dict):
-            missing = [k for k in names if k not in weights]
-            if missing or set(weights) - set(names):
-                raise KeyError(f"load_keras_weights: expected keys {names}, got {sorted(weights)}")
-            values = [weights[k] for k in names]
-        else:
-            values = list(weights)
-            if len(values) != len(names):
-                raise ValueError(f"load_keras_weights: expected {len(names)} arrays ({', '.join(names)}), "
-                                 f"got {len(values)}")
-        staged = []
-        for name, value in zip(names, values):
-            a = to_numpy(value, name)
-            check_state_shape(a, name, (self.num_features,))
-            staged.append((name, a.astype(self.dtype)))
-        targets = {"gamma": "weight", "beta": "bias", "moving_mean": "running_mean",
-                   "moving_variance": "running_var"}
-        for name, a in staged:
-            setattr(self, targets[name], a)
+        _keras.load_keras_weights(self, weights)
         return self
 
     def __repr__(self) -> str:

@@ -17,25 +17,14 @@ import numpy as np
 
 from . import _core
 from ._arrays import Array, Call, import_tensor
-from ._checks import (CONVENTIONS, NAN_POLICIES, check_axis, check_choice, check_count, check_int, check_momentum, check_not_scalar,
+from ._checks import (CONVENTIONS, NAN_POLICIES, check_axis, check_choice, check_count, check_int, check_not_scalar,
                       check_positive_int, check_state_dtype, check_state_shape)
+from ._keras import DEFAULT_MOMENTUM, biased_variance, update_factor
 from .errors import InvalidArgumentError, ShapeMismatchError
 
 __all__ = ["Moments", "RunningStats", "precise_stats"]
 
-CONVENTIONS_MOMENTUM = {
-    # convention: (default momentum, stored = (1 - f) * stored + f * batch with f = ..., variance stored)
-    "torch": 0.1,
-    "keras": 0.99,
-}
-
 _DEFAULT: Any = object()
-
-
-def _factor(convention: str, momentum: Any) -> float:
-    """The update factor f of `stored = (1 - f) * stored + f * batch`."""
-    m = check_momentum(momentum, none_ok=convention == "torch")
-    return m if convention == "torch" else 1.0 - m
 
 
 class RunningStats:
@@ -56,17 +45,17 @@ class RunningStats:
         check_choice(nan_policy, "nan_policy", NAN_POLICIES)
         num_features = check_positive_int(num_features, "num_features")
         if momentum is _DEFAULT:
-            momentum = CONVENTIONS_MOMENTUM[convention]
+            momentum = DEFAULT_MOMENTUM[convention]
         if momentum is None and convention != "torch":
             raise InvalidArgumentError("momentum: None (the cumulative average) exists only in the torch convention")
         flags = 0
-        if convention == "keras":
+        if biased_variance(convention):
             flags |= _core.STATS_BIASED_VAR
         if momentum is None:
             flags |= _core.STATS_CUMULATIVE
         if nan_policy == "skip":
             flags |= _core.STATS_SKIP_NONFINITE
-        factor = 0.0 if momentum is None else _factor(convention, momentum)
+        factor = 0.0 if momentum is None else update_factor(convention, momentum)
         self._handle = _core.RunningStatsHandle(num_features, dtype, factor, flags)
         self.num_features = num_features
         self.convention = convention
@@ -109,7 +98,7 @@ class RunningStats:
         if value is None or self._momentum is None:
             raise InvalidArgumentError("momentum: switching to or from the cumulative average (None) needs a new "
                                        "RunningStats")
-        self._handle.set_factor(_factor(self.convention, value))
+        self._handle.set_factor(update_factor(self.convention, value))
         self._momentum = value
 
     # ------------------------------------------------------------- updates
@@ -238,7 +227,7 @@ def precise_stats(layer: Any, batches: Iterable[Array]) -> Moments:
     axis = getattr(layer, "axis", 1)
     total = Moments.merge_all(Moments.from_batch(b, axis=axis) for b in batches)
     convention = getattr(layer, "convention", "torch")
-    var = total.var(unbiased=(convention == "torch"))
+    var = total.var(unbiased=not biased_variance(convention))
     stats = getattr(layer, "stats", None)
     if isinstance(stats, RunningStats):
         stats.load(total.mean, var)
