@@ -8,6 +8,7 @@ a writable `empty` (JAX) receive a bncore-owned buffer through DLPack instead.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -83,6 +84,20 @@ class Call:
         for t in self.tensors:
             t.release()
         return False
+
+
+_EMPTY_LIKE: dict[type, Callable[[Any], Any] | None] = {}  # tensor type -> its library's empty_like
+
+
+def empty_like_of(obj: Any) -> Callable[[Any], Any] | None:
+    """The `empty_like` of the library that made `obj` (it keeps strides, so channels-last stays
+    channels-last), or None for a library without one."""
+    tp = type(obj)
+    if tp not in _EMPTY_LIKE:
+        fam = family_of(obj)
+        module = sys.modules.get(fam) if fam in ("numpy", "torch", "cupy") else None
+        _EMPTY_LIKE[tp] = getattr(module, "empty_like", None)
+    return _EMPTY_LIKE[tp]
 
 
 class Allocator:

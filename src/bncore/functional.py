@@ -5,6 +5,10 @@ was expected and what was given), describes the problem with a `bncore._core.Des
 and makes one call into the C core through `_forward` / `_backward`. Nothing here
 computes a number: each variant is only a different description of statistic groups
 and parameter axes, and `normalize` takes that description directly.
+
+`batch_norm` has a small-call fast path for tensors whose library publishes a DLPack
+C exchange table (PyTorch): the same checks and the same description, with the
+tensors borrowed without capsules and one C call (`_batch_norm_small`).
 """
 from __future__ import annotations
 
@@ -14,9 +18,9 @@ from typing import Any
 import numpy as np
 
 from . import _core
-from ._arrays import Allocator, Array, Call, stat_dtype
+from ._arrays import Allocator, Array, Call, empty_like_of, stat_dtype
 from ._checks import (check_axes, check_axis, check_batch_values, check_eps, check_float, check_has_running_stats,
-                      check_input, check_like_input, check_momentum, check_normalized_shape,
+                      check_input, check_like_input, check_momentum, check_ndim, check_normalized_shape,
                       check_not_scalar, check_num_groups, check_param, check_running_pair, check_same_device,
                       check_saved, check_stats)
 from .errors import MissingRunningStatsError
@@ -180,6 +184,29 @@ def batch_norm_forward(input: Array, running_mean: Array | None = None, running_
         return _forward(call, desc, input, x, w, b, rm, rv, out, (channels,), stats, _want_stats)
 
 
+def _batch_norm_small(input: Array, running_mean: Array | None, running_var: Array | None, weight: Array | None,
+                      bias: Array | None, training: bool, momentum: Any, eps: Any, axis: Any) -> Array | None:
+    """`batch_norm` for CPU tensors of a library with a DLPack C exchange table: the checks and the
+    description of `batch_norm_forward`, the tensors borrowed without capsules, the output made by the
+    library's `empty_like`, one C call. Returns None for anything else (other types or devices, a check
+    that fails, a call the C core refuses; it validates before it writes, so nothing changed): the
+    checked path then runs and raises the explaining error."""
+    shape = _core.exchange_shape(input)
+    empty_like = empty_like_of(input) if shape is not None else None
+    if empty_like is None:
+        return None
+    try:
+        eps = check_eps(eps)
+        check_ndim(shape, "input", 2, "(N, C, ...)")
+        ax = check_axis(axis, len(shape), "axis")
+        check_running_pair(running_mean, running_var)
+        flags, momentum_used = _batch_mode(shape, ax, bool(training), running_mean is not None, momentum, None)
+        desc = _core.Desc.batch(len(shape), ax, eps).with_options(flags, momentum_used)
+    except (TypeError, ValueError):
+        return None
+    return _core.exchange_forward(desc, empty_like, input, weight, bias, running_mean, running_var)
+
+
 def batch_norm(input: Array, running_mean: Array | None = None, running_var: Array | None = None,
                weight: Array | None = None, bias: Array | None = None, training: bool = False, momentum: float = 0.1,
                eps: float = 1e-5, *, axis: int = 1, out: Array | None = None) -> Array:
@@ -188,12 +215,8 @@ def batch_norm(input: Array, running_mean: Array | None = None, running_var: Arr
     ``axis`` is the channel axis (default 1, NCHW; -1 for channels-last data).
     ``out`` receives the output when given (any strides; it may be ``input`` itself).
     """
-    if (out is None and type(input).__module__ == "torch" and isinstance(momentum, (int, float))
-            and isinstance(eps, (int, float)) and isinstance(axis, int) and not isinstance(axis, bool)):
-        # PyTorch tensors: borrowed views through torch's DLPack C exchange API, no Python checks;
-        # None means anything unusual, and the full path below then checks and explains
-        y = _core.batch_norm_fast(input, running_mean, running_var, weight, bias, bool(training),
-                                  float(momentum), float(eps), axis)
+    if out is None:
+        y = _batch_norm_small(input, running_mean, running_var, weight, bias, training, momentum, eps, axis)
         if y is not None:
             return y
     return batch_norm_forward(input, running_mean, running_var, weight, bias, training, momentum, eps, axis=axis,
