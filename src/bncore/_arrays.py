@@ -8,7 +8,7 @@ a writable `empty` (JAX) receive a bncore-owned buffer through DLPack instead.
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -22,7 +22,7 @@ FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 HALF_DTYPES = ("float16", "bfloat16")
 
 
-def family_of(obj) -> str:
+def family_of(obj: Any) -> str:
     """Which library made `obj`: 'numpy', 'torch', 'cupy', 'jax' or 'other'."""
     root = type(obj).__module__.split(".")[0]
     if root in ("numpy", "torch", "cupy"):
@@ -32,7 +32,7 @@ def family_of(obj) -> str:
     return "other"
 
 
-def detach(obj):
+def detach(obj: Any) -> Any:
     """A PyTorch tensor that requires grad cannot be exported; its data can."""
     if getattr(obj, "requires_grad", False) and hasattr(obj, "detach"):
         return obj.detach()
@@ -80,10 +80,9 @@ class Call:
     def __enter__(self) -> Call:
         return self
 
-    def __exit__(self, *exc: object) -> bool:
+    def __exit__(self, *exc: object) -> None:
         for t in self.tensors:
             t.release()
-        return False
 
 
 _EMPTY_LIKE: dict[type, Callable[[Any], Any] | None] = {}  # tensor type -> its library's empty_like
@@ -103,13 +102,13 @@ def empty_like_of(obj: Any) -> Callable[[Any], Any] | None:
 class Allocator:
     """Allocates outputs in the family of a reference tensor `like` (the input)."""
 
-    def __init__(self, like, like_tensor):
+    def __init__(self, like: Any, like_tensor: _core.Tensor) -> None:
         self.like = like
         self.family = family_of(like)
         self.device = like_tensor.device
-        self._pending = []  # bncore Buffers to hand over to a framework at the end
+        self._pending: list[_core.Buffer] = []  # bncore Buffers to hand over to a framework at the end
 
-    def empty(self, shape, dtype: str, like_layout=None):
+    def empty(self, shape: Sequence[int], dtype: str, like_layout: Any = None) -> Any:
         """A writable tensor of `shape` and `dtype`; `like_layout` (an input) gives its strides."""
         fam = self.family
         if fam == "numpy":
@@ -129,7 +128,7 @@ class Allocator:
         self._pending.append(buf)
         return buf
 
-    def finish(self, obj):
+    def finish(self, obj: Any) -> Any:
         """The caller-facing form of a tensor made by `empty`."""
         if obj is None or not isinstance(obj, _core.Buffer):
             return obj
@@ -151,6 +150,6 @@ def stat_dtype(dtype: str) -> str:
 _DEVICE_NAMES = {1: "cpu", 2: "cuda", 3: "cuda_host", 10: "rocm", 13: "cuda_managed"}
 
 
-def describe_device(dev) -> str:
+def describe_device(dev: tuple[int, int]) -> str:
     kind, idx = dev
     return f"{_DEVICE_NAMES.get(kind, f'device type {kind}')}:{idx}"

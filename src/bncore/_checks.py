@@ -22,9 +22,9 @@ from ._arrays import FLOAT_DTYPES, describe_device
 from .errors import (InvalidArgumentError, MissingRunningStatsError, ShapeMismatchError, UnsupportedDeviceError,
                      UnsupportedDtypeError)
 
-CONVENTIONS = ("torch", "keras")
-NAN_POLICIES = ("propagate", "skip")
-STATE_DTYPES = ("float32", "float64")
+CONVENTIONS: tuple[str, ...] = ("torch", "keras")
+NAN_POLICIES: tuple[str, ...] = ("propagate", "skip")
+STATE_DTYPES: tuple[str, ...] = ("float32", "float64")
 
 
 class TensorFacts(Protocol):

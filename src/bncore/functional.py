@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from . import _core
+from ._core import Tensor
 from ._arrays import Allocator, Array, Call, empty_like_of, stat_dtype
 from ._checks import (check_axes, check_axis, check_batch_values, check_eps, check_float, check_has_running_stats,
                       check_input, check_like_input, check_momentum, check_ndim, check_normalized_shape,
@@ -35,7 +36,6 @@ __all__ = [
 _F32_EPS = float(np.finfo(np.float32).eps)
 _F64_EPS = float(np.finfo(np.float64).eps)
 
-Tensor = _core.Tensor
 Outputs = tuple[Any, Any, Any]
 
 
@@ -192,7 +192,9 @@ def _batch_norm_small(input: Array, running_mean: Array | None, running_var: Arr
     that fails, a call the C core refuses; it validates before it writes, so nothing changed): the
     checked path then runs and raises the explaining error."""
     shape = _core.exchange_shape(input)
-    empty_like = empty_like_of(input) if shape is not None else None
+    if shape is None:
+        return None
+    empty_like = empty_like_of(input)
     if empty_like is None:
         return None
     try:

@@ -9,7 +9,7 @@ only when a call succeeds.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -23,6 +23,7 @@ from .state import RunningStats
 __all__ = ["BatchNorm", "GroupNorm", "InstanceNorm", "LayerNorm", "RMSNorm"]
 
 _PARAMETERS = " for the parameters"
+_L = TypeVar("_L", bound="_Layer")
 
 
 class _Layer:
@@ -36,11 +37,11 @@ class _Layer:
     bias_grad: np.ndarray | None
     _saved: Any
 
-    def train(self, mode: bool = True) -> Any:
+    def train(self: _L, mode: bool = True) -> _L:
         self.training = bool(mode)
         return self
 
-    def eval(self) -> Any:
+    def eval(self: _L) -> _L:
         return self.train(False)
 
     def _state_keys(self) -> list[tuple[str, tuple[int, ...] | None]]:
@@ -51,7 +52,7 @@ class _Layer:
         """PyTorch's keys and shapes, as NumPy copies."""
         return {key: getattr(self, key).copy() for key, _ in self._state_keys()}
 
-    def load_state_dict(self, state: Mapping[str, Any], strict: bool = True) -> Any:
+    def load_state_dict(self: _L, state: Mapping[str, Any], strict: bool = True) -> _L:
         """Loads a dict with PyTorch's keys (NumPy arrays, torch tensors, any DLPack tensor).
         Every value is checked before any is stored, so a failing load changes nothing."""
         keys = self._state_keys()
@@ -173,7 +174,7 @@ class _RunningStatsLayer(_Layer):
                      ("num_batches_tracked", None)]
         return keys
 
-    def load_state_dict(self, state: Mapping[str, Any], strict: bool = True) -> Any:
+    def load_state_dict(self: _L, state: Mapping[str, Any], strict: bool = True) -> _L:
         """Loads a dict with PyTorch's keys; every value is checked before any is stored."""
         return super().load_state_dict(state, strict)
 
