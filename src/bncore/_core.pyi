@@ -30,6 +30,7 @@ FLAG_RMS: int
 FLAG_USE_RUNNING_STATS: int
 FLAG_UPDATE_RUNNING_STATS: int
 FLAG_RUNNING_VAR_BIASED: int
+FLAG_GIVEN_STATS: int
 FLAG_SKIP_NONFINITE: int
 STATS_BIASED_VAR: int
 STATS_CUMULATIVE: int
@@ -116,14 +117,23 @@ class Desc:
 # ---------------------------------------------------------------- calls (None for an absent tensor)
 
 def norm_forward(desc: Desc, x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor | None,
-                 running_var: Tensor | None, y: Tensor, save_mean: Tensor | None,
-                 save_rstd: Tensor | None) -> None: ...
+                 running_var: Tensor | None, y: Tensor, save_mean: Tensor | None, save_rstd: Tensor | None,
+                 stats_mean: Tensor | None = None, stats_m2: Tensor | None = None, stats_count: int = 0) -> None: ...
 def norm_backward(desc: Desc, x: Tensor, dy: Tensor, weight: Tensor | None, save_mean: Tensor | None,
                   save_rstd: Tensor | None, dx: Tensor, dweight: Tensor | None, dbias: Tensor | None) -> None: ...
+def norm_backward_reduce(desc: Desc, x: Tensor, dy: Tensor, save_mean: Tensor | None, save_rstd: Tensor | None,
+                         sum_dy: Tensor | None, sum_dy_xhat: Tensor | None) -> None: ...
+def norm_backward_apply(desc: Desc, x: Tensor, dy: Tensor, weight: Tensor | None, save_mean: Tensor | None,
+                        save_rstd: Tensor | None, sum_dy: Tensor | None, sum_dy_xhat: Tensor | None, count: int,
+                        dx: Tensor) -> None: ...
 def norm_forward_stats(desc: Desc, x: Tensor, weight: Tensor | None, bias: Tensor | None,
-                       stats: RunningStatsHandle, y: Tensor, save_mean: Tensor | None,
-                       save_rstd: Tensor | None) -> None: ...
-def norm_moments(desc: Desc, x: Tensor, mean: Tensor | None, m2: Tensor | None) -> int: ...
+                       stats: RunningStatsHandle, y: Tensor, save_mean: Tensor | None, save_rstd: Tensor | None,
+                       stats_mean: Tensor | None = None, stats_m2: Tensor | None = None,
+                       stats_count: int = 0) -> None: ...
+def norm_stats(desc: Desc, x: Tensor, mean: Tensor | None, m2: Tensor | None) -> int: ...
+def moments_merge(count_a: Tensor | None, mean_a: Tensor | None, m2_a: Tensor | None, count_b: Tensor | None,
+                  mean_b: Tensor | None, m2_b: Tensor | None, count: Tensor | None, mean: Tensor | None,
+                  m2: Tensor | None) -> None: ...
 
 # ---------------------------------------------------------------- the small-call fast path
 

@@ -187,15 +187,11 @@ class Moments:
             raise ShapeMismatchError(f"merge: expected moments of {self.mean.shape[0]} channels, "
                                      f"got {other.mean.shape[0]}")
         count, mean, m2 = np.empty_like(self.count), np.empty_like(self.mean), np.empty_like(self.m2)
-        tensors = [import_tensor(a, name, writable) for a, name, writable in (
-            (self.count, "count", False), (self.mean, "mean", False), (self.m2, "m2", False),
-            (other.count, "other.count", False), (other.mean, "other.mean", False), (other.m2, "other.m2", False),
-            (count, "count", True), (mean, "mean", True), (m2, "m2", True))]
-        try:
-            _core.moments_merge(*tensors)
-        finally:
-            for t in tensors:
-                t.release()
+        with Call() as call:
+            _core.moments_merge(*[call.need(a, name, writable) for a, name, writable in (
+                (self.count, "count", False), (self.mean, "mean", False), (self.m2, "m2", False),
+                (other.count, "other.count", False), (other.mean, "other.mean", False), (other.m2, "other.m2", False),
+                (count, "count", True), (mean, "mean", True), (m2, "m2", True))])
         return Moments(count, mean, m2)
 
     @staticmethod
