@@ -272,10 +272,7 @@ def check_has_running_stats(has_running: bool, message: str) -> None:
 def check_batch_values(shape: tuple[int, ...], reduce_from: int, keep_axis: int, message: str) -> None:
     """PyTorch refuses batch statistics of one value per group (its unbiased variance would divide by 0).
     A group spans the axes from `reduce_from` on, except `keep_axis` (-1: none)."""
-    if keep_axis >= 0:
-        n = math.prod(shape[reduce_from:keep_axis]) * math.prod(shape[keep_axis + 1:])
-    else:
-        n = math.prod(shape[reduce_from:])
+    n = math.prod(shape[reduce_from:keep_axis] + shape[keep_axis + 1:] if keep_axis >= 0 else shape[reduce_from:])
     if n == 1:
         raise InvalidArgumentError(f"{message}, got input size {shape_text(shape)}")
 
