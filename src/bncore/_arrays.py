@@ -8,16 +8,21 @@ a writable `empty` (JAX) receive a bncore-owned buffer through DLPack instead.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
 from . import _core
 
+# any object with __dlpack__ / __dlpack_device__ (or a DLPack capsule); results come back as the caller's type
+Array = Any
+
 FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 HALF_DTYPES = ("float16", "bfloat16")
 
 
-def family_of(obj) -> str:
+def family_of(obj: Any) -> str:
     """Which library made `obj`: 'numpy', 'torch', 'cupy', 'jax' or 'other'."""
     root = type(obj).__module__.split(".")[0]
     if root in ("numpy", "torch", "cupy"):
@@ -27,29 +32,83 @@ def family_of(obj) -> str:
     return "other"
 
 
-def detach(obj):
+def detach(obj: Any) -> Any:
     """A PyTorch tensor that requires grad cannot be exported; its data can."""
     if getattr(obj, "requires_grad", False) and hasattr(obj, "detach"):
         return obj.detach()
     return obj
 
 
-def import_tensor(obj, what: str, writable: bool = False):
+def to_numpy(value: Any, what: str) -> np.ndarray:
+    """A NumPy copy of any DLPack tensor (or array-like), for loading state."""
+    value = detach(value)
+    if hasattr(value, "__dlpack__") and not isinstance(value, np.ndarray):
+        try:
+            return np.array(np.from_dlpack(value), copy=True)
+        except (TypeError, BufferError, RuntimeError) as exc:
+            raise TypeError(f"{what}: cannot read it through DLPack ({exc})") from exc
+    return np.array(value, copy=True)
+
+
+def import_tensor(obj: Any, what: str, writable: bool = False) -> _core.Tensor | None:
     if obj is None:
         return None
     return _core.import_tensor(obj, what, writable)
 
 
+class Call:
+    """The imported tensors of one call, handed back to their producers at the end (a context manager)."""
+
+    def __init__(self) -> None:
+        self.tensors: list[_core.Tensor] = []
+
+    def add(self, obj: Any, what: str, writable: bool = False) -> _core.Tensor | None:
+        """Imports an optional tensor (None stays None)."""
+        t = import_tensor(obj, what, writable)
+        if t is not None:
+            self.tensors.append(t)
+        return t
+
+    def need(self, obj: Any, what: str, writable: bool = False) -> _core.Tensor:
+        """Imports a required tensor."""
+        if obj is None:
+            raise TypeError(f"{what}: expected a tensor that supports DLPack (NumPy, PyTorch, JAX, ...), got None")
+        t = _core.import_tensor(obj, what, writable)
+        self.tensors.append(t)
+        return t
+
+    def __enter__(self) -> Call:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for t in self.tensors:
+            t.release()
+
+
+_EMPTY_LIKE: dict[type, Callable[[Any], Any] | None] = {}  # tensor type -> its library's empty_like
+
+
+def empty_like_of(obj: Any) -> Callable[[Any], Any] | None:
+    """The `empty_like` of the library that made `obj` (it keeps strides, so channels-last stays
+    channels-last), or None for a library without one."""
+    tp = type(obj)
+    if tp not in _EMPTY_LIKE:
+        fam = family_of(obj)
+        module = sys.modules.get(fam) if fam in ("numpy", "torch", "cupy") else None
+        _EMPTY_LIKE[tp] = getattr(module, "empty_like", None)
+    return _EMPTY_LIKE[tp]
+
+
 class Allocator:
     """Allocates outputs in the family of a reference tensor `like` (the input)."""
 
-    def __init__(self, like, like_tensor):
+    def __init__(self, like: Any, like_tensor: _core.Tensor) -> None:
         self.like = like
         self.family = family_of(like)
         self.device = like_tensor.device
-        self._pending = []  # bncore Buffers to hand over to a framework at the end
+        self._pending: list[_core.Buffer] = []  # bncore Buffers to hand over to a framework at the end
 
-    def empty(self, shape, dtype: str, like_layout=None):
+    def empty(self, shape: Sequence[int], dtype: str, like_layout: Any = None) -> Any:
         """A writable tensor of `shape` and `dtype`; `like_layout` (an input) gives its strides."""
         fam = self.family
         if fam == "numpy":
@@ -69,7 +128,7 @@ class Allocator:
         self._pending.append(buf)
         return buf
 
-    def finish(self, obj):
+    def finish(self, obj: Any) -> Any:
         """The caller-facing form of a tensor made by `empty`."""
         if obj is None or not isinstance(obj, _core.Buffer):
             return obj
@@ -88,27 +147,9 @@ def stat_dtype(dtype: str) -> str:
     return "float32" if dtype in HALF_DTYPES else dtype
 
 
-def check_float(t, what: str):
-    if t.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{what}: expected a floating dtype (float16, bfloat16, float32 or float64), got {t.dtype}")
-
-
-def check_same_device(tensors):
-    """tensors: (name, imported tensor or None) pairs; all must share a device."""
-    first = None
-    for name, t in tensors:
-        if t is None:
-            continue
-        if first is None:
-            first = (name, t.device)
-        elif t.device != first[1]:
-            raise _core.UnsupportedDeviceError(f"{name}: expected a tensor on the device of {first[0]} {describe_device(first[1])}, "
-                             f"got one on {describe_device(t.device)}")
-
-
 _DEVICE_NAMES = {1: "cpu", 2: "cuda", 3: "cuda_host", 10: "rocm", 13: "cuda_managed"}
 
 
-def describe_device(dev) -> str:
+def describe_device(dev: tuple[int, int]) -> str:
     kind, idx = dev
     return f"{_DEVICE_NAMES.get(kind, f'device type {kind}')}:{idx}"

@@ -19,48 +19,15 @@ from bncore.capi cimport *
 # ---------------------------------------------------------------- statuses -> exceptions
 
 
-class BncoreError(Exception):
-    """Base class of every error bncore raises for a C status. `status` is the C code."""
-    status = None
+from bncore.errors import (STATUS_ERRORS, BncoreError, InternalError, InvalidArgumentError, OutOfMemoryError,
+                           OverlapError, ShapeMismatchError, UnsupportedDeviceError, UnsupportedDtypeError)
 
-
-class InvalidArgumentError(BncoreError, ValueError):
-    status = BN_STATUS_INVALID_ARGUMENT
-
-
-class ShapeMismatchError(BncoreError, ValueError):
-    status = BN_STATUS_SHAPE_MISMATCH
-
-
-class UnsupportedDtypeError(BncoreError, TypeError):
-    status = BN_STATUS_UNSUPPORTED_DTYPE
-
-
-class UnsupportedDeviceError(BncoreError, ValueError):
-    status = BN_STATUS_UNSUPPORTED_DEVICE
-
-
-class OverlapError(BncoreError, ValueError):
-    status = BN_STATUS_OVERLAP
-
-
-class OutOfMemoryError(BncoreError, MemoryError):
-    status = BN_STATUS_OUT_OF_MEMORY
-
-
-class InternalError(BncoreError, RuntimeError):
-    status = BN_STATUS_INTERNAL
-
-
-STATUS_ERRORS = {
-    BN_STATUS_INVALID_ARGUMENT: InvalidArgumentError,
-    BN_STATUS_SHAPE_MISMATCH: ShapeMismatchError,
-    BN_STATUS_UNSUPPORTED_DTYPE: UnsupportedDtypeError,
-    BN_STATUS_UNSUPPORTED_DEVICE: UnsupportedDeviceError,
-    BN_STATUS_OVERLAP: OverlapError,
-    BN_STATUS_OUT_OF_MEMORY: OutOfMemoryError,
-    BN_STATUS_INTERNAL: InternalError,
-}
+# the classes live in bncore.errors (pure Python); their codes must be this library's
+if STATUS_ERRORS != {BN_STATUS_INVALID_ARGUMENT: InvalidArgumentError, BN_STATUS_SHAPE_MISMATCH: ShapeMismatchError,
+                     BN_STATUS_UNSUPPORTED_DTYPE: UnsupportedDtypeError,
+                     BN_STATUS_UNSUPPORTED_DEVICE: UnsupportedDeviceError, BN_STATUS_OVERLAP: OverlapError,
+                     BN_STATUS_OUT_OF_MEMORY: OutOfMemoryError, BN_STATUS_INTERNAL: InternalError}:
+    raise ImportError("bncore.errors.STATUS_ERRORS does not match the C library's bn_status_t codes")
 STATUS_COUNT = BN_STATUS_COUNT
 
 
@@ -693,13 +660,15 @@ def moments_merge(Tensor count_a, Tensor mean_a, Tensor m2_a, Tensor count_b, Te
 
 
 # ---------------------------------------------------------------- the small-call fast path
-
-cdef object _empty_like = None  # torch.empty_like, looked up on first use
+#
+# Marshalling only, for any library whose tensor type publishes a DLPack C exchange table (PyTorch
+# does): borrowed views without capsules, the output made by the caller's `empty_like`, one C call.
+# Which calls may take it, the checks and the description are bncore.functional's (_batch_norm_small).
 
 
 cdef int _view(object obj, DLPackExchangeAPI *api, DLTensor *out) except -1:
-    """0 and a borrowed view when obj is a CPU tensor of the same framework, else 1."""
-    if obj is None or _exchange_api(obj) is not api:
+    """0 and a borrowed view when obj is a CPU tensor with the exchange table `api`, else 1."""
+    if _exchange_api(obj) is not api:
         return 1
     if api.dltensor_from_py_object_no_sync(<void *>obj, out) != 0:
         PyErr_Clear()
@@ -707,62 +676,45 @@ cdef int _view(object obj, DLPackExchangeAPI *api, DLTensor *out) except -1:
     return 0 if out.device.device_type == kDLCPU else 1
 
 
-def batch_norm_fast(object x, object running_mean, object running_var, object weight, object bias,
-                    bint training, double momentum, double eps, int axis):
-    """bncore.batch_norm for tensors of a framework with a DLPack C exchange API (PyTorch):
-    borrowed views, one allocation, one C call. Returns the output, or None whenever the
-    call is anything but plain (other types, devices or shapes, or a C error): the caller
-    then takes the full path, which checks everything and raises the right message. The
-    C core validates before it writes, so a call that returns None changed nothing."""
-    global _empty_like
+cdef int _view_optional(object obj, DLPackExchangeAPI *api, DLTensor *view, DLTensor **out) except -1:
+    """As _view; None gives NULL."""
+    if obj is None:
+        out[0] = NULL
+        return 0
+    out[0] = view
+    return _view(obj, api, view)
+
+
+def exchange_shape(object obj):
+    """obj's shape when obj is a CPU tensor whose type has a DLPack C exchange table, else None."""
+    cdef DLPackExchangeAPI *api = _exchange_api(obj)
+    cdef DLTensor t
+    cdef int i
+    if api is NULL or _view(obj, api, &t):
+        return None
+    return tuple([t.shape[i] for i in range(t.ndim)])
+
+
+def exchange_forward(Desc desc, object empty_like, object x, object weight, object bias, object running_mean,
+                     object running_var):
+    """bn_norm_forward (no saved statistics) over borrowed views of CPU tensors whose type has a DLPack
+    C exchange table, x's type for all; the output is `empty_like(x)`. Returns the output, or None when
+    a tensor is of another type or device or the C core refuses the call: the C core validates before
+    it writes, so a call that returns None changed nothing."""
     cdef DLPackExchangeAPI *api = _exchange_api(x)
     cdef DLTensor tx, ty, tw, tb, trm, trv
-    cdef DLTensor *pw = NULL
-    cdef DLTensor *pb = NULL
-    cdef DLTensor *prm = NULL
-    cdef DLTensor *prv = NULL
-    cdef bn_norm_desc_t d
+    cdef DLTensor *pw
+    cdef DLTensor *pb
+    cdef DLTensor *prm
+    cdef DLTensor *prv
     cdef bn_status_t st
-    cdef int64_t per_channel = 1
-    cdef int i
-    if api is NULL or _view(x, api, &tx) or tx.ndim < 2 or not -tx.ndim <= axis < tx.ndim:
+    if (api is NULL or _view(x, api, &tx) or _view_optional(weight, api, &tw, &pw)
+            or _view_optional(bias, api, &tb, &pb) or _view_optional(running_mean, api, &trm, &prm)
+            or _view_optional(running_var, api, &trv, &prv)):
         return None
-    if axis < 0:
-        axis += tx.ndim
-    for i in range(tx.ndim):
-        if i != axis:
-            per_channel *= tx.shape[i]
-    channels = tx.shape[axis]
-    if weight is not None:
-        if _view(weight, api, &tw) or tw.ndim != 1 or tw.shape[0] != channels:
-            return None
-        pw = &tw
-    if bias is not None:
-        if _view(bias, api, &tb) or tb.ndim != 1 or tb.shape[0] != channels:
-            return None
-        pb = &tb
-    if (running_mean is None) != (running_var is None):
-        return None
-    if running_mean is not None:
-        if (_view(running_mean, api, &trm) or _view(running_var, api, &trv) or trm.ndim != 1
-                or trv.ndim != 1 or trm.shape[0] != channels or trv.shape[0] != channels):
-            return None
-        prm, prv = &trm, &trv
-    if (training and per_channel <= 1) or (not training and prm is NULL):
-        return None  # PyTorch's errors: the full path raises them
-    if bn_norm_desc_init_batch(&d, tx.ndim, axis, eps) != BN_STATUS_SUCCESS:
-        return None
-    if training and prm is not NULL:
-        d.flags = BN_FLAG_UPDATE_RUNNING_STATS
-        d.momentum = momentum
-    elif not training:
-        d.flags = BN_FLAG_USE_RUNNING_STATS
-    if _empty_like is None:
-        import torch
-        _empty_like = torch.empty_like
-    y = _empty_like(x)
+    y = empty_like(x)
     if _view(y, api, &ty):
         return None
     with nogil:
-        st = bn_norm_forward(NULL, &d, &tx, pw, pb, NULL, NULL, 0, prm, prv, &ty, NULL, NULL)
+        st = bn_norm_forward(NULL, &desc.d, &tx, pw, pb, NULL, NULL, 0, prm, prv, &ty, NULL, NULL)
     return y if st == BN_STATUS_SUCCESS else None

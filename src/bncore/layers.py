@@ -8,47 +8,51 @@ only when a call succeeds.
 """
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, TypeVar
+
 import numpy as np
 
+from . import _keras
 from . import functional as F
-from ._arrays import FLOAT_DTYPES
+from ._arrays import Array, to_numpy
+from ._checks import (CONVENTIONS, check_choice, check_eps, check_groups_divide, check_positive_int, check_shape,
+                      check_state_count, check_state_dtype, check_state_float, check_state_shape)
 from .state import RunningStats
 
+__all__ = ["BatchNorm", "GroupNorm", "InstanceNorm", "LayerNorm", "RMSNorm"]
 
-def _to_numpy(value, what: str) -> np.ndarray:
-    """A NumPy copy of any DLPack tensor (or array-like) for state loading."""
-    from ._arrays import detach
-
-    value = detach(value)
-    if hasattr(value, "__dlpack__") and not isinstance(value, np.ndarray):
-        try:
-            return np.array(np.from_dlpack(value), copy=True)
-        except (TypeError, BufferError, RuntimeError) as exc:
-            raise TypeError(f"{what}: cannot read it through DLPack ({exc})") from exc
-    return np.array(value, copy=True)
+_PARAMETERS = " for the parameters"
+_L = TypeVar("_L", bound="_Layer")
 
 
 class _Layer:
     """What every layer shares: mode, the state dict with PyTorch's keys, the saved forward."""
 
     training = True
+    dtype: str
+    weight: np.ndarray | None
+    bias: np.ndarray | None
+    weight_grad: np.ndarray | None
+    bias_grad: np.ndarray | None
+    _saved: Any
 
-    def train(self, mode: bool = True):
+    def train(self: _L, mode: bool = True) -> _L:
         self.training = bool(mode)
         return self
 
-    def eval(self):
+    def eval(self: _L) -> _L:
         return self.train(False)
 
-    def _state_keys(self):
+    def _state_keys(self) -> list[tuple[str, tuple[int, ...] | None]]:
         """(key, shape) of each state entry, in PyTorch's order; shape None for a count."""
         raise NotImplementedError
 
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict[str, np.ndarray]:
         """PyTorch's keys and shapes, as NumPy copies."""
         return {key: getattr(self, key).copy() for key, _ in self._state_keys()}
 
-    def load_state_dict(self, state: dict, strict: bool = True):
+    def load_state_dict(self: _L, state: Mapping[str, Any], strict: bool = True) -> _L:
         """Loads a dict with PyTorch's keys (NumPy arrays, torch tensors, any DLPack tensor).
         Every value is checked before any is stored, so a failing load changes nothing."""
         keys = self._state_keys()
@@ -61,62 +65,44 @@ class _Layer:
         for key, shape in keys:
             if key not in state:
                 continue
-            value = _to_numpy(state[key], key)
+            value = to_numpy(state[key], key)
             if shape is None:
-                if value.size != 1 or not np.issubdtype(value.dtype, np.integer) or int(value.reshape(())) < 0:
-                    raise ValueError(f"{key}: expected one integer >= 0, got {value!r}")
-                staged[key] = np.asarray(value.reshape(()), np.int64)
+                staged[key] = np.asarray(check_state_count(value, key), np.int64)
                 continue
-            if value.shape != tuple(shape):
-                raise ValueError(f"{key}: expected shape {tuple(shape)}, got {value.shape}")
-            if value.dtype.name not in FLOAT_DTYPES:
-                raise TypeError(f"{key}: expected a floating dtype, got {value.dtype}")
+            check_state_shape(value, key, shape)
+            check_state_float(value, key)
             staged[key] = value.astype(self.dtype)
         for key, value in staged.items():
             setattr(self, key, value)
         return self
 
-    def _store_grads(self, dw, db):
-        self.weight_grad = None if dw is None else _to_numpy(dw, "grad_weight")
-        self.bias_grad = None if db is None else _to_numpy(db, "grad_bias")
+    def _store_grads(self, dw: Array | None, db: Array | None) -> None:
+        self.weight_grad = None if dw is None else to_numpy(dw, "grad_weight")
+        self.bias_grad = None if db is None else to_numpy(db, "grad_bias")
 
-    def _saved_or_raise(self):
+    def _saved_or_raise(self) -> Any:
         if self._saved is None:
             raise RuntimeError("backward: call the layer on an input first")
         return self._saved
 
-    def __call__(self, x):
+    def forward(self, x: Array) -> Array:
+        raise NotImplementedError
+
+    def __call__(self, x: Array) -> Array:
         return self.forward(x)
-
-
-def _check_dtype(dtype):
-    if dtype not in ("float32", "float64"):
-        raise TypeError(f"dtype: expected 'float32' or 'float64' for the parameters, got {dtype!r}")
-
-
-def _check_count(value, what):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{what}: expected a positive int, got {value!r}")
-    return int(value)
-
-
-def _shape_tuple(normalized_shape):
-    shape = (normalized_shape,) if isinstance(normalized_shape, (int, np.integer)) else tuple(normalized_shape)
-    if not shape:
-        raise ValueError("normalized_shape: expected at least one dimension, got an empty shape")
-    return tuple(_check_count(s, "normalized_shape") for s in shape)
 
 
 class _RunningStatsLayer(_Layer):
     """Batch and instance norm: per-channel parameters and optional running statistics,
     kept in a `bncore.RunningStats` (``self.stats``)."""
 
-    def _init_channels(self, num_features, eps, momentum, weight, bias, track_running_stats, dtype, convention,
-                       nan_policy):
-        self.num_features = _check_count(num_features, "num_features")
-        _check_dtype(dtype)
-        F._check_eps(eps)
-        self.eps = float(eps)
+    stats: RunningStats | None
+
+    def _init_channels(self, num_features: int, eps: float, momentum: float | None, weight: bool, bias: bool,
+                       track_running_stats: bool, dtype: str, convention: str, nan_policy: str) -> None:
+        self.num_features = check_positive_int(num_features, "num_features")
+        check_state_dtype(dtype, _PARAMETERS)
+        self.eps = check_eps(eps)
         self.track_running_stats = bool(track_running_stats)
         self.dtype = dtype
         self.convention = convention
@@ -136,38 +122,43 @@ class _RunningStatsLayer(_Layer):
         return self.weight is not None or self.bias is not None
 
     @property
-    def momentum(self):
+    def momentum(self) -> float | None:
         return self._momentum
 
     @momentum.setter
-    def momentum(self, value):
+    def momentum(self, value: float | None) -> None:
         if self.stats is not None:
             self.stats.momentum = value
         self._momentum = value
 
+    def _tracked(self) -> RunningStats:
+        if self.stats is None:
+            raise AttributeError("this layer keeps no running statistics (track_running_stats=False)")
+        return self.stats
+
     @property
-    def running_mean(self):
+    def running_mean(self) -> np.ndarray | None:
         return None if self.stats is None else self.stats.mean
 
     @running_mean.setter
-    def running_mean(self, value):
-        np.copyto(self.stats.mean, value, casting="unsafe")
+    def running_mean(self, value: Any) -> None:
+        np.copyto(self._tracked().mean, value, casting="unsafe")
 
     @property
-    def running_var(self):
+    def running_var(self) -> np.ndarray | None:
         return None if self.stats is None else self.stats.var
 
     @running_var.setter
-    def running_var(self, value):
-        np.copyto(self.stats.var, value, casting="unsafe")
+    def running_var(self, value: Any) -> None:
+        np.copyto(self._tracked().var, value, casting="unsafe")
 
     @property
-    def num_batches_tracked(self):
+    def num_batches_tracked(self) -> np.ndarray | None:
         return None if self.stats is None else np.array(self.stats.count, np.int64)
 
     @num_batches_tracked.setter
-    def num_batches_tracked(self, value):
-        self.stats.count = int(np.asarray(value).reshape(()))
+    def num_batches_tracked(self, value: Any) -> None:
+        self._tracked().count = int(np.asarray(value).reshape(()))
 
     @property
     def skipped_updates(self) -> int:
@@ -175,14 +166,15 @@ class _RunningStatsLayer(_Layer):
         (nan_policy='skip')."""
         return 0 if self.stats is None else self.stats.skipped
 
-    def _state_keys(self):
-        keys = [(k, (self.num_features,)) for k in ("weight", "bias") if getattr(self, k) is not None]
+    def _state_keys(self) -> list[tuple[str, tuple[int, ...] | None]]:
+        keys: list[tuple[str, tuple[int, ...] | None]] = [
+            (k, (self.num_features,)) for k in ("weight", "bias") if getattr(self, k) is not None]
         if self.track_running_stats:
             keys += [("running_mean", (self.num_features,)), ("running_var", (self.num_features,)),
                      ("num_batches_tracked", None)]
         return keys
 
-    def load_state_dict(self, state: dict, strict: bool = True):
+    def load_state_dict(self: _L, state: Mapping[str, Any], strict: bool = True) -> _L:
         """Loads a dict with PyTorch's keys; every value is checked before any is stored."""
         return super().load_state_dict(state, strict)
 
@@ -190,9 +182,7 @@ class _RunningStatsLayer(_Layer):
         return self.training or not self.track_running_stats
 
 
-_DEFAULT = object()
-_KERAS_DEFAULTS = {"eps": 1e-3, "momentum": 0.99, "axis": -1}
-_TORCH_DEFAULTS = {"eps": 1e-5, "momentum": 0.1, "axis": 1}
+_DEFAULT: Any = object()
 
 
 class BatchNorm(_RunningStatsLayer):
@@ -210,12 +200,11 @@ class BatchNorm(_RunningStatsLayer):
     statistics are not finite and counts it in ``skipped_updates``.
     """
 
-    def __init__(self, num_features, eps=_DEFAULT, momentum=_DEFAULT, affine=True, track_running_stats=True, *,
-                 axis=_DEFAULT, dtype="float32", convention="torch", center=None, scale=None,
-                 nan_policy="propagate"):
-        if convention not in ("torch", "keras"):
-            raise ValueError(f"convention: expected 'torch' or 'keras', got {convention!r}")
-        defaults = _KERAS_DEFAULTS if convention == "keras" else _TORCH_DEFAULTS
+    def __init__(self, num_features: int, eps: float = _DEFAULT, momentum: float | None = _DEFAULT,
+                 affine: bool = True, track_running_stats: bool = True, *, axis: int = _DEFAULT,
+                 dtype: str = "float32", convention: str = "torch", center: bool | None = None,
+                 scale: bool | None = None, nan_policy: str = "propagate") -> None:
+        defaults = _keras.LAYER_DEFAULTS[check_choice(convention, "convention", CONVENTIONS)]
         eps = defaults["eps"] if eps is _DEFAULT else eps
         momentum = defaults["momentum"] if momentum is _DEFAULT else momentum
         self.axis = defaults["axis"] if axis is _DEFAULT else axis
@@ -224,7 +213,7 @@ class BatchNorm(_RunningStatsLayer):
         self._init_channels(num_features, eps, momentum, bool(scale), bool(center), track_running_stats, dtype,
                             convention, nan_policy)
 
-    def forward(self, x):
+    def forward(self, x: Array) -> Array:
         """Normalizes ``x`` (any DLPack tensor); returns the caller's array type."""
         batch_stats = self._uses_batch_stats()
         # eval with tracking, or training with tracking: the state is read or updated
@@ -233,7 +222,7 @@ class BatchNorm(_RunningStatsLayer):
         self._saved = (x, mean, invstd, batch_stats)
         return y
 
-    def backward(self, grad_output):
+    def backward(self, grad_output: Array) -> Array:
         """Gradient of the last forward: returns grad_input; sets weight_grad and bias_grad."""
         x, mean, invstd, batch_stats = self._saved_or_raise()
         dx, dw, db = F.batch_norm_backward(grad_output, x, self._weight_or_ones(), mean, invstd,
@@ -241,7 +230,7 @@ class BatchNorm(_RunningStatsLayer):
         self._store_grads(dw if self.weight is not None else None, db if self.bias is not None else None)
         return dx
 
-    def _weight_or_ones(self):
+    def _weight_or_ones(self) -> np.ndarray | None:
         # a bias without a weight (Keras: center without scale) still needs grad_bias
         if self.weight is None and self.bias is not None:
             return np.ones(self.num_features, self.dtype)
@@ -249,46 +238,18 @@ class BatchNorm(_RunningStatsLayer):
 
     # ------------------------------------------------------------- Keras
 
-    def keras_weights(self) -> dict:
+    def keras_weights(self) -> dict[str, np.ndarray]:
         """Keras's names: gamma (if scale), beta (if center), moving_mean, moving_variance.
         The variance is the one stored by this layer's convention."""
-        out = {}
-        if self.weight is not None:
-            out["gamma"] = self.weight.copy()
-        if self.bias is not None:
-            out["beta"] = self.bias.copy()
-        if self.stats is not None:
-            out["moving_mean"] = self.stats.mean.copy()
-            out["moving_variance"] = self.stats.var.copy()
-        return out
+        return _keras.keras_weights(self)
 
-    def load_keras_weights(self, weights):
+    def load_keras_weights(self, weights: Mapping[str, Any] | Iterable[Any]) -> BatchNorm:
         """Takes `keras_weights()`'s dict or the list `keras_layer.get_weights()` returns
         (gamma, beta, moving_mean, moving_variance, without those the layer lacks)."""
-        names = list(self.keras_weights().keys())
-        if isinstance(weights, dict):
-            missing = [k for k in names if k not in weights]
-            if missing or set(weights) - set(names):
-                raise KeyError(f"load_keras_weights: expected keys {names}, got {sorted(weights)}")
-            values = [weights[k] for k in names]
-        else:
-            values = list(weights)
-            if len(values) != len(names):
-                raise ValueError(f"load_keras_weights: expected {len(names)} arrays ({', '.join(names)}), "
-                                 f"got {len(values)}")
-        staged = []
-        for name, value in zip(names, values):
-            a = _to_numpy(value, name)
-            if a.shape != (self.num_features,):
-                raise ValueError(f"{name}: expected shape ({self.num_features},), got {a.shape}")
-            staged.append((name, a.astype(self.dtype)))
-        targets = {"gamma": "weight", "beta": "bias", "moving_mean": "running_mean",
-                   "moving_variance": "running_var"}
-        for name, a in staged:
-            setattr(self, targets[name], a)
+        _keras.load_keras_weights(self, weights)
         return self
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return (f"BatchNorm({self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
                 f"track_running_stats={self.track_running_stats}, axis={self.axis}, dtype={self.dtype!r}, "
                 f"convention={self.convention!r})")
@@ -300,13 +261,13 @@ class InstanceNorm(_RunningStatsLayer):
     statistics move by ``momentum`` each training call (``None`` means 0: they stay) and
     ``num_batches_tracked`` is kept in the state dict but not advanced."""
 
-    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=False, track_running_stats=False, *,
-                 dtype="float32"):
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = False,
+                 track_running_stats: bool = False, *, dtype: str = "float32") -> None:
         self._init_channels(num_features, eps, 0.0 if momentum is None else momentum, affine, affine,
                             track_running_stats, dtype, "torch", "propagate")
         self._momentum = momentum
 
-    def forward(self, x):
+    def forward(self, x: Array) -> Array:
         batch_stats = self._uses_batch_stats()
         rm, rv = (self.running_mean, self.running_var) if self.track_running_stats else (None, None)
         y, mean, invstd = F.instance_norm_forward(x, rm, rv, self.weight, self.bias, use_input_stats=batch_stats,
@@ -315,14 +276,14 @@ class InstanceNorm(_RunningStatsLayer):
         self._saved = (x, mean, invstd, batch_stats)
         return y
 
-    def backward(self, grad_output):
+    def backward(self, grad_output: Array) -> Array:
         x, mean, invstd, batch_stats = self._saved_or_raise()
         dx, dw, db = F.instance_norm_backward(grad_output, x, self.weight, mean, invstd,
                                               use_input_stats=batch_stats)
         self._store_grads(dw, db)
         return dx
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return (f"InstanceNorm({self.num_features}, eps={self.eps}, momentum={self.momentum}, "
                 f"affine={self.affine}, track_running_stats={self.track_running_stats})")
 
@@ -330,11 +291,11 @@ class InstanceNorm(_RunningStatsLayer):
 class LayerNorm(_Layer):
     """Layer normalization over the trailing ``normalized_shape`` dims, as ``torch.nn.LayerNorm``."""
 
-    def __init__(self, normalized_shape, eps=1e-5, elementwise_affine=True, bias=True, *, dtype="float32"):
-        self.normalized_shape = _shape_tuple(normalized_shape)
-        F._check_eps(eps)
-        _check_dtype(dtype)
-        self.eps = float(eps)
+    def __init__(self, normalized_shape: int | Sequence[int], eps: float = 1e-5, elementwise_affine: bool = True,
+                 bias: bool = True, *, dtype: str = "float32") -> None:
+        self.normalized_shape = check_shape(normalized_shape)
+        self.eps = check_eps(eps)
+        check_state_dtype(dtype, _PARAMETERS)
         self.elementwise_affine = bool(elementwise_affine)
         self.dtype = dtype
         self.weight = np.ones(self.normalized_shape, dtype) if elementwise_affine else None
@@ -342,21 +303,21 @@ class LayerNorm(_Layer):
         self.weight_grad = self.bias_grad = None
         self._saved = None
 
-    def _state_keys(self):
+    def _state_keys(self) -> list[tuple[str, tuple[int, ...] | None]]:
         return [(k, self.normalized_shape) for k in ("weight", "bias") if getattr(self, k) is not None]
 
-    def forward(self, x):
+    def forward(self, x: Array) -> Array:
         y, mean, rstd = F.layer_norm_forward(x, self.normalized_shape, self.weight, self.bias, self.eps)
         self._saved = (x, mean, rstd)
         return y
 
-    def backward(self, grad_output):
+    def backward(self, grad_output: Array) -> Array:
         x, mean, rstd = self._saved_or_raise()
         dx, dw, db = F.layer_norm_backward(grad_output, x, self.normalized_shape, self.weight, mean, rstd)
         self._store_grads(dw, db if self.bias is not None else None)
         return dx
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return (f"LayerNorm({self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}, "
                 f"bias={self.bias is not None})")
 
@@ -364,15 +325,13 @@ class LayerNorm(_Layer):
 class GroupNorm(_Layer):
     """Group normalization, as ``torch.nn.GroupNorm``: ``num_channels`` split into ``num_groups``."""
 
-    def __init__(self, num_groups, num_channels, eps=1e-5, affine=True, *, dtype="float32"):
-        self.num_groups = _check_count(num_groups, "num_groups")
-        self.num_channels = _check_count(num_channels, "num_channels")
-        if self.num_channels % self.num_groups:
-            raise ValueError(f"num_channels: expected a multiple of num_groups, got num_channels="
-                             f"{self.num_channels} and num_groups={self.num_groups}")
-        F._check_eps(eps)
-        _check_dtype(dtype)
-        self.eps = float(eps)
+    def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True, *,
+                 dtype: str = "float32") -> None:
+        self.num_groups = check_positive_int(num_groups, "num_groups")
+        self.num_channels = check_positive_int(num_channels, "num_channels")
+        check_groups_divide(self.num_groups, self.num_channels)
+        self.eps = check_eps(eps)
+        check_state_dtype(dtype, _PARAMETERS)
         self.affine = bool(affine)
         self.dtype = dtype
         self.weight = np.ones(self.num_channels, dtype) if affine else None
@@ -380,21 +339,21 @@ class GroupNorm(_Layer):
         self.weight_grad = self.bias_grad = None
         self._saved = None
 
-    def _state_keys(self):
+    def _state_keys(self) -> list[tuple[str, tuple[int, ...] | None]]:
         return [(k, (self.num_channels,)) for k in ("weight", "bias")] if self.affine else []
 
-    def forward(self, x):
+    def forward(self, x: Array) -> Array:
         y, mean, rstd = F.group_norm_forward(x, self.num_groups, self.weight, self.bias, self.eps)
         self._saved = (x, mean, rstd)
         return y
 
-    def backward(self, grad_output):
+    def backward(self, grad_output: Array) -> Array:
         x, mean, rstd = self._saved_or_raise()
         dx, dw, db = F.group_norm_backward(grad_output, x, self.num_groups, self.weight, mean, rstd)
         self._store_grads(dw, db)
         return dx
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"GroupNorm({self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine})"
 
 
@@ -402,11 +361,12 @@ class RMSNorm(_Layer):
     """RMS normalization over the trailing ``normalized_shape`` dims, as ``torch.nn.RMSNorm``
     (``eps=None``: the machine epsilon of the compute type)."""
 
-    def __init__(self, normalized_shape, eps=None, elementwise_affine=True, *, dtype="float32"):
-        self.normalized_shape = _shape_tuple(normalized_shape)
+    def __init__(self, normalized_shape: int | Sequence[int], eps: float | None = None,
+                 elementwise_affine: bool = True, *, dtype: str = "float32") -> None:
+        self.normalized_shape = check_shape(normalized_shape)
         if eps is not None:
-            F._check_eps(eps)
-        _check_dtype(dtype)
+            check_eps(eps)
+        check_state_dtype(dtype, _PARAMETERS)
         self.eps = eps
         self.elementwise_affine = bool(elementwise_affine)
         self.dtype = dtype
@@ -414,19 +374,19 @@ class RMSNorm(_Layer):
         self.weight_grad = self.bias_grad = None
         self._saved = None
 
-    def _state_keys(self):
+    def _state_keys(self) -> list[tuple[str, tuple[int, ...] | None]]:
         return [("weight", self.normalized_shape)] if self.elementwise_affine else []
 
-    def forward(self, x):
+    def forward(self, x: Array) -> Array:
         y, rstd = F.rms_norm_forward(x, self.normalized_shape, self.weight, self.eps)
         self._saved = (x, rstd)
         return y
 
-    def backward(self, grad_output):
+    def backward(self, grad_output: Array) -> Array:
         x, rstd = self._saved_or_raise()
         dx, dw, _ = F.rms_norm_backward(grad_output, x, self.normalized_shape, self.weight, rstd)
         self._store_grads(dw, None)
         return dx
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"RMSNorm({self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine})"

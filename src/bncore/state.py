@@ -10,28 +10,21 @@ into the statistics of all the data.
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import Any
+
 import numpy as np
 
 from . import _core
-from ._arrays import import_tensor
+from ._arrays import Array, Call, import_tensor
+from ._checks import (CONVENTIONS, NAN_POLICIES, check_axis, check_choice, check_count, check_int, check_not_scalar,
+                      check_positive_int, check_state_dtype, check_state_shape)
+from ._keras import DEFAULT_MOMENTUM, biased_variance, update_factor
+from .errors import InvalidArgumentError, ShapeMismatchError
 
-CONVENTIONS = {
-    # convention: (default momentum, stored = (1 - f) * stored + f * batch with f = ..., variance stored)
-    "torch": 0.1,
-    "keras": 0.99,
-}
+__all__ = ["Moments", "RunningStats", "precise_stats"]
 
-_DEFAULT = object()
-
-
-def _factor(convention: str, momentum) -> float:
-    """The update factor f of `stored = (1 - f) * stored + f * batch`."""
-    if isinstance(momentum, bool) or not isinstance(momentum, (int, float, np.floating)):
-        raise TypeError(f"momentum: expected a float{' or None' if convention == 'torch' else ''}, "
-                        f"got {type(momentum).__name__}")
-    if not 0.0 <= momentum <= 1.0:
-        raise ValueError(f"momentum: expected a value in [0, 1], got {momentum}")
-    return float(momentum) if convention == "torch" else 1.0 - float(momentum)
+_DEFAULT: Any = object()
 
 
 class RunningStats:
@@ -45,30 +38,26 @@ class RunningStats:
     are not finite and counts it in ``skipped``.
     """
 
-    def __init__(self, num_features, momentum=_DEFAULT, *, convention="torch", dtype="float32",
-                 nan_policy="propagate"):
-        if convention not in CONVENTIONS:
-            raise ValueError(f"convention: expected 'torch' or 'keras', got {convention!r}")
-        if dtype not in ("float32", "float64"):
-            raise TypeError(f"dtype: expected 'float32' or 'float64', got {dtype!r}")
-        if nan_policy not in ("propagate", "skip"):
-            raise ValueError(f"nan_policy: expected 'propagate' or 'skip', got {nan_policy!r}")
-        if isinstance(num_features, bool) or not isinstance(num_features, (int, np.integer)) or num_features < 1:
-            raise ValueError(f"num_features: expected a positive int, got {num_features!r}")
+    def __init__(self, num_features: int, momentum: float | None = _DEFAULT, *, convention: str = "torch",
+                 dtype: str = "float32", nan_policy: str = "propagate") -> None:
+        check_choice(convention, "convention", CONVENTIONS)
+        check_state_dtype(dtype)
+        check_choice(nan_policy, "nan_policy", NAN_POLICIES)
+        num_features = check_positive_int(num_features, "num_features")
         if momentum is _DEFAULT:
-            momentum = CONVENTIONS[convention]
+            momentum = DEFAULT_MOMENTUM[convention]
         if momentum is None and convention != "torch":
-            raise ValueError("momentum: None (the cumulative average) exists only in the torch convention")
+            raise InvalidArgumentError("momentum: None (the cumulative average) exists only in the torch convention")
         flags = 0
-        if convention == "keras":
+        if biased_variance(convention):
             flags |= _core.STATS_BIASED_VAR
         if momentum is None:
             flags |= _core.STATS_CUMULATIVE
         if nan_policy == "skip":
             flags |= _core.STATS_SKIP_NONFINITE
-        factor = 0.0 if momentum is None else _factor(convention, momentum)
-        self._handle = _core.RunningStatsHandle(int(num_features), dtype, factor, flags)
-        self.num_features = int(num_features)
+        factor = 0.0 if momentum is None else update_factor(convention, momentum)
+        self._handle = _core.RunningStatsHandle(num_features, dtype, factor, flags)
+        self.num_features = num_features
         self.convention = convention
         self.dtype = dtype
         self.nan_policy = nan_policy
@@ -92,7 +81,7 @@ class RunningStats:
         return self._handle.counts[0]
 
     @count.setter
-    def count(self, value):
+    def count(self, value: int) -> None:
         self._handle.set_counts(int(value), self.skipped)
 
     @property
@@ -101,57 +90,54 @@ class RunningStats:
         return self._handle.counts[1]
 
     @property
-    def momentum(self):
+    def momentum(self) -> float | None:
         return self._momentum
 
     @momentum.setter
-    def momentum(self, value):
+    def momentum(self, value: float | None) -> None:
         if value is None or self._momentum is None:
-            raise ValueError("momentum: switching to or from the cumulative average (None) needs a new RunningStats")
-        self._handle.set_factor(_factor(self.convention, value))
+            raise InvalidArgumentError("momentum: switching to or from the cumulative average (None) needs a new "
+                                       "RunningStats")
+        self._handle.set_factor(update_factor(self.convention, value))
         self._momentum = value
 
     # ------------------------------------------------------------- updates
 
-    def update(self, batch_mean, batch_var, n):
+    def update(self, batch_mean: Array, batch_var: Array, n: int) -> None:
         """Folds in one batch: ``batch_var`` is the biased variance of the ``n`` values
         behind it (any DLPack tensor or array). All or nothing."""
-        if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
-            raise TypeError(f"n: expected an int, got {type(n).__name__}")
+        n = check_int(n, "n")
         m = import_tensor(np.asarray(batch_mean) if isinstance(batch_mean, (list, tuple)) else batch_mean,
                           "batch_mean")
         v = import_tensor(np.asarray(batch_var) if isinstance(batch_var, (list, tuple)) else batch_var, "batch_var")
         if m is None or v is None:
             raise TypeError("batch_mean, batch_var: expected tensors, got None")
         try:
-            self._handle.update(m, v, int(n))
+            self._handle.update(m, v, n)
         finally:
             m.release()
             v.release()
 
-    def load(self, mean, var, count=None):
+    def load(self, mean: Any, var: Any, count: int | None = None) -> None:
         """Replaces the state (checked first, then written: all or nothing)."""
         mean = np.asarray(mean, dtype=np.float64)
         var = np.asarray(var, dtype=np.float64)
         for name, a in (("mean", mean), ("var", var)):
-            if a.shape != (self.num_features,):
-                raise ValueError(f"{name}: expected shape ({self.num_features},), got {a.shape}")
+            check_state_shape(a, name, (self.num_features,))
         if count is not None:
-            if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or not 0 <= count < 2**63:
-                raise ValueError(f"count: expected an int in [0, 2**63), got {count!r}")
-            count = int(count)
+            count = check_count(count)
         np.copyto(self.mean, mean, casting="unsafe")
         np.copyto(self.var, var, casting="unsafe")
         if count is not None:
             self.count = count
 
-    def __dlpack__(self, **kwargs):
+    def __dlpack__(self, **kwargs: Any) -> Any:
         raise TypeError("RunningStats holds two arrays: export .mean or .var")
 
-    def __dlpack_device__(self):
+    def __dlpack_device__(self) -> tuple[int, int]:
         raise TypeError("RunningStats holds two arrays: export .mean or .var")
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return (f"RunningStats({self.num_features}, momentum={self._momentum}, convention={self.convention!r}, "
                 f"dtype={self.dtype!r}, count={self.count}, skipped={self.skipped})")
 
@@ -161,32 +147,29 @@ class Moments:
     squared deviations from the mean). Merging is Chan's formula, exact for empty parts
     and parts of very different sizes."""
 
-    def __init__(self, count, mean, m2):
+    def __init__(self, count: Any, mean: Any, m2: Any) -> None:
         self.count = np.asarray(count, dtype=np.float64).copy()
         self.mean = np.asarray(mean, dtype=np.float64).copy()
         self.m2 = np.asarray(m2, dtype=np.float64).copy()
         if not (self.count.shape == self.mean.shape == self.m2.shape) or self.count.ndim != 1:
-            raise ValueError(f"count, mean, m2: expected equal 1-D shapes, got {self.count.shape}, "
-                             f"{self.mean.shape}, {self.m2.shape}")
+            raise ShapeMismatchError(f"count, mean, m2: expected equal 1-D shapes, got {self.count.shape}, "
+                                     f"{self.mean.shape}, {self.m2.shape}")
 
     @classmethod
-    def empty(cls, num_features):
+    def empty(cls, num_features: int) -> Moments:
         z = np.zeros(int(num_features))
         return cls(z, z, z)
 
     @classmethod
-    def from_batch(cls, x, axis=1):
+    def from_batch(cls, x: Array, axis: int = 1) -> Moments:
         """Moments of each index of ``axis`` over all other axes of ``x`` (any DLPack tensor): the
         numbers the forward itself computes (``bn_norm_stats``: a corrected two-pass sum per piece
         of 2048 elements in the compute type, float64 for float64 input, pieces merged by Chan's
         formula in double)."""
-        from .functional import _axis, _Call
-
-        with _Call() as call:
+        with Call() as call:
             xt = call.need(x, "x")
-            if xt.ndim < 1:
-                raise ValueError("x: expected at least 1 dimension, got a scalar")
-            ax = _axis(axis, xt.ndim, "axis")
+            check_not_scalar(xt, "x")
+            ax = check_axis(axis, xt.ndim, "axis")
             channels = xt.shape[ax]
             mean, m2 = np.empty(channels), np.empty(channels)
             if xt.ndim == 1:
@@ -196,46 +179,43 @@ class Moments:
             count = _core.norm_stats(desc, xt, call.add(mean, "mean", True), call.add(m2, "m2", True))
         return cls(np.full(channels, float(count)), mean, m2)
 
-    def merge(self, other: "Moments") -> "Moments":
+    def merge(self, other: Moments) -> Moments:
         """The moments of both parts' data together (Chan's formula, in C: ``bn_moments_merge``)."""
         if not isinstance(other, Moments):
             raise TypeError(f"merge: expected a bncore.Moments, got {type(other).__name__}")
         if self.mean.shape != other.mean.shape:
-            raise ValueError(f"merge: expected moments of {self.mean.shape[0]} channels, got {other.mean.shape[0]}")
+            raise ShapeMismatchError(f"merge: expected moments of {self.mean.shape[0]} channels, "
+                                     f"got {other.mean.shape[0]}")
         count, mean, m2 = np.empty_like(self.count), np.empty_like(self.mean), np.empty_like(self.m2)
-        tensors = [import_tensor(a, name, writable) for a, name, writable in (
-            (self.count, "count", False), (self.mean, "mean", False), (self.m2, "m2", False),
-            (other.count, "other.count", False), (other.mean, "other.mean", False), (other.m2, "other.m2", False),
-            (count, "count", True), (mean, "mean", True), (m2, "m2", True))]
-        try:
-            _core.moments_merge(*tensors)
-        finally:
-            for t in tensors:
-                t.release()
+        with Call() as call:
+            _core.moments_merge(*[call.need(a, name, writable) for a, name, writable in (
+                (self.count, "count", False), (self.mean, "mean", False), (self.m2, "m2", False),
+                (other.count, "other.count", False), (other.mean, "other.mean", False), (other.m2, "other.m2", False),
+                (count, "count", True), (mean, "mean", True), (m2, "m2", True))])
         return Moments(count, mean, m2)
 
     @staticmethod
-    def merge_all(parts) -> "Moments":
+    def merge_all(parts: Iterable[Moments]) -> Moments:
         """Merges a sequence of Moments in order."""
         parts = list(parts)
         if not parts:
-            raise ValueError("merge_all: expected at least one Moments")
+            raise InvalidArgumentError("merge_all: expected at least one Moments")
         total = parts[0]
         for p in parts[1:]:
             total = total.merge(p)
         return total
 
-    def var(self, unbiased=False) -> np.ndarray:
+    def var(self, unbiased: bool = False) -> np.ndarray:
         """Per-channel variance: m2 / n, or m2 / (n - 1) with ``unbiased``."""
         d = self.count - (1.0 if unbiased else 0.0)
         with np.errstate(invalid="ignore", divide="ignore"):
             return np.where(d > 0, self.m2 / np.where(d > 0, d, 1.0), np.nan)
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"Moments(channels={self.mean.shape[0]}, count={self.count.tolist()})"
 
 
-def precise_stats(layer, batches):
+def precise_stats(layer: Any, batches: Iterable[Array]) -> Moments:
     """Recomputes a layer's running mean and variance exactly over ``batches``: the pooled
     statistics of all their data (unbiased variance for the torch convention, biased for
     keras), not an average of batch variances. ``layer``: a bncore BatchNorm or a
@@ -243,7 +223,7 @@ def precise_stats(layer, batches):
     axis = getattr(layer, "axis", 1)
     total = Moments.merge_all(Moments.from_batch(b, axis=axis) for b in batches)
     convention = getattr(layer, "convention", "torch")
-    var = total.var(unbiased=(convention == "torch"))
+    var = total.var(unbiased=not biased_variance(convention))
     stats = getattr(layer, "stats", None)
     if isinstance(stats, RunningStats):
         stats.load(total.mean, var)

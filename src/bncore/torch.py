@@ -19,6 +19,7 @@ Importing ``bncore`` never imports torch; importing ``bncore.torch`` does.
 from __future__ import annotations
 
 import warnings
+from typing import TYPE_CHECKING
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -180,15 +181,23 @@ def _apply(variant, input, weight, bias):
 # ---------------------------------------------------------------- batch norm
 
 
-class _BatchNormForward:
+if TYPE_CHECKING:  # the mixins below are only ever combined with these torch.nn bases
+    _BatchNormBase = torch.nn.modules.batchnorm._BatchNorm
+    _InstanceNormBase = torch.nn.modules.instancenorm._InstanceNorm
+else:
+    _BatchNormBase = _InstanceNormBase = object
+
+
+class _BatchNormForward(_BatchNormBase):
     """torch.nn's _BatchNorm.forward, with the batch counted only once bncore has succeeded."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(input)
         exponential_average_factor = 0.0 if self.momentum is None else self.momentum
-        count_batch = self.training and self.track_running_stats and self.num_batches_tracked is not None
-        if count_batch and self.momentum is None:  # the cumulative moving average, over this batch included
-            exponential_average_factor = 1.0 / float(self.num_batches_tracked + 1)
+        # the batch counter that this call advances (training with tracked statistics), else None
+        counter = self.num_batches_tracked if self.training and self.track_running_stats else None
+        if counter is not None and self.momentum is None:  # the cumulative moving average, this batch included
+            exponential_average_factor = 1.0 / float(counter + 1)
         # batch statistics in training mode, and in eval mode when there are no running statistics
         bn_training = self.training or (self.running_mean is None and self.running_var is None)
         if bn_training and self.eps <= 0.0:  # torch.nn.functional.batch_norm's checks
@@ -200,8 +209,8 @@ class _BatchNormForward:
         variant = _Batch(self.running_mean if pass_buffers else None, self.running_var if pass_buffers else None,
                          bn_training, exponential_average_factor, self.eps)
         output = _apply(variant, input, self.weight, self.bias)
-        if count_batch:
-            self.num_batches_tracked.add_(1)
+        if counter is not None:
+            counter.add_(1)
         return output
 
 
@@ -220,7 +229,7 @@ class BatchNorm3d(_BatchNormForward, torch.nn.BatchNorm3d):
 # ---------------------------------------------------------------- instance norm
 
 
-class _InstanceNormForward:
+class _InstanceNormForward(_InstanceNormBase):
     """torch.nn's _InstanceNorm.forward: unbatched inputs get a batch dim of 1; running statistics, when
     tracked, are updated in training mode and normalize in eval mode; momentum None updates nothing."""
 
