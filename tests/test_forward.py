@@ -8,6 +8,7 @@ NumPy layouts (forward and backward), eps (the default and another value) agains
 """
 from __future__ import annotations
 
+import dataclasses
 import tracemalloc
 
 import numpy as np
@@ -330,3 +331,53 @@ def test_normalize_channels_reads_strided_numpy_without_a_copy(layout):
     assert peak < 1.25 * x.nbytes, f"peak {peak} bytes for a {x.nbytes}-byte input"
     y_ref, _, _ = normalize_ref(x, (1,), (1,), w, b)
     assert_close(y, y_ref, "float32")
+
+
+# ---------------------------------------------------------------- eps: the default and another value, every variant
+
+
+def _eps_calls(case, x, w, b, rm, rv, training, kw):
+    """(y, mean, rstd) from the *_forward function and y from the plain one, eps given in `kw` or left out."""
+    k, ax, ns, g = case.kind, case.axis, case.normalized_shape, case.num_groups
+    if k == "batch":
+        y, m, r = bncore.batch_norm_forward(x, rm.copy(), rv.copy(), w, b, training=training, axis=ax, **kw)
+        return (y, m, r), bncore.batch_norm(x, rm.copy(), rv.copy(), w, b, training=training, axis=ax, **kw)
+    if k == "instance":
+        y, m, r = bncore.instance_norm_forward(x, rm.copy(), rv.copy(), w, b, use_input_stats=training, **kw)
+        return (y, m, r), bncore.instance_norm(x, rm.copy(), rv.copy(), w, b, use_input_stats=training, **kw)
+    if k == "layer":
+        return bncore.layer_norm_forward(x, ns, w, b, **kw), bncore.layer_norm(x, ns, w, b, **kw)
+    if k == "group":
+        return bncore.group_norm_forward(x, g, w, b, **kw), bncore.group_norm(x, g, w, b, **kw)
+    y, r = bncore.rms_norm_forward(x, ns, w, **kw)
+    return (y, None, r), bncore.rms_norm(x, ns, w, **kw)
+
+
+EPS_MODES = [(c, e, t) for c in CASES for e in ("default", 0.1) for t in ([True, False] if c.has_running_stats else [True])]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("case,eps,training", EPS_MODES,
+                         ids=[f"{c.name}-eps-{e}-{'train' if t else 'eval'}" for c, e, t in EPS_MODES])
+def test_eps_matches_reference(case, eps, training, dtype):
+    """The variance is made about the size of eps (the default: 1e-5, RMS norm the compute type's
+    machine epsilon), so that eps moves rstd by ~30%: a wrong eps, default or given, is far outside
+    the dtype's tolerance. Eval (batch, instance): the running variance is that small too."""
+    rng = np.random.default_rng(seed_of("eps", case.name, eps, training, dtype))
+    ref_eps = (rms_default_eps(dtype) if case.kind == "rms" else 1e-5) if eps == "default" else eps
+    spread = float(np.sqrt(ref_eps))  # var ~ eps
+    x64 = spread * (rng.normal(size=case.shape) + rng.uniform(-1, 1))
+    x = x64.astype(dtype)
+    w, b = params(rng, case.param_shape, dtype, bias=case.has_bias)
+    c = case.shape[case.channel_axis]
+    rm = (spread * rng.uniform(-1, 1, size=c)).astype(dtype)
+    rv = (ref_eps * rng.uniform(0.5, 2.0, size=c)).astype(dtype)
+    kw = {} if eps == "default" else {"eps": eps}
+    (y, mean, rstd), y_plain = _eps_calls(case, x, w, b, rm, rv, training, kw)
+    y_ref, mean_ref, rstd_ref = ref_forward(dataclasses.replace(case, eps=ref_eps), x.astype(np.float64), w, b, rm, rv, use_input_stats=training,
+                                            dtype=dtype)
+    assert_close(rstd, rstd_ref, dtype, err_msg="rstd")
+    if mean_ref is not None:
+        assert_close(np.asarray(mean) / spread, mean_ref / spread, dtype, err_msg="mean / spread")
+    assert_close(y, y_ref, dtype, err_msg="output of the *_forward function")
+    assert_close(y_plain, y_ref, dtype, err_msg="output of the plain function")
