@@ -10,7 +10,8 @@ import pytest
 
 import bncore
 from bncore.reference import batch_norm_backward_ref, batch_norm_ref, batch_norm_running_ref, normalize_backward_ref, normalize_ref
-from cases import CASES, DTYPES, VARIANT_CASES, Case, bn_params, bncore_backward, bncore_forward, data, params, ref_backward, ref_forward, seed_of
+from cases import (CASES, DTYPES, VARIANT_CASES, Case, bn_params, bncore_backward, bncore_forward, data, params,
+                   ref_backward, ref_forward, seed_of)
 from layouts import half_or_numpy
 from tolerances import assert_close, to_numpy64
 
@@ -327,3 +328,74 @@ def test_half_data_near_its_largest_value_backward(case, big):
     assert_close(to_numpy64(dx) / s, dx_ref / s, dtype, "grad", err_msg="grad_input / max |grad_input|")
     sw = float(np.max(np.abs(dw_ref)))
     assert_close(to_numpy64(dw) / sw, dw_ref / sw, dtype, "grad", err_msg="grad_weight / max |grad_weight|")
+
+
+# ---------------------------------------------------------------- a large mean on every layout the engine treats apart
+
+# (name, case, layout): contiguous rows of several 2,048-element pieces, NCHW planes, channels-last
+# columns (torch channels_last and NumPy axis=-1), groups and instances of several pieces, columns
+# of a Fortran array through normalize
+LARGE_MEAN_LAYOUTS = [
+    ("batch-nchw", Case("batch-nchw", "batch", (4, 3, 64, 64)), None),
+    ("batch-channels-last", Case("batch-cl", "batch", (4, 8, 32, 32)), "channels_last"),
+    ("batch-axis-last", Case("batch-nhwc", "batch", (8192, 4), axis=-1), None),
+    ("layer-rows", Case("layer", "layer", (3, 5000), normalized_shape=(5000,)), None),
+    ("layer-two-dims", Case("layer-2d", "layer", (2, 40, 130), normalized_shape=(40, 130)), None),
+    ("group", Case("group", "group", (2, 6, 40, 40), num_groups=3), None),
+    ("group-channels-last", Case("group-cl", "group", (2, 8, 32, 32), num_groups=2), "channels_last"),
+    ("instance", Case("instance", "instance", (2, 3, 50, 60)), None),
+    ("instance-channels-last", Case("instance-cl", "instance", (2, 4, 48, 48)), "channels_last"),
+]
+# float32 1e6 + N(0, 1): kappa = |mean| / std = 1e6, float32 rounds x to 1/16; float64 1e8 + N(0, 1)
+HUGE_MEAN = [("float32", 1e6), ("float64", 1e8)]
+
+
+@pytest.mark.parametrize("dtype,mean_mag", HUGE_MEAN, ids=[f"{d}-{m:g}" for d, m in HUGE_MEAN])
+@pytest.mark.parametrize("name,case,layout", LARGE_MEAN_LAYOUTS, ids=[n for n, _, _ in LARGE_MEAN_LAYOUTS])
+def test_huge_mean_on_every_layout(name, case, layout, dtype, mean_mag):
+    """mean_mag + N(0, 1): rstd within the variance bound of a stable algorithm (float32: 64 ulps, i.e.
+    ~8e-6; dropping the corrected two-pass term leaves ~3e-4 at 1e6), the mean within a few ulps of
+    itself, the output and grad_input within the mean's rounding times rstd * |w|."""
+    rng = np.random.default_rng(seed_of("huge-mean", name, dtype))
+    x64 = mean_mag + rng.normal(size=case.shape)
+    x = x64.astype(dtype)
+    if layout is not None:
+        torch = pytest.importorskip("torch", reason="torch is needed for channels-last tensors")
+        x = torch.from_numpy(x).contiguous(memory_format=getattr(torch, layout))
+        assert not x.is_contiguous()
+    x64 = to_numpy64(x)
+    w, b = params(rng, case.param_shape, dtype, bias=case.has_bias)
+    if layout is not None:
+        w, b = torch.from_numpy(w), torch.from_numpy(b)
+    y, (mean, rstd) = bncore_forward(case, x, w, b)
+    y_ref, mean_ref, rstd_ref = ref_forward(case, x64, to_numpy64(w), to_numpy64(b), dtype=dtype)
+    assert np.all(np.abs(rstd_ref - 1) < 0.2)  # the data really has unit spread
+    mean_rtol, var_rtol, out_atol = _large_mean_bounds(dtype, mean_mag, mean_mag, rstd_ref, to_numpy64(w))
+    np.testing.assert_allclose(to_numpy64(mean), mean_ref, rtol=mean_rtol, err_msg="save_mean")
+    np.testing.assert_allclose(to_numpy64(rstd), rstd_ref, rtol=var_rtol, err_msg="save_rstd")
+    np.testing.assert_allclose(to_numpy64(y), y_ref, rtol=0, atol=out_atol, err_msg="output")
+    dy64 = rng.normal(size=case.shape)
+    dy = dy64.astype(dtype)
+    if layout is not None:
+        dy = torch.from_numpy(dy).contiguous(memory_format=getattr(torch, layout))
+    dx, _, db = bncore_backward(case, dy, x, w, (mean, rstd))
+    dx_ref, _, db_ref = ref_backward(case, to_numpy64(dy), x64, to_numpy64(w), dtype=dtype)
+    dx_atol = max(out_atol, var_rtol * float(np.max(np.abs(dx_ref))))
+    np.testing.assert_allclose(to_numpy64(dx), dx_ref, rtol=0, atol=dx_atol, err_msg="grad_input")
+    assert_close(db, db_ref, dtype, "grad", err_msg="grad_bias")
+
+
+@pytest.mark.parametrize("dtype,mean_mag", HUGE_MEAN, ids=[f"{d}-{m:g}" for d, m in HUGE_MEAN])
+@pytest.mark.parametrize("order", ["C", "F"])
+def test_huge_mean_normalize_columns(order, dtype, mean_mag):
+    """normalize over axis 0 of a (6000, 3) array: columns of a C array (the column path) and of a
+    Fortran one (contiguous rows of several pieces)."""
+    rng = np.random.default_rng(seed_of("huge-mean-columns", order, dtype))
+    x = np.asarray(mean_mag + rng.normal(size=(6000, 3)), dtype=dtype, order=order)
+    w, b = params(rng, (3,), dtype)
+    y, mean, rstd = bncore.normalize_forward(x, (0,), w, b, affine_axes=(1,))
+    y_ref, mean_ref, rstd_ref = normalize_ref(x, (0,), (1,), w, b)
+    mean_rtol, var_rtol, out_atol = _large_mean_bounds(dtype, mean_mag, mean_mag, rstd_ref, w)
+    np.testing.assert_allclose(mean, mean_ref, rtol=mean_rtol, err_msg="save_mean")
+    np.testing.assert_allclose(rstd, rstd_ref, rtol=var_rtol, err_msg="save_rstd")
+    np.testing.assert_allclose(y, y_ref, rtol=0, atol=out_atol, err_msg="output")
