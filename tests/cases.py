@@ -14,7 +14,8 @@ import numpy as np
 import bncore
 from bncore.reference import (batch_norm_backward_ref, batch_norm_ref, batch_norm_running_ref,
                               group_norm_backward_ref, group_norm_ref, instance_norm_backward_ref, instance_norm_ref,
-                              instance_norm_running_ref, layer_norm_backward_ref, layer_norm_ref)
+                              instance_norm_running_ref, layer_norm_backward_ref, layer_norm_ref, all_but,
+                              normalize_backward_bounds, trailing)
 
 F32_EPS = float(np.finfo(np.float32).eps)
 F64_EPS = float(np.finfo(np.float64).eps)
@@ -165,6 +166,28 @@ def ref_backward(case, dy, x, w=None, rm=None, rv=None, use_input_stats=True, dt
     if k == "batch":
         return batch_norm_backward_ref(dy, x, w, eps, case.channel_axis, **stats)
     return instance_norm_backward_ref(dy, x, w, eps, **stats)
+
+
+def ref_backward_bounds(case, dy, x, w=None, rm=None, rv=None, use_input_stats=True, dtype="float64"):
+    """The magnitudes (sums of absolute terms) behind ref_backward's results, for tolerances."""
+    x = np.asarray(x, dtype=np.float64)
+    dy = np.asarray(dy, dtype=np.float64)
+    k, nd = case.kind, x.ndim
+    eps = case.eps_for(dtype)
+    stats = {} if use_input_stats or k not in ("batch", "instance") else {"running_mean": rm, "running_var": rv}
+    if k in ("layer", "rms"):
+        ax = trailing(nd, len(case.normalized_shape))
+        return normalize_backward_bounds(dy, x, ax, ax, w, eps, k == "rms")
+    if k == "batch":
+        return normalize_backward_bounds(dy, x, all_but(nd, case.channel_axis), (case.channel_axis,), w, eps, **stats)
+    if k == "instance":
+        return normalize_backward_bounds(dy, x, tuple(range(2, nd)), (1,), w, eps, **stats)
+    n, c = x.shape[:2]
+    g = case.num_groups
+    xg, dyg = (a.reshape((n, g, c // g) + x.shape[2:]) for a in (x, dy))
+    wg = None if w is None else np.reshape(w, (g, c // g))
+    dx, dw, db = normalize_backward_bounds(dyg, xg, tuple(range(2, xg.ndim)), (1, 2), wg, eps)
+    return dx.reshape(x.shape), dw.reshape(c), db.reshape(c)
 
 
 def ref_running(case, x, rm, rv, momentum):

@@ -15,8 +15,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import bncore
-from bncore.reference import batch_norm_backward_ref, batch_norm_ref, batch_norm_running_ref, normalize_backward_ref, normalize_ref
-from cases import Case, bn_params, bncore_backward, bncore_forward, data, params, ref_backward, ref_forward
+from bncore.reference import (all_but, batch_norm_backward_ref, batch_norm_ref, batch_norm_running_ref,
+                              normalize_backward_bounds, normalize_backward_ref, normalize_ref)
+from cases import (Case, bn_params, bncore_backward, bncore_forward, data, params, ref_backward, ref_backward_bounds,
+                   ref_forward)
 from layouts import strided, to_layout
 from tolerances import assert_close, to_numpy64
 
@@ -35,7 +37,9 @@ def layouts(draw, ndim, allow_torch=True):
 
 
 def _cond(rstd_ref):
-    """Tiny groups (1 or 2 values) can have a variance near 0: errors grow with rstd."""
+    """Tiny drawn groups (1 or 2 values) can have a variance near 0. The variance of O(1) values errs
+    by ~eps absolutely, so rstd, and what is formed from it, by ~eps * rstd relatively: tolerances
+    scale with the largest rstd (>= 1). This is the conditioning of the problem, not its size."""
     r = np.max(np.abs(rstd_ref)) if np.size(rstd_ref) else 1.0
     return max(1.0, float(r))
 
@@ -97,18 +101,17 @@ def test_hypothesis_normalize_matches_reference(problem):
     dx, dw, db = bncore.normalize_backward(dy, x, axes, w, None if rms else mean, rstd, **kw)
     dx_ref, dw_ref, db_ref = normalize_backward_ref(dy64, x64, red, aff, w, eps, rms)
     assert type(dx) is type(x) and tuple(dx.shape) == shape
-    n_group = int(np.prod([shape[d] for d in red]))
-    n_param = int(np.prod(shape)) // max(1, int(np.prod(pshape)))
-    assert_close(dx, dx_ref, dtype, "grad", scale=cond ** 2 * n_group ** 0.5, err_msg="grad_input")
+    mag_dx, mag_dw, mag_db = normalize_backward_bounds(dy64, x64, red, aff, w, eps, rms)
+    assert_close(dx, dx_ref, dtype, "grad", scale=cond, magnitude=mag_dx, err_msg="grad_input")
     if w is None:
         assert dw is None and db is None
     else:
         assert tuple(dw.shape) == pshape
-        assert_close(dw, dw_ref, dtype, "grad", scale=cond * n_param, err_msg="grad_weight")
+        assert_close(dw, dw_ref, dtype, "grad", scale=cond, magnitude=mag_dw, err_msg="grad_weight")
         if rms:
             assert db is None
         else:
-            assert_close(db, db_ref, dtype, "grad", scale=n_param, err_msg="grad_bias")
+            assert_close(db, db_ref, dtype, "grad", magnitude=mag_db, err_msg="grad_bias")
 
 
 @st.composite
@@ -161,14 +164,14 @@ def test_hypothesis_variants_match_reference(problem):
         assert_close(saved[0], m_ref, dtype, err_msg="save_mean")
     dx, dw, db = bncore_backward(case, dy, x, w, saved)
     dx_ref, dw_ref, db_ref = ref_backward(case, dy64, x64, w, dtype=dtype)
-    n = int(np.prod(shape))
-    assert_close(dx, dx_ref, dtype, "grad", scale=cond ** 2 * n ** 0.5, err_msg="grad_input")
+    mag_dx, mag_dw, mag_db = ref_backward_bounds(case, dy64, x64, w, dtype=dtype)
+    assert_close(dx, dx_ref, dtype, "grad", scale=cond, magnitude=mag_dx, err_msg="grad_input")
     if w is None:
         assert dw is None and db is None
     else:
-        assert_close(dw, dw_ref, dtype, "grad", scale=cond * n, err_msg="grad_weight")
+        assert_close(dw, dw_ref, dtype, "grad", scale=cond, magnitude=mag_dw, err_msg="grad_weight")
         if case.has_bias:
-            assert_close(db, db_ref, dtype, "grad", scale=n, err_msg="grad_bias")
+            assert_close(db, db_ref, dtype, "grad", magnitude=mag_db, err_msg="grad_bias")
 
 
 @st.composite
@@ -219,6 +222,153 @@ def test_hypothesis_matches_reference(problem):
         assert rm.tobytes() == rm0.tobytes() and rv.tobytes() == rv0.tobytes()
     dx, dw, db = bncore.batch_norm_backward(dy, x, w, mean, invstd, training=training, axis=axis)
     dx_ref, dw_ref, db_ref = batch_norm_backward_ref(dy, x, w, axis=axis, **stats)
-    assert_close(dx, dx_ref, dtype, "grad", scale=cond ** 2)
-    assert_close(dw, dw_ref, dtype, "grad", scale=cond * per_channel)
-    assert_close(db, db_ref, dtype, "grad", scale=per_channel)
+    mag_dx, mag_dw, mag_db = normalize_backward_bounds(dy, x, all_but(x.ndim, axis), (axis,), w, **stats)
+    assert_close(dx, dx_ref, dtype, "grad", scale=cond, magnitude=mag_dx)
+    assert_close(dw, dw_ref, dtype, "grad", scale=cond, magnitude=mag_dw)
+    assert_close(db, db_ref, dtype, "grad", magnitude=mag_db)
+
+
+# ---------------------------------------------------------------- sized draws: every engine path, half dtypes
+
+PIECE = 2048                 # elements of a row piece (cpu.h BN_PIECE)
+PARALLEL_MIN = 1 << 15       # elements from which a pass runs on several threads (engine.c BN_PAR_MIN)
+FUSE_BYTES = 1 << 20         # a group whose forward operands (x, y) fit in this is fused (engine.c BN_FUSE_BYTES)
+ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}
+PATHS = ["pieces", "parallel", "two-phase", "columns"]
+SIZED_DTYPES = ["float32", "float64", "float16", "bfloat16"]
+
+
+@st.composite
+def sized_problems(draw, path, dtype):
+    """A problem of `path`'s size for a drawn variant: groups longer than a piece; >= 32,768 elements of
+    many small groups; one group past the fused limit (two-phase); or a channels-last / column layout.
+    Returns (case, layout, affine, seed); layout is 'C', 'F' (reduced dims strided), 'channels-last'
+    (torch) or 'sliced' (every other element of the last dim)."""
+    kind = draw(st.sampled_from(["batch", "layer", "rms", "group", "instance"]))
+    ints = lambda lo, hi: draw(st.integers(lo, hi))  # noqa: E731
+    layout = draw(st.sampled_from(["C", "sliced"]))
+    if path == "pieces":  # each group several pieces long, the whole small
+        g = ints(PIECE + 1, 3 * PIECE + 7)
+        shapes = {"batch": (ints(2, 3), 2, g), "layer": (ints(1, 3), g), "rms": (ints(1, 3), g),
+                  "group": (ints(1, 2), 4, g // 2 + 1), "instance": (ints(1, 2), 2, g)}
+    elif path == "parallel":  # many short groups past the parallel threshold
+        rows = ints(PARALLEL_MIN // 128 + 1, PARALLEL_MIN // 64)
+        shapes = {"batch": (rows, ints(3, 8), 128), "layer": (rows, ints(128, 256)), "rms": (rows, ints(128, 256)),
+                  "group": (ints(64, 96), 8, ints(65, 96)), "instance": (ints(64, 96), 4, ints(128, 160))}
+    elif path == "two-phase":  # one group past the fused limit (its x and y over 1 MiB)
+        g = FUSE_BYTES // (2 * ITEMSIZE[dtype]) + ints(1, 20000)
+        shapes = {"batch": (2, 2, g // 2 + 1), "layer": (2, g), "rms": (1, g), "group": (1, 4, g // 2 + 1),
+                  "instance": (1, 2, g)}
+    else:  # columns: channels-last torch tensors; NumPy batch norm with axis=-1; layer rows strided (F order)
+        layout = {"layer": "F", "rms": "F", "batch": draw(st.sampled_from(["channels-last", "C"]))}.get(kind, "channels-last")
+        c = ints(3, 96)
+        shapes = {"batch": (ints(4, 16), ints(4, 16), ints(4, 16), c), "layer": (ints(200, 3000), ints(2, 40)),
+                  "rms": (ints(200, 3000), ints(2, 40)), "group": (ints(1, 4), c * 2, ints(4, 16), ints(4, 16)),
+                  "instance": (ints(1, 4), c, ints(4, 16), ints(4, 16))}
+        if kind == "batch" and layout == "channels-last":
+            shapes["batch"] = (shapes["batch"][0], c, shapes["batch"][1], shapes["batch"][2])
+    shape = shapes[kind]
+    axis = -1 if (path == "columns" and kind == "batch" and layout == "C") else 1
+    if kind in ("layer", "rms"):
+        case = Case(f"{path}-{kind}", kind, shape, normalized_shape=shape[-1:] if layout != "F" else shape[-1:],
+                    eps=draw(st.sampled_from([1e-5, 1e-3])))
+    else:
+        case = Case(f"{path}-{kind}", kind, shape, num_groups=2 if kind == "group" else 0, axis=axis,
+                    eps=draw(st.sampled_from([1e-5, 1e-3])))
+    return case, layout, draw(st.booleans()), draw(st.integers(0, 2**32 - 1))
+
+
+def _sized_tensor(values, layout, dtype):
+    """float64 `values` as `dtype` in `layout`; torch for bfloat16 and channels-last, NumPy otherwise."""
+    if layout == "F":
+        values = np.asfortranarray(values)
+    elif layout == "sliced":
+        big = np.zeros(values.shape[:-1] + (2 * values.shape[-1],))
+        big[..., ::2] = values
+        values = big[..., ::2]
+    if dtype == "bfloat16" or layout == "channels-last":
+        torch = pytest.importorskip("torch", reason="torch is needed for bfloat16 and channels-last tensors")
+        t = torch.from_numpy(values)
+        if layout == "channels-last":
+            t = t.contiguous(memory_format=torch.channels_last)
+        return t.to(getattr(torch, dtype))  # keeps the strides (preserve_format)
+    return values.astype(dtype, order="K")
+
+
+def _group_size(case):
+    shape = case.shape
+    if case.kind in ("layer", "rms"):
+        return int(np.prod(case.normalized_shape))
+    if case.kind == "batch":
+        return int(np.prod(shape)) // shape[case.channel_axis]
+    spatial = int(np.prod(shape[2:]))
+    return spatial * (shape[1] // case.num_groups if case.kind == "group" else 1)
+
+
+def _sized_check(path, dtype, problem):
+    case, layout, affine, seed = problem
+    rng = np.random.default_rng(seed)
+    shape = case.shape
+    size, group = int(np.prod(shape)), _group_size(case)
+    row = int(np.prod(shape[2:])) if case.kind == "batch" else group  # the group's longest contiguous run
+    reaches = {"pieces": row > PIECE, "parallel": size >= PARALLEL_MIN,
+               "two-phase": 2 * group * ITEMSIZE[dtype] > FUSE_BYTES,
+               "columns": layout in ("channels-last", "F") or case.channel_axis == len(shape) - 1}
+    assert reaches[path], (path, case.shape, layout)
+    x = _sized_tensor(data(rng, shape, offset_axis=1), layout, dtype)
+    dy = _sized_tensor(rng.normal(size=shape), layout, dtype)
+    x64, dy64 = to_numpy64(x), to_numpy64(dy)
+    pdtype = "float32" if dtype in ("float16", "bfloat16") else dtype  # mixed mode: float32 parameters
+    w = b = None
+    if affine:
+        w, b = params(rng, case.param_shape, pdtype, bias=case.has_bias)
+        if not isinstance(x, np.ndarray):
+            import torch
+
+            w, b = torch.from_numpy(w), (None if b is None else torch.from_numpy(b))
+    w64, b64 = (None if w is None else to_numpy64(w)), (None if b is None else to_numpy64(b))
+    y, saved = bncore_forward(case, x, w, b)
+    y_ref, m_ref, r_ref = ref_forward(case, x64, w64, b64, dtype=dtype)
+    assert type(y) is type(x) and tuple(y.shape) == shape
+    assert_close(y, y_ref, dtype, err_msg="output")
+    # statistics are kept in float32 for half inputs: float32's tolerance; the mean relative to the data's size
+    assert_close(saved[1], r_ref, pdtype, err_msg="save_rstd")
+    if m_ref is not None:
+        assert_close(saved[0], m_ref, pdtype, magnitude=np.sqrt(np.mean(x64 ** 2)), err_msg="save_mean")
+    dx, dw, db = bncore_backward(case, dy, x, w, saved)
+    dx_ref, dw_ref, db_ref = ref_backward(case, dy64, x64, w64, dtype=dtype)
+    mag_dx, mag_dw, mag_db = ref_backward_bounds(case, dy64, x64, w64, dtype=dtype)
+    assert_close(dx, dx_ref, dtype, "grad", magnitude=mag_dx, err_msg="grad_input")
+    if w is not None:  # sums in the parameters' dtype over the exact (half) values
+        assert_close(dw, dw_ref, pdtype, "grad", magnitude=mag_dw, err_msg="grad_weight")
+        if case.has_bias:
+            assert_close(db, db_ref, pdtype, "grad", magnitude=mag_db, err_msg="grad_bias")
+
+
+SIZED = settings(max_examples=3, deadline=None, database=None,
+                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+@pytest.mark.parametrize("dtype", SIZED_DTYPES)
+@pytest.mark.parametrize("path", PATHS)
+def test_hypothesis_engine_paths(path, dtype):
+    """A few drawn problems per (path, dtype): every engine path in every dtype in the default run."""
+    @SIZED
+    @given(sized_problems(path, dtype))
+    def check(problem):
+        _sized_check(path, dtype, problem)
+
+    check()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", SIZED_DTYPES)
+@pytest.mark.parametrize("path", PATHS)
+def test_hypothesis_engine_paths_many(path, dtype):
+    """The same with 25 examples per (path, dtype): run with -m slow."""
+    @settings(SIZED, max_examples=25)
+    @given(sized_problems(path, dtype))
+    def check(problem):
+        _sized_check(path, dtype, problem)
+
+    check()

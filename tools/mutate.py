@@ -70,7 +70,7 @@ def git_clean(file: str) -> bool:
 
 
 def run_tests(tests: list) -> int:
-    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-o", "addopts=",
+    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
            "--hypothesis-seed=0", *tests]
     env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
     try:
