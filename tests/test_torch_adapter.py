@@ -415,6 +415,7 @@ def test_convert_norm_layer_itself_and_devices():
     assert all(t.device.type == "meta" for t in model.state_dict().values())
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_convert_keeps_cuda_device():
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4)).cuda()

@@ -55,9 +55,25 @@ def to_numpy64(a) -> np.ndarray:
     return np.asarray(a, dtype=np.float64)
 
 
-def assert_close(actual, expected, dtype, kind: str = "value", scale: float = 1.0, err_msg: str = ""):
+def assert_close(actual, expected, dtype, kind: str = "value", scale: float = 1.0, err_msg: str = "",
+                 magnitude=None):
     """Asserts `actual` matches `expected` within the tolerance of `dtype` for `kind` ('value' or 'grad'),
-    both tolerances multiplied by `scale`."""
+    both tolerances multiplied by `scale`.
+
+    `magnitude` (broadcast against `expected`): the sum of absolute values of the terms a result
+    sums (see bncore.reference.normalize_backward_bounds). A sum errs by about eps * that magnitude
+    however much its terms cancel, so rtol is then relative to max(|expected|, magnitude): the
+    error model of summation, not a factor of the element count."""
     t = tol(dtype, kind)
-    np.testing.assert_allclose(to_numpy64(actual), to_numpy64(expected), rtol=t.rtol * scale,
-                               atol=t.atol * scale, err_msg=err_msg)
+    a, e = to_numpy64(actual), to_numpy64(expected)
+    if magnitude is None:
+        np.testing.assert_allclose(a, e, rtol=t.rtol * scale, atol=t.atol * scale, err_msg=err_msg)
+        return
+    ref = np.maximum(np.abs(e), np.asarray(magnitude, dtype=np.float64))
+    bound = t.atol * scale + t.rtol * scale * ref
+    bad = ~(np.abs(a - e) <= bound)
+    if np.any(bad):
+        worst = np.unravel_index(np.argmax(np.where(bad, np.abs(a - e) / bound, 0)), np.shape(e)) if np.ndim(e) else ()
+        raise AssertionError(f"{err_msg}: {int(np.sum(bad))} of {np.size(e)} elements outside "
+                             f"{t.atol * scale:g} + {t.rtol * scale:g} * max(|expected|, magnitude); worst at "
+                             f"{worst}: actual {a[worst]!r}, expected {e[worst]!r}, magnitude {np.broadcast_to(ref, np.shape(e))[worst]!r}")

@@ -145,6 +145,38 @@ def normalize_backward_ref(dy, x, reduce_axes, affine_axes, weight=None, eps=1e-
     return dx, dweight, dbias
 
 
+def normalize_backward_bounds(dy, x, reduce_axes, affine_axes, weight=None, eps=1e-5, rms=False, *,
+                              running_mean=None, running_var=None):
+    """The sums of absolute values behind each backward result: ``(dx_bound, dweight_bound, dbias_bound)``,
+    shaped as ``normalize_backward_ref``'s results.
+
+    A computed sum of terms t_i errs by about eps_dtype * sum |t_i| (the standard summation bound),
+    however much the terms cancel: these are the magnitudes a tolerance is relative to. For dx:
+    rstd * (|g| + mean|g| + |xhat| * mean|g * xhat|), g = dy * weight (rstd * |g| with given statistics).
+    """
+    x = np.asarray(x, dtype=np.float64)
+    dy = np.abs(np.asarray(dy, dtype=np.float64))
+    reduce_axes = _axes(reduce_axes, x.ndim)
+    affine_axes = _axes(affine_axes, x.ndim)
+    w = 1.0 if weight is None else np.abs(_param_view(weight, x.shape, affine_axes))
+    if running_mean is not None:
+        mean, _, rstd = _given_stats(x.shape, affine_axes, running_mean, running_var, eps)
+    else:
+        mean, _, rstd = _stats(x, reduce_axes, eps, rms)
+    xhat = np.abs((x - mean) * rstd)
+    g = dy * w
+    if running_mean is not None:
+        dx = rstd * g
+    else:
+        dx = g + xhat * np.mean(g * xhat, axis=reduce_axes, keepdims=True)
+        if not rms:
+            dx = dx + np.mean(g, axis=reduce_axes, keepdims=True)
+        dx = rstd * dx
+    sum_axes = tuple(d for d in range(x.ndim) if d not in affine_axes)
+    pshape = tuple(x.shape[d] for d in affine_axes)
+    return dx, np.sum(dy * xhat, axis=sum_axes).reshape(pshape), np.sum(dy, axis=sum_axes).reshape(pshape)
+
+
 def running_stats_ref(x, reduce_axes, affine_axes, running_mean, running_var, momentum, unbiased=True, *,
                       dtype=np.float64):
     """The running statistics after one training step: r = (1 - momentum) * r + momentum * batch,

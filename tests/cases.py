@@ -1,7 +1,7 @@
-"""Shared pieces of the variant tests (layer, instance, group, RMS norm and `normalize`).
+"""The case table shared by the tests of every variant (batch, layer, instance, group, RMS norm).
 
 One table describes each variant as its bncore calls, its PyTorch call and its
-float64 reference (tests/reference.py), so that every test can run the same
+float64 reference (bncore.reference), so that every test can run the same
 problem three ways. Nothing here asserts.
 """
 from __future__ import annotations
@@ -12,8 +12,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 import bncore
-from bncore.reference import (group_norm_backward_ref, group_norm_ref, instance_norm_backward_ref, instance_norm_ref,
-                       instance_norm_running_ref, layer_norm_backward_ref, layer_norm_ref)
+from bncore.reference import (batch_norm_backward_ref, batch_norm_ref, batch_norm_running_ref,
+                              group_norm_backward_ref, group_norm_ref, instance_norm_backward_ref, instance_norm_ref,
+                              instance_norm_running_ref, layer_norm_backward_ref, layer_norm_ref, all_but,
+                              normalize_backward_bounds, trailing)
 
 F32_EPS = float(np.finfo(np.float32).eps)
 F64_EPS = float(np.finfo(np.float64).eps)
@@ -31,7 +33,8 @@ def rms_default_eps(dtype: str) -> float:
 
 @dataclass
 class Case:
-    """One variant problem: `kind` is 'layer', 'rms', 'group' or 'instance'."""
+    """One variant problem: `kind` is 'batch', 'layer', 'rms', 'group' or 'instance'; `axis` is batch
+    norm's channel axis."""
 
     name: str
     kind: str
@@ -39,11 +42,20 @@ class Case:
     normalized_shape: tuple = ()
     num_groups: int = 0
     eps: float | None = 1e-5
+    axis: int = 1
     extra: dict = field(default_factory=dict)
 
     @property
+    def channel_axis(self):
+        return self.axis % len(self.shape) if self.kind == "batch" else 1
+
+    @property
     def param_shape(self):
-        return self.normalized_shape if self.kind in ("layer", "rms") else (self.shape[1],)
+        return self.normalized_shape if self.kind in ("layer", "rms") else (self.shape[self.channel_axis],)
+
+    @property
+    def has_running_stats(self):
+        return self.kind in ("batch", "instance")
 
     @property
     def has_bias(self):
@@ -56,6 +68,8 @@ class Case:
             return self.shape[:len(self.shape) - len(self.normalized_shape)]
         if self.kind == "group":
             return (self.shape[0], self.num_groups)
+        if self.kind == "batch":
+            return (self.shape[self.channel_axis],)
         return self.shape[:2]
 
     def eps_for(self, dtype):
@@ -82,6 +96,10 @@ def bncore_forward(case, x, w=None, b=None, rm=None, rv=None, use_input_stats=Tr
     if k == "group":
         y, m, r = bncore.group_norm_forward(x, case.num_groups, w, b, case.eps, out=out)
         return y, (m, r)
+    if k == "batch":
+        y, m, r = bncore.batch_norm_forward(x, rm, rv, w, b, use_input_stats, momentum, case.eps, axis=case.axis,
+                                            out=out)
+        return y, (m, r)
     y, m, r = bncore.instance_norm_forward(x, rm, rv, w, b, use_input_stats, momentum, case.eps, out=out)
     return y, (m, r)
 
@@ -96,6 +114,8 @@ def bncore_backward(case, dy, x, w, saved, use_input_stats=True):
         return bncore.rms_norm_backward(dy, x, case.normalized_shape, w, r)
     if k == "group":
         return bncore.group_norm_backward(dy, x, case.num_groups, w, m, r)
+    if k == "batch":
+        return bncore.batch_norm_backward(dy, x, w, m, r, training=use_input_stats, axis=case.axis)
     return bncore.instance_norm_backward(dy, x, w, m, r, use_input_stats=use_input_stats)
 
 
@@ -110,6 +130,9 @@ def torch_forward(case, x, w=None, b=None, rm=None, rv=None, use_input_stats=Tru
         return F.rms_norm(x, case.normalized_shape, w, case.eps)
     if k == "group":
         return F.group_norm(x, case.num_groups, w, b, case.eps)
+    if k == "batch":  # torch's channels are dim 1: move bncore's channel axis there and back
+        xt = x.movedim(case.channel_axis, 1)
+        return F.batch_norm(xt, rm, rv, w, b, use_input_stats, momentum, case.eps).movedim(1, case.channel_axis)
     return F.instance_norm(x, rm, rv, w, b, use_input_stats, momentum, case.eps)
 
 
@@ -123,6 +146,8 @@ def ref_forward(case, x, w=None, b=None, rm=None, rv=None, use_input_stats=True,
     if k == "group":
         return group_norm_ref(x, case.num_groups, w, b, eps)
     stats = {} if use_input_stats else {"running_mean": rm, "running_var": rv}
+    if k == "batch":
+        return batch_norm_ref(x, w, b, eps, case.channel_axis, **stats)
     y, m, r = instance_norm_ref(x, w, b, eps, **stats)
     if not use_input_stats:  # saved statistics are per (n, c): the running ones broadcast
         n = np.shape(x)[0]
@@ -138,10 +163,36 @@ def ref_backward(case, dy, x, w=None, rm=None, rv=None, use_input_stats=True, dt
     if k == "group":
         return group_norm_backward_ref(dy, x, case.num_groups, w, eps)
     stats = {} if use_input_stats else {"running_mean": rm, "running_var": rv}
+    if k == "batch":
+        return batch_norm_backward_ref(dy, x, w, eps, case.channel_axis, **stats)
     return instance_norm_backward_ref(dy, x, w, eps, **stats)
 
 
+def ref_backward_bounds(case, dy, x, w=None, rm=None, rv=None, use_input_stats=True, dtype="float64"):
+    """The magnitudes (sums of absolute terms) behind ref_backward's results, for tolerances."""
+    x = np.asarray(x, dtype=np.float64)
+    dy = np.asarray(dy, dtype=np.float64)
+    k, nd = case.kind, x.ndim
+    eps = case.eps_for(dtype)
+    stats = {} if use_input_stats or k not in ("batch", "instance") else {"running_mean": rm, "running_var": rv}
+    if k in ("layer", "rms"):
+        ax = trailing(nd, len(case.normalized_shape))
+        return normalize_backward_bounds(dy, x, ax, ax, w, eps, k == "rms")
+    if k == "batch":
+        return normalize_backward_bounds(dy, x, all_but(nd, case.channel_axis), (case.channel_axis,), w, eps, **stats)
+    if k == "instance":
+        return normalize_backward_bounds(dy, x, tuple(range(2, nd)), (1,), w, eps, **stats)
+    n, c = x.shape[:2]
+    g = case.num_groups
+    xg, dyg = (a.reshape((n, g, c // g) + x.shape[2:]) for a in (x, dy))
+    wg = None if w is None else np.reshape(w, (g, c // g))
+    dx, dw, db = normalize_backward_bounds(dyg, xg, tuple(range(2, xg.ndim)), (1, 2), wg, eps)
+    return dx.reshape(x.shape), dw.reshape(c), db.reshape(c)
+
+
 def ref_running(case, x, rm, rv, momentum):
+    if case.kind == "batch":
+        return batch_norm_running_ref(x, rm, rv, momentum, case.channel_axis)
     assert case.kind == "instance"
     return instance_norm_running_ref(x, rm, rv, momentum)
 
@@ -149,6 +200,10 @@ def ref_running(case, x, rm, rv, momentum):
 # ---------------------------------------------------------------- the cases
 
 CASES = [
+    Case("batch-2d", "batch", (16, 3)),
+    Case("batch-4d", "batch", (4, 3, 5, 6)),
+    Case("batch-5d", "batch", (2, 3, 3, 4, 5), eps=1e-3),
+    Case("batch-axis-last", "batch", (4, 5, 6, 3), axis=-1, eps=1e-4),
     Case("layer-last", "layer", (8, 33), normalized_shape=(33,)),
     Case("layer-two-dims", "layer", (4, 6, 10), normalized_shape=(6, 10)),
     Case("layer-3d-all", "layer", (3, 4, 5, 6), normalized_shape=(4, 5, 6), eps=1e-3),
@@ -163,11 +218,53 @@ CASES = [
 ]
 
 
+# ---------------------------------------------------------------- batch norm alone: (shape, channel axis)
+
+# (shape, axis): 2-D to 5-D, channel axis 1, -1 and others
+BN_CASES = [
+    ((16, 3), 1),
+    ((16, 3), -1),
+    ((5, 7), 0),
+    ((4, 3, 9), 1),
+    ((4, 9, 3), -1),
+    ((3, 4, 5), 2),
+    ((4, 3, 5, 6), 1),
+    ((4, 5, 6, 3), -1),
+    ((2, 5, 3, 4), 2),
+    ((3, 4, 5, 2), 0),
+    ((2, 3, 3, 4, 5), 1),
+    ((2, 3, 4, 5, 3), -1),
+    ((2, 3, 4, 5, 3), 3),
+]
+
+
+
+DTYPES = [np.float32, np.float64]
+
+
+
+def case_id(case):
+    shape, axis = case
+    return "x".join(map(str, shape)) + f"-axis{axis}"
+
+
+
+def bn_params(rng, c, dtype):
+    w = rng.uniform(0.5, 2.0, size=c) * rng.choice([-1.0, 1.0], size=c)
+    b = rng.normal(size=c)
+    return w.astype(dtype), b.astype(dtype)
+
+
+
+
 def params(rng, shape, dtype, bias=True):
     """weight in +-[0.5, 2], bias N(0, 1), as NumPy arrays of `dtype` (a NumPy dtype name)."""
     w = rng.uniform(0.5, 2.0, size=shape) * rng.choice([-1.0, 1.0], size=shape)
     b = rng.normal(size=shape) if bias else None
     return w.astype(dtype), (None if b is None else b.astype(dtype))
+
+
+VARIANT_CASES = [c for c in CASES if c.kind != "batch"]  # tests whose grouping logic is per sample
 
 
 def data(rng, shape, offset_axis=1):
