@@ -37,7 +37,8 @@ class ThreadGroup:
         self.world_size = world_size
         self.timeout = timeout
         self._buffers = [None] * world_size
-        self._barrier = threading.Barrier(world_size, action=self._sum, timeout=timeout)
+        self._arrive = threading.Barrier(world_size, action=self._sum, timeout=timeout)
+        self._leave = threading.Barrier(world_size, timeout=timeout)
         self._result = None
         self.calls = 0
 
@@ -57,9 +58,9 @@ class ThreadGroup:
         def allreduce(buffer):
             assert buffer.dtype == np.float64 and buffer.flags.c_contiguous
             self._buffers[rank] = buffer.copy()
-            self._barrier.wait()  # the last to arrive sums
+            self._arrive.wait()  # the last to arrive sums
             np.copyto(buffer, self._result)
-            self._barrier.wait()  # nobody overwrites _result before everyone has read it
+            self._leave.wait()  # nobody overwrites _result before everyone has read it
 
         return Collective(allreduce, rank, self.world_size)
 
