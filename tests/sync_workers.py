@@ -168,7 +168,7 @@ def _torch_case(rank, name, case):
 
     from bncore.torch import SyncBatchNorm
 
-    world, sizes, channels, spatial, dtype, channels_last, momentum, nsteps = case
+    _, sizes, channels, spatial, dtype, channels_last, momentum, nsteps = case
     lo, hi = split(sizes)[rank], split(sizes)[rank + 1]
     layer = SyncBatchNorm(channels, momentum=momentum).to(getattr(torch, dtype))
     with torch.no_grad():

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from sync_workers import ThreadGroup, split
+from tolerances import assert_close
 
 import bncore
 from bncore import reference, steps, sync
-from sync_workers import ThreadGroup, split
-from tolerances import assert_close
 
 CHANNELS, SPATIAL = 3, (2,)
 
@@ -225,7 +225,7 @@ def test_eval_makes_no_collective():
 
 def test_backward_without_input_gradient_makes_no_collective():
     x = np.random.default_rng(1).normal(size=(4, CHANNELS, 2))
-    y, saved = sync.sync_batch_norm_forward(x, comm=sync.Collective(lambda b: None, 0, 1), num_features=CHANNELS)
+    _, saved = sync.sync_batch_norm_forward(x, comm=sync.Collective(lambda b: None, 0, 1), num_features=CHANNELS)
     dx, dw, db = sync.sync_batch_norm_backward(x, saved, comm=_refusing_collective(), input_grad=False)
     _, ref_dw, ref_db = bncore.batch_norm_backward(x, x, np.ones(CHANNELS), saved.save_mean, saved.save_rstd)
     assert dx is None

@@ -17,9 +17,10 @@ import pytest
 torch = pytest.importorskip("torch")
 dist = pytest.importorskip("torch.distributed")
 
-import bncore.torch as bt  # noqa: E402
 import sync_workers as W  # noqa: E402
 from tolerances import assert_close  # noqa: E402
+
+import bncore.torch as bt  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available")

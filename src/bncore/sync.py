@@ -91,7 +91,7 @@ class SyncSaved:
     """What the synchronized backward needs from its forward: the input, the statistics used
     (save_mean, save_rstd, in the input's array type), the global count, the channel axis."""
 
-    __slots__ = ("input", "save_mean", "save_rstd", "count", "axis", "num_features")
+    __slots__ = ("axis", "count", "input", "num_features", "save_mean", "save_rstd")
 
     def __init__(self, input, save_mean, save_rstd, count, axis, num_features):
         self.input, self.save_mean, self.save_rstd = input, save_mean, save_rstd
@@ -148,7 +148,7 @@ def global_moments(input, comm, *, num_features, axis=1, params=()):
     try:
         _check_input(input, channels, axis, params)
         row[0] = steps.stats(input, row[1:1 + channels], row[1 + channels:], axis=axis)
-    except Exception as exc:  # every failure must still join the collective: the others wait in it
+    except Exception as exc:  # noqa: BLE001 - every failure must still join the collective: the others wait in it
         failure = exc
         row[:] = 0.0
         row[0] = np.nan
@@ -199,7 +199,7 @@ def sync_batch_norm_backward(grad_output, saved, *, comm, weight=None, input_gra
     try:
         steps.backward_reduce(grad_output, saved.input, saved.save_mean, saved.save_rstd, sum_dy, sum_dy_xhat,
                               axis=saved.axis)
-    except Exception as exc:  # as in the forward: join the collective, then raise
+    except Exception as exc:  # noqa: BLE001 - as in the forward: join the collective, then raise
         failure = exc
         sums[:] = 0.0
         sums[2 * channels:] = (1.0, float(collective.rank))

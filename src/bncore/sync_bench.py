@@ -47,6 +47,7 @@ def _gloo_collective(rank, world, port):
     import torch.distributed as dist
 
     import bncore.torch  # noqa: F401  (bncore._torch_sync is imported through it)
+
     from ._torch_sync import _collective
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
