@@ -7,6 +7,7 @@ import math
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 import bncore
@@ -63,9 +64,10 @@ def _check_report(report, with_torch, threads):
             assert c["torch_call"]
         else:
             assert c["speedup_vs_torch"] is None and c["speedup_vs_torch_allocating"] is None
-        # the contenders computed the same thing (loose: only a guard against timing the wrong call)
-        assert c["agrees"], (c["name"], c["layout"], c["max_abs_diff_vs_bncore"])
-        assert set(c["max_abs_diff_vs_bncore"]) == present - {"bncore"}
+        # every contender's outputs match bncore.reference (float64) within the dtype's tolerance
+        assert c["agrees"], (c["name"], c["layout"], c["max_error_vs_reference"])
+        assert set(c["max_error_vs_reference"]) == present
+        assert all(0 <= e <= c["tolerance"] for e in c["max_error_vs_reference"].values())
         assert isinstance(c["fits_llc"], bool)
 
     us = report["overhead"]["us"]
@@ -76,10 +78,12 @@ def _check_report(report, with_torch, threads):
 def _check_table(out, report):
     lines = out.splitlines()
     head = next(i for i, line in enumerate(lines) if line.startswith("op "))
-    for col in ("bncore ms", "alloc ms", "torch ms", "numpy ms", "speed-up", "alloc x", "GB/s", "% copy"):
+    assert "ms per call" in lines[head - 1] and "speed-up" in lines[head - 1]
+    for col in ("bncore", "alloc", "torch", "numpy", "out=", "GB/s", "% copy"):
         assert col in lines[head]
     assert set(lines[head + 1]) == {"-"}
     rows = lines[head + 2: head + 2 + len(report["cases"])]
+    assert all(len(line) <= 100 for line in lines[head - 1: head + 2 + len(rows)])  # fits a 100-column terminal
     for line, case in zip(rows, report["cases"]):
         assert line.startswith(case["name"]) and case["dtype"] in line and case["layout"] in line
         cells = line.split()
@@ -87,6 +91,9 @@ def _check_table(out, report):
         assert cells[-1].endswith("*") == case["fits_llc"]  # marked: its bytes fit in the last-level cache
         assert math.isfinite(float(cells[-2])) and float(cells[-2]) > 0  # GB/s, printed to 2 significant digits
     assert "DRAM" in out and "in-cache" in out and "Python overhead" in out
+    us = report["overhead"]["us"]
+    if us["torch"] is not None:  # stated as in the table: torch time / bncore time
+        assert f"speed-up {us['torch'] / us['bncore']:.2f}x (torch / bncore)" in out
 
 
 @pytest.mark.skipif(torch is None, reason="PyTorch is not installed")
@@ -133,3 +140,58 @@ def test_bench_in_help():
     for opt in ("--quick", "--threads", "--json", "--plot"):
         assert opt in out
     assert "--suite" not in out and "--no-torch" not in out  # hidden, for tests
+
+
+def test_version_option(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["--version"])
+    assert stop.value.code == 0
+    out = capsys.readouterr().out
+    main(["version"])
+    assert out == capsys.readouterr().out == f"bncore {bncore.__version__} (C library {bncore.__version__})\n"
+
+
+def test_numpy_contender_is_the_reference():
+    """The NumPy contender times bncore.reference itself, at the input's dtype: no second copy of the formulas."""
+    from bncore import reference
+    from bncore.bench import contenders
+
+    case = bench.Case("group_norm", "bwd", (2, 8, 4, 4), "float32", "NCHW", 4)
+    fns, _, d = contenders.build(case, None)
+    dx, dw, db = fns["numpy"]()
+    assert dx.dtype == np.float32
+    _, mean, rstd = reference.group_norm_ref(d.xn, 4, d.pn["w"], d.pn["b"], dtype=np.float32)
+    expected = reference.group_norm_backward_ref(d.dyn, d.xn, 4, d.pn["w"], saved_mean=mean, saved_rstd=rstd,
+                                                 dtype=np.float32)
+    for got, want in zip((dx, dw, db), expected):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_bench_compare_flags_rows_slower_by_more_than_the_threshold():
+    """tools/bench_compare.py: per row, the median over the rounds of each side (a disturbed round does
+    not count), B/A, and a flag when bncore (out= or allocating) is slower in B by more than the threshold."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "tools" / "bench_compare.py"
+    spec = importlib.util.spec_from_file_location("bench_compare", path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+
+    def report(fwd_ms, bwd_ms, torch_ms):
+        """One round: a forward row (bncore, allocating and torch) and a backward row (bncore and torch)."""
+        row = {"shape": [4, 8], "dtype": "float32", "layout": "NC"}
+        return {"cases": [dict(row, name="batch_norm fwd-train",
+                               ms={"bncore": fwd_ms, "bncore_alloc": fwd_ms, "torch": torch_ms, "numpy": None}),
+                          dict(row, name="batch_norm bwd",
+                               ms={"bncore": bwd_ms, "bncore_alloc": None, "torch": torch_ms, "numpy": None})],
+                "overhead": {"us": {"bncore": 5.0, "torch": 8.0}}}
+
+    a = [report(1.0, 2.0, 1.0), report(1.0, 2.0, 1.0), report(9.0, 9.0, 9.0)]  # a disturbed round
+    b = [report(1.04, 2.2, 3.0), report(1.04, 2.2, 3.0), report(1.04, 2.2, 3.0)]
+    result = tool.compare(a, b, threshold=0.05)
+    rows = {row["key"][0]: row for row in result["rows"]}
+    assert rows["batch_norm fwd-train"]["slower"] == []  # 4% slower (and torch 3x, never flagged)
+    assert rows["batch_norm bwd"]["slower"] == ["bncore"]  # 10% slower
+    assert math.isclose(rows["batch_norm bwd"]["b_over_a"]["bncore"], 1.1)
+    assert result["only_in_a"] == result["only_in_b"] == []

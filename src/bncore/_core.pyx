@@ -442,14 +442,32 @@ cdef class RunningStatsHandle:
     def counts(self):
         """(updates, skipped)."""
         cdef int64_t u, k
-        check(bn_running_stats_counts(self.s, &u, &k))
+        cdef bn_status_t st
+        with nogil:  # the state's lock may be held by a call in another thread
+            st = bn_running_stats_counts(self.s, &u, &k)
+        check(st)
         return u, k
 
     def set_counts(self, int64_t updates, int64_t skipped):
-        check(bn_running_stats_set_counts(self.s, updates, skipped))
+        cdef bn_status_t st
+        with nogil:
+            st = bn_running_stats_set_counts(self.s, updates, skipped)
+        check(st)
 
     def set_factor(self, double factor):
-        check(bn_running_stats_set_factor(self.s, factor))
+        cdef bn_status_t st
+        with nogil:
+            st = bn_running_stats_set_factor(self.s, factor)
+        check(st)
+
+    def load(self, Tensor mean, Tensor var, int64_t updates, int64_t skipped):
+        """bn_running_stats_load: replaces the whole state under its lock, all or nothing."""
+        cdef bn_status_t st
+        cdef DLTensor *pm = mean.t
+        cdef DLTensor *pv = var.t
+        with nogil:
+            st = bn_running_stats_load(self.s, pm, pv, updates, skipped)
+        check(st)
 
     def update(self, Tensor batch_mean, Tensor batch_var, int64_t n):
         cdef bn_status_t st

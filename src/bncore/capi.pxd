@@ -150,6 +150,8 @@ cdef extern from "bncore/bncore.h" nogil:
     bn_status_t bn_running_stats_counts(const bn_running_stats_t *stats, int64_t *updates, int64_t *skipped)
     bn_status_t bn_running_stats_set_counts(bn_running_stats_t *stats, int64_t updates, int64_t skipped)
     bn_status_t bn_running_stats_set_factor(bn_running_stats_t *stats, double factor)
+    bn_status_t bn_running_stats_load(bn_running_stats_t *stats, const DLTensor *mean, const DLTensor *var,
+                                      int64_t updates, int64_t skipped)
     bn_status_t bn_running_stats_update(bn_running_stats_t *stats, const DLTensor *batch_mean,
                                         const DLTensor *batch_var, int64_t n)
     bn_status_t bn_norm_forward_stats(bn_context_t *ctx, const bn_norm_desc_t *desc, const DLTensor *x,

@@ -21,6 +21,10 @@ The variants are one-line calls:
     instance norm  normalize_ref(x, tuple(range(2, ndim)), (1,), w, b)
     RMS norm       normalize_ref(x, trailing(ndim, k), trailing(ndim, k), w, rms=True)
     group norm     reshape (N, C, *) to (N, G, C/G, *) first, then as instance norm over (2, 3, ...)
+
+Every function computes in float64 unless given ``dtype=`` (keyword only): the bench
+evaluates these same formulas at the input's dtype (float32) as its plain-NumPy
+contender, so that there is one copy of them, not a reference and a contender.
 """
 from __future__ import annotations
 
@@ -46,16 +50,21 @@ def trailing(ndim, k):
     return tuple(range(ndim - k, ndim))
 
 
-def _param_view(p, shape, affine_axes):
+def _param_view(p, shape, affine_axes, dtype=np.float64):
     """A per-parameter-index array broadcast against x: the affine axes keep their size, others are 1."""
     bshape = [shape[d] if d in affine_axes else 1 for d in range(len(shape))]
-    return np.asarray(p, dtype=np.float64).reshape(bshape)
+    return np.asarray(p, dtype=dtype).reshape(bshape)
+
+
+def _group_shape(shape, reduce_axes):
+    """x's shape with each reduce axis kept as 1: the shape of per-group statistics, broadcast against x."""
+    return [1 if d in reduce_axes else s for d, s in enumerate(shape)]
 
 
 def _stats(x, reduce_axes, eps, rms):
-    """Biased mean and variance of each group (keepdims), and rstd."""
+    """Biased mean and variance of each group (keepdims), and rstd, in x's dtype."""
     if rms:
-        mean = np.zeros([1 if d in reduce_axes else s for d, s in enumerate(x.shape)])
+        mean = np.zeros(_group_shape(x.shape, reduce_axes), dtype=x.dtype)
         var = np.mean(x * x, axis=reduce_axes, keepdims=True)
     else:
         mean = np.mean(x, axis=reduce_axes, keepdims=True)
@@ -64,52 +73,60 @@ def _stats(x, reduce_axes, eps, rms):
     return mean, var, rstd
 
 
-def _given_stats(shape, affine_axes, mean, var, eps):
-    mean = _param_view(mean, shape, affine_axes)
-    var = _param_view(var, shape, affine_axes)
+def _given_stats(shape, affine_axes, mean, var, eps, dtype=np.float64):
+    mean = _param_view(mean, shape, affine_axes, dtype)
+    var = _param_view(var, shape, affine_axes, dtype)
     return mean, var, 1.0 / np.sqrt(var + eps)
 
 
 def normalize_ref(x, reduce_axes, affine_axes, weight=None, bias=None, eps=1e-5, rms=False, *,
-                  running_mean=None, running_var=None):
-    """Forward reference. Returns ``(y, mean, rstd)`` in float64.
+                  running_mean=None, running_var=None, dtype=np.float64):
+    """Forward reference. Returns ``(y, mean, rstd)`` in float64 (or in ``dtype``).
 
     ``mean`` / ``rstd`` are per statistic group: x's shape with the reduce axes removed
     (with given statistics: per parameter index, the affine axes' shape).
     ``running_mean`` / ``running_var`` (indexed like weight) replace the batch
     statistics when given (evaluation mode).
     """
-    x = np.asarray(x, dtype=np.float64)
+    x = np.asarray(x, dtype=dtype)
     reduce_axes = _axes(reduce_axes, x.ndim)
     affine_axes = _axes(affine_axes, x.ndim)
     if running_mean is not None:
-        mean, _, rstd = _given_stats(x.shape, affine_axes, running_mean, running_var, eps)
+        mean, _, rstd = _given_stats(x.shape, affine_axes, running_mean, running_var, eps, dtype)
         squeeze = tuple(d for d in range(x.ndim) if d not in affine_axes)
     else:
         mean, _, rstd = _stats(x, reduce_axes, eps, rms)
         squeeze = reduce_axes
     y = (x - mean) * rstd
     if weight is not None:
-        y = y * _param_view(weight, x.shape, affine_axes)
+        y = y * _param_view(weight, x.shape, affine_axes, dtype)
     if bias is not None:
-        y = y + _param_view(bias, x.shape, affine_axes)
+        y = y + _param_view(bias, x.shape, affine_axes, dtype)
     return y, np.squeeze(mean, axis=squeeze), np.squeeze(rstd, axis=squeeze)
 
 
 def normalize_backward_ref(dy, x, reduce_axes, affine_axes, weight=None, eps=1e-5, rms=False, *,
-                           running_mean=None, running_var=None):
-    """Backward reference. Returns ``(dx, dweight, dbias)`` in float64.
+                           running_mean=None, running_var=None, saved_mean=None, saved_rstd=None,
+                           dtype=np.float64):
+    """Backward reference. Returns ``(dx, dweight, dbias)`` in float64 (or in ``dtype``).
 
     With ``running_mean`` / ``running_var`` the statistics are constants (eval mode).
+    ``saved_mean`` / ``saved_rstd`` (both or neither; per statistic group, shaped as
+    normalize_ref returns them) are the batch statistics the forward saved: used
+    instead of recomputing them from x, as a framework's backward kernel does.
     ``dweight`` / ``dbias`` have the shape of the affine axes (``(C,)`` for batch norm).
     """
-    x = np.asarray(x, dtype=np.float64)
-    dy = np.asarray(dy, dtype=np.float64)
+    x = np.asarray(x, dtype=dtype)
+    dy = np.asarray(dy, dtype=dtype)
     reduce_axes = _axes(reduce_axes, x.ndim)
     affine_axes = _axes(affine_axes, x.ndim)
-    w = 1.0 if weight is None else _param_view(weight, x.shape, affine_axes)
+    w = 1.0 if weight is None else _param_view(weight, x.shape, affine_axes, dtype)
     if running_mean is not None:
-        mean, _, rstd = _given_stats(x.shape, affine_axes, running_mean, running_var, eps)
+        mean, _, rstd = _given_stats(x.shape, affine_axes, running_mean, running_var, eps, dtype)
+    elif saved_mean is not None:
+        group = _group_shape(x.shape, reduce_axes)
+        mean = np.asarray(saved_mean, dtype=dtype).reshape(group)
+        rstd = np.asarray(saved_rstd, dtype=dtype).reshape(group)
     else:
         mean, _, rstd = _stats(x, reduce_axes, eps, rms)
     xhat = (x - mean) * rstd
@@ -128,16 +145,17 @@ def normalize_backward_ref(dy, x, reduce_axes, affine_axes, weight=None, eps=1e-
     return dx, dweight, dbias
 
 
-def running_stats_ref(x, reduce_axes, affine_axes, running_mean, running_var, momentum, unbiased=True):
+def running_stats_ref(x, reduce_axes, affine_axes, running_mean, running_var, momentum, unbiased=True, *,
+                      dtype=np.float64):
     """The running statistics after one training step: r = (1 - momentum) * r + momentum * batch,
     the batch value of a parameter index being the average over the statistic groups mapped to it;
     running_var receives the unbiased variance (n / (n - 1)) unless ``unbiased=False``.
-    Empty groups leave the statistics untouched. Returns new float64 arrays."""
-    x = np.asarray(x, dtype=np.float64)
+    Empty groups leave the statistics untouched. Returns new float64 (or ``dtype``) arrays."""
+    x = np.asarray(x, dtype=dtype)
     reduce_axes = _axes(reduce_axes, x.ndim)
     affine_axes = _axes(affine_axes, x.ndim)
-    rm = np.asarray(running_mean, dtype=np.float64).copy()
-    rv = np.asarray(running_var, dtype=np.float64).copy()
+    rm = np.asarray(running_mean, dtype=dtype).copy()
+    rv = np.asarray(running_var, dtype=dtype).copy()
     n = int(np.prod([x.shape[d] for d in reduce_axes]))
     if x.size == 0 or n == 0:
         return rm, rv
@@ -166,22 +184,23 @@ def batch_norm_backward_ref(dy, x, weight=None, eps=1e-5, axis=1, **stats):
     return normalize_backward_ref(dy, x, all_but(np.ndim(x), axis), (axis,), weight, eps, **stats)
 
 
-def batch_norm_running_ref(x, running_mean, running_var, momentum, axis=1):
-    return running_stats_ref(x, all_but(np.ndim(x), axis), (axis,), running_mean, running_var, momentum)
+def batch_norm_running_ref(x, running_mean, running_var, momentum, axis=1, *, dtype=np.float64):
+    return running_stats_ref(x, all_but(np.ndim(x), axis), (axis,), running_mean, running_var, momentum,
+                             dtype=dtype)
 
 
 # ---------------------------------------------------------------- the other variants: one-line calls
 
 
-def layer_norm_ref(x, k, weight=None, bias=None, eps=1e-5, rms=False):
+def layer_norm_ref(x, k, weight=None, bias=None, eps=1e-5, rms=False, *, dtype=np.float64):
     """Layer norm (or RMS norm) over the last k axes; weight / bias have the shape of those axes."""
     ax = trailing(np.ndim(x), k)
-    return normalize_ref(x, ax, ax, weight, bias, eps, rms)
+    return normalize_ref(x, ax, ax, weight, bias, eps, rms, dtype=dtype)
 
 
-def layer_norm_backward_ref(dy, x, k, weight=None, eps=1e-5, rms=False):
+def layer_norm_backward_ref(dy, x, k, weight=None, eps=1e-5, rms=False, **stats):
     ax = trailing(np.ndim(x), k)
-    return normalize_backward_ref(dy, x, ax, ax, weight, eps, rms)
+    return normalize_backward_ref(dy, x, ax, ax, weight, eps, rms, **stats)
 
 
 def instance_norm_ref(x, weight=None, bias=None, eps=1e-5, **stats):
@@ -193,32 +212,34 @@ def instance_norm_backward_ref(dy, x, weight=None, eps=1e-5, **stats):
     return normalize_backward_ref(dy, x, tuple(range(2, np.ndim(x))), (1,), weight, eps, **stats)
 
 
-def instance_norm_running_ref(x, running_mean, running_var, momentum):
+def instance_norm_running_ref(x, running_mean, running_var, momentum, *, dtype=np.float64):
     """PyTorch's rule: the batch average of the instances' mean and unbiased variance."""
-    return running_stats_ref(x, tuple(range(2, np.ndim(x))), (1,), running_mean, running_var, momentum)
+    return running_stats_ref(x, tuple(range(2, np.ndim(x))), (1,), running_mean, running_var, momentum,
+                             dtype=dtype)
 
 
-def _grouped(x, num_groups):
+def _grouped(x, num_groups, dtype=np.float64):
     """(N, C, *) -> (N, G, C/G, *): statistics over axes 2.., parameters over axes (1, 2)."""
-    x = np.asarray(x, dtype=np.float64)
+    x = np.asarray(x, dtype=dtype)
     n, c = x.shape[:2]
     return x.reshape((n, num_groups, c // num_groups) + x.shape[2:])
 
 
-def group_norm_ref(x, num_groups, weight=None, bias=None, eps=1e-5):
+def group_norm_ref(x, num_groups, weight=None, bias=None, eps=1e-5, *, dtype=np.float64):
     """Group norm; returns (y, mean, rstd) with mean / rstd of shape (N, num_groups)."""
-    xg = _grouped(x, num_groups)
+    xg = _grouped(x, num_groups, dtype)
     pshape = xg.shape[1:3]
     w = None if weight is None else np.reshape(weight, pshape)
     b = None if bias is None else np.reshape(bias, pshape)
-    y, mean, rstd = normalize_ref(xg, tuple(range(2, xg.ndim)), (1, 2), w, b, eps)
+    y, mean, rstd = normalize_ref(xg, tuple(range(2, xg.ndim)), (1, 2), w, b, eps, dtype=dtype)
     return y.reshape(np.shape(x)), mean, rstd
 
 
-def group_norm_backward_ref(dy, x, num_groups, weight=None, eps=1e-5):
-    xg = _grouped(x, num_groups)
-    dyg = _grouped(dy, num_groups)
+def group_norm_backward_ref(dy, x, num_groups, weight=None, eps=1e-5, *, dtype=np.float64, **stats):
+    """Group norm's backward; saved statistics (``saved_mean`` / ``saved_rstd``) are (N, num_groups)."""
+    xg = _grouped(x, num_groups, dtype)
+    dyg = _grouped(dy, num_groups, dtype)
     w = None if weight is None else np.reshape(weight, xg.shape[1:3])
-    dx, dw, db = normalize_backward_ref(dyg, xg, tuple(range(2, xg.ndim)), (1, 2), w, eps)
+    dx, dw, db = normalize_backward_ref(dyg, xg, tuple(range(2, xg.ndim)), (1, 2), w, eps, dtype=dtype, **stats)
     c = xg.shape[1] * xg.shape[2]
     return dx.reshape(np.shape(x)), dw.reshape(c), db.reshape(c)

@@ -234,15 +234,16 @@ static bn_status_t forward(bn_context_t *ctx, const bn_norm_desc_t *desc_in, con
                      given ? "stats_count" : "x");
   }
   {
-    /* y may be x itself; nothing else written may share memory with anything read or written */
-    const int in_out = use_running || update_running;
+    /* y may be x itself; nothing else written may share memory with anything read or written.
+     * Running statistics are written when updated, only read in evaluation mode. */
     const bn_arg_t ins[] = {{x, "x"}, {weight, "weight"}, {bias, "bias"}, {stats_mean, "stats_mean"},
-                            {stats_m2, "stats_m2"}};
+                            {stats_m2, "stats_m2"}, {use_running ? running_mean : NULL, "running_mean"},
+                            {use_running ? running_var : NULL, "running_var"}};
     const bn_arg_t outs[] = {{y, "y"}, {save_mean, "save_mean"}, {save_rstd, "save_rstd"},
-                             {in_out ? running_mean : NULL, "running_mean"},
-                             {in_out ? running_var : NULL, "running_var"}};
+                             {update_running ? running_mean : NULL, "running_mean"},
+                             {update_running ? running_var : NULL, "running_var"}};
     const int alias[] = {0, -1, -1, -1, -1};
-    if ((st = bn_check_no_overlap(outs, 5, alias, ins, 5))) return st;
+    if ((st = bn_check_no_overlap(outs, 5, alias, ins, 7))) return st;
   }
 
   scratch_t s;
@@ -266,7 +267,7 @@ static bn_status_t forward(bn_context_t *ctx, const bn_norm_desc_t *desc_in, con
   if ((st = ex.backend->forward(&ex, &plan, &coef, !use_running && !given))) goto done;
   if ((st = scatter(&ex, save_mean, s.mean)) || (st = scatter(&ex, save_rstd, s.rstd))) goto done;
 
-  if (update_running && n > 0) {
+  if (update_running && n > 0 && ng > 0) { /* no groups (instance norm of N = 0): nothing to fold */
     update_t plain = {.rule = {desc.momentum, (flags & BN_FLAG_RUNNING_VAR_BIASED) != 0,
                                (flags & BN_FLAG_SKIP_NONFINITE) != 0}, .skipped = 0};
     st = fold_running(&ex, &plan, &s, n, running_mean, running_var, up ? up : &plain);
@@ -298,15 +299,16 @@ bn_status_t bn_norm_forward_stats(bn_context_t *ctx, const bn_norm_desc_t *desc,
   const int uses = update || (d.flags & BN_FLAG_USE_RUNNING_STATS);
   update_t up = {.skipped = 0};
   DLTensor tm, tv;
+  bn_running_stats_lock(state); /* the whole call: readers never see half of another thread's update */
   bn_running_stats_bind(state, &tm, &tv, &up.rule);
   /* the state's rule replaces the description's: its factor, variance convention, non-finite policy */
   d.flags &= ~(BN_FLAG_RUNNING_VAR_BIASED | BN_FLAG_SKIP_NONFINITE);
   d.momentum = update ? up.rule.factor : 0.0;
-  if ((st = forward(ctx, &d, x, weight, bias, stats_mean, stats_m2, stats_count, uses ? &tm : NULL,
-                    uses ? &tv : NULL, y, save_mean, save_rstd, &up)))
-    return st;
-  if (update) bn_running_stats_count(state, up.skipped);
-  return BN_STATUS_SUCCESS;
+  st = forward(ctx, &d, x, weight, bias, stats_mean, stats_m2, stats_count, uses ? &tm : NULL, uses ? &tv : NULL, y,
+               save_mean, save_rstd, &up);
+  if (!st && update) bn_running_stats_count(state, up.skipped);
+  bn_running_stats_unlock(state);
+  return st;
 }
 
 /* ------------------------------------------------------------------ statistics and merges */
@@ -387,6 +389,7 @@ bn_status_t bn_moments_merge(bn_context_t *ctx, const DLTensor *count_a, const D
     const bn_arg_t ins[] = {{count_a, "count_a"}, {mean_a, "mean_a"}, {m2_a, "m2_a"},
                             {count_b, "count_b"}, {mean_b, "mean_b"}, {m2_b, "m2_b"}};
     for (int i = 0; i < 3; i++) {
+      if ((st = bn_check_own_memory(outs[i].t, outs[i].name))) return st;
       for (int j = 0; j < 6; j++)
         if ((st = bn_check_overlap(outs[i].t, outs[i].name, ins[j].t, ins[j].name, j % 3 == i))) return st;
       for (int j = 0; j < i; j++)
@@ -474,6 +477,10 @@ static bn_status_t backward_load(backward_call_t *B, const DLTensor *weight, con
   if (!rms && (st = gather(&B->ex, save_mean, s->mean))) return st;
   if ((st = gather(&B->ex, save_rstd, s->rstd))) return st;
   if (B->plan.params_in_groups) bn_plan_group_params(&B->plan, s->param_of_group);
+  if (B->training && !rms && B->plan.group_size == 1)
+    /* a one-element group normalizes to the constant 0: xhat and dx are exactly 0, which the
+     * formula reaches only up to rounding (dy*w*rstd - rstd*sum(dy*w) in two precisions) */
+    for (int64_t g = 0; g < B->plan.ngroups; g++) s->rstd[g] = 0.0;
   B->coef = (bn_coef_t){.mean = s->mean, .rstd = s->rstd, .weight = weight ? s->weight : NULL,
                         .param_of_group = B->plan.params_in_groups ? s->param_of_group : NULL, .sum_dy = s->s1,
                         .sum_dyx = s->s2,

@@ -52,13 +52,17 @@ bn_status_t bn_check_numel(const DLTensor *t, const char *what, int64_t count, c
 bn_status_t bn_check_overlap(const DLTensor *out, const char *outname, const DLTensor *in, const char *inname,
                              int alias_ok);
 
+/* OVERLAP unless every element of t has its own address (outputs: stride 0 or overlapping rows
+ * would make one element's result overwrite another's). NULL passes. */
+bn_status_t bn_check_own_memory(const DLTensor *t, const char *what);
+
 /* A tensor argument of a call, for the overlap checks of all its outputs at once. */
 typedef struct bn_arg_t {
   const DLTensor *t; /* may be NULL (absent) */
   const char *name;
 } bn_arg_t;
-/* Every output against every input and every other output; outs[i] may alias ins[alias[i]]
- * exactly when alias[i] >= 0. */
+/* Every output against itself (bn_check_own_memory), every input and every other output;
+ * outs[i] may alias ins[alias[i]] exactly when alias[i] >= 0. */
 bn_status_t bn_check_no_overlap(const bn_arg_t *outs, int nouts, const int *alias, const bn_arg_t *ins, int nins);
 
 /* Reads a small host tensor (parameters, statistics) of any float dtype and strides into
@@ -87,6 +91,9 @@ int bn_fold(const bn_fold_rule_t *rule, int64_t n, int64_t np, const double *bat
 /* A state's arrays as CPU tensors and the rule of its next update (factor by its convention). */
 void bn_running_stats_bind(bn_running_stats_t *s, DLTensor *mean, DLTensor *var, bn_fold_rule_t *rule);
 int64_t bn_running_stats_features(const bn_running_stats_t *s);
+/* The state's lock (not recursive): held around every call that reads or writes it. */
+void bn_running_stats_lock(const bn_running_stats_t *s);
+void bn_running_stats_unlock(const bn_running_stats_t *s);
 /* Counts one update (or one skipped batch). */
 void bn_running_stats_count(bn_running_stats_t *s, int skipped);
 

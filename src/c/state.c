@@ -5,7 +5,26 @@
 
 #include "internal.h"
 
+#if defined(_WIN32)
+#include <windows.h>
+typedef SRWLOCK bn_lock_t;
+#define BN_LOCK_INIT(l) InitializeSRWLock(l)
+#define BN_LOCK(l) AcquireSRWLockExclusive(l)
+#define BN_UNLOCK(l) ReleaseSRWLockExclusive(l)
+#define BN_LOCK_FREE(l) ((void)(l))
+#else
+#include <pthread.h>
+typedef pthread_mutex_t bn_lock_t;
+#define BN_LOCK_INIT(l) pthread_mutex_init((l), NULL)
+#define BN_LOCK(l) pthread_mutex_lock(l)
+#define BN_UNLOCK(l) pthread_mutex_unlock(l)
+#define BN_LOCK_FREE(l) pthread_mutex_destroy(l)
+#endif
+
+/* Every call on a state takes its lock for the whole call: updates of one state are serialized
+ * (readers never see half an update), independent states run in parallel. */
 struct bn_running_stats_t {
+  bn_lock_t lock;
   int64_t num_features;
   int64_t shape[1];
   DLDataType dtype;
@@ -57,6 +76,7 @@ bn_status_t bn_running_stats_create(int64_t num_features, DLDataType dtype, doub
     bn_running_stats_destroy(s);
     return bn_fail(BN_STATUS_OUT_OF_MEMORY, "running statistics of %lld features", (long long)num_features);
   }
+  BN_LOCK_INIT(&s->lock);
   s->num_features = s->shape[0] = num_features;
   s->dtype = dtype;
   s->factor = factor;
@@ -71,9 +91,14 @@ bn_status_t bn_running_stats_create(int64_t num_features, DLDataType dtype, doub
 
 bn_status_t bn_running_stats_destroy(bn_running_stats_t *s) {
   bn_clear_error();
-  if (s) free(s->mean), free(s->var), free(s);
+  if (!s) return BN_STATUS_SUCCESS;
+  if (s->mean && s->var) BN_LOCK_FREE(&s->lock); /* initialized once both arrays were allocated */
+  free(s->mean), free(s->var), free(s);
   return BN_STATUS_SUCCESS;
 }
+
+void bn_running_stats_lock(const bn_running_stats_t *s) { BN_LOCK(&((bn_running_stats_t *)s)->lock); }
+void bn_running_stats_unlock(const bn_running_stats_t *s) { BN_UNLOCK(&((bn_running_stats_t *)s)->lock); }
 
 static DLTensor view(bn_running_stats_t *s, void *data) {
   DLTensor t = {.data = data, .device = {kDLCPU, 0}, .ndim = 1, .dtype = s->dtype, .shape = s->shape,
@@ -95,8 +120,10 @@ bn_status_t bn_running_stats_counts(const bn_running_stats_t *s, int64_t *update
   bn_clear_error();
   bn_status_t st = check_stats(s);
   if (st) return st;
+  bn_running_stats_lock(s);
   if (updates) *updates = s->updates;
   if (skipped) *skipped = s->skipped;
+  bn_running_stats_unlock(s);
   return BN_STATUS_SUCCESS;
 }
 
@@ -107,7 +134,9 @@ bn_status_t bn_running_stats_set_counts(bn_running_stats_t *s, int64_t updates, 
   if (updates < 0 || skipped < 0)
     return bn_fail(BN_STATUS_INVALID_ARGUMENT, "counts: expected values >= 0, got %lld and %lld",
                    (long long)updates, (long long)skipped);
+  bn_running_stats_lock(s);
   s->updates = updates, s->skipped = skipped;
+  bn_running_stats_unlock(s);
   return BN_STATUS_SUCCESS;
 }
 
@@ -117,7 +146,9 @@ bn_status_t bn_running_stats_set_factor(bn_running_stats_t *s, double factor) {
   if (st) return st;
   if (!(factor >= 0.0 && factor <= 1.0))
     return bn_fail(BN_STATUS_INVALID_ARGUMENT, "factor: expected a value in [0, 1], got %g", factor);
+  bn_running_stats_lock(s);
   s->factor = factor;
+  bn_running_stats_unlock(s);
   return BN_STATUS_SUCCESS;
 }
 
@@ -150,6 +181,7 @@ bn_status_t bn_running_stats_update(bn_running_stats_t *s, const DLTensor *batch
   bn_gather_f64(batch_var, bv);
   DLTensor tm, tv;
   bn_fold_rule_t rule;
+  bn_running_stats_lock(s);
   bn_running_stats_bind(s, &tm, &tv, &rule);
   bn_gather_f64(&tm, rm);
   bn_gather_f64(&tv, rv);
@@ -159,6 +191,36 @@ bn_status_t bn_running_stats_update(bn_running_stats_t *s, const DLTensor *batch
     bn_scatter_f64(&tv, rv);
   }
   bn_running_stats_count(s, skipped);
+  bn_running_stats_unlock(s);
+  free(buf);
+  return BN_STATUS_SUCCESS;
+}
+
+bn_status_t bn_running_stats_load(bn_running_stats_t *s, const DLTensor *mean, const DLTensor *var, int64_t updates,
+                                  int64_t skipped) {
+  bn_clear_error();
+  bn_status_t st = check_stats(s);
+  bn_dtype_t dt;
+  if (st) return st;
+  if ((st = bn_check_tensor(mean, "mean", &dt)) || (st = bn_check_host(mean, "mean")) ||
+      (st = bn_check_tensor(var, "var", &dt)) || (st = bn_check_host(var, "var")))
+    return st;
+  const int64_t nf = s->num_features;
+  if ((st = bn_check_numel(mean, "mean", nf, "feature")) || (st = bn_check_numel(var, "var", nf, "feature")))
+    return st;
+  if (updates < 0 || skipped < 0)
+    return bn_fail(BN_STATUS_INVALID_ARGUMENT, "updates, skipped: expected counts >= 0, got %lld and %lld",
+                   (long long)updates, (long long)skipped);
+  double *buf = malloc(2 * (size_t)nf * sizeof *buf);
+  if (!buf) return bn_fail(BN_STATUS_OUT_OF_MEMORY, "running statistics load");
+  bn_gather_f64(mean, buf); /* read in full first: the sources may even be the state's own arrays */
+  bn_gather_f64(var, buf + nf);
+  bn_running_stats_lock(s);
+  DLTensor tm = view(s, s->mean), tv = view(s, s->var);
+  bn_scatter_f64(&tm, buf);
+  bn_scatter_f64(&tv, buf + nf);
+  s->updates = updates, s->skipped = skipped;
+  bn_running_stats_unlock(s);
   free(buf);
   return BN_STATUS_SUCCESS;
 }

@@ -49,15 +49,31 @@ bn_status_t bn_check_tensor(const DLTensor *t, const char *what, bn_dtype_t *dt)
                    (int)t->ndim);
   if (t->ndim > 0 && !t->shape)
     return bn_fail(BN_STATUS_INVALID_ARGUMENT, "%s: shape is NULL for a %d-dimensional tensor", what, (int)t->ndim);
-  /* elements must be countable, and their byte extent addressable, without overflow */
+  /* elements must be countable, and their byte extent addressable, without overflow: the product
+   * of the non-zero sizes stays within BN_MAX_NUMEL even when another size is 0 (the plan
+   * multiplies them), and so does the reach of the strides */
   int64_t count = 1;
   for (int32_t d = 0; d < t->ndim; d++) {
-    if (t->shape[d] < 0)
-      return bn_fail(BN_STATUS_INVALID_ARGUMENT, "%s: size of axis %d is negative (%" PRId64 ")", what, (int)d,
-                     t->shape[d]);
-    if (t->shape[d] > 0 && count > BN_MAX_NUMEL / t->shape[d])
-      return bn_fail(BN_STATUS_INVALID_ARGUMENT, "%s: more than %" PRId64 " elements", what, (int64_t)BN_MAX_NUMEL);
-    count *= t->shape[d];
+    const int64_t n = t->shape[d];
+    if (n < 0)
+      return bn_fail(BN_STATUS_INVALID_ARGUMENT, "%s: size of axis %d is negative (%" PRId64 ")", what, (int)d, n);
+    if (n > 0 && count > BN_MAX_NUMEL / n)
+      return bn_fail(BN_STATUS_INVALID_ARGUMENT, "%s: more than %" PRId64 " elements (size %" PRId64 " at axis %d)",
+                     what, (int64_t)BN_MAX_NUMEL, n, (int)d);
+    if (n > 0) count *= n;
+  }
+  if (t->strides) {
+    int64_t reach = 0;
+    for (int32_t d = 0; d < t->ndim; d++) {
+      const int64_t n = t->shape[d], s = t->strides[d];
+      if (n <= 1) continue;
+      const int64_t a = s == INT64_MIN ? INT64_MAX : (s < 0 ? -s : s);
+      if (a > (BN_MAX_NUMEL - reach) / (n - 1))
+        return bn_fail(BN_STATUS_INVALID_ARGUMENT,
+                       "%s: stride %" PRId64 " at axis %d (size %" PRId64 ") reaches beyond %" PRId64 " elements",
+                       what, s, (int)d, n, (int64_t)BN_MAX_NUMEL);
+      reach += a * (n - 1);
+    }
   }
   bn_status_t st = bn_dtype_of(t, what, dt);
   if (st) return st;
@@ -172,9 +188,37 @@ static void visit(const DLTensor *t, double *buf, int store) {
 void bn_gather_f64(const DLTensor *t, double *dst) { visit(t, dst, 0); }
 void bn_scatter_f64(DLTensor *t, const double *src) { visit(t, (double *)src, 1); }
 
+bn_status_t bn_check_own_memory(const DLTensor *t, const char *what) {
+  if (!t) return BN_STATUS_SUCCESS;
+  /* dims of more than one element, by |stride|: each stride must pass the reach of the smaller ones
+   * (sufficient for distinct addresses; a layout that interleaves dims another way is refused too) */
+  int64_t a[BN_MAX_NDIM], n[BN_MAX_NDIM];
+  int32_t axis[BN_MAX_NDIM];
+  int k = 0;
+  for (int32_t d = 0; d < t->ndim; d++) {
+    if (t->shape[d] == 0) return BN_STATUS_SUCCESS; /* no elements */
+    if (t->shape[d] == 1) continue;
+    const int64_t s = bn_stride(t, d);
+    int j = k++;
+    for (; j > 0 && a[j - 1] > (s < 0 ? -s : s); j--) a[j] = a[j - 1], n[j] = n[j - 1], axis[j] = axis[j - 1];
+    a[j] = s < 0 ? -s : s, n[j] = t->shape[d], axis[j] = d;
+  }
+  int64_t reach = 0;
+  for (int i = 0; i < k; i++) {
+    if (a[i] <= reach)
+      return bn_fail(BN_STATUS_OVERLAP,
+                     "%s: its elements overlap each other in memory (stride %" PRId64 " at axis %d, size %" PRId64
+                     "); an output needs its own address for every element",
+                     what, bn_stride(t, axis[i]), (int)axis[i], n[i]);
+    reach += a[i] * (n[i] - 1);
+  }
+  return BN_STATUS_SUCCESS;
+}
+
 bn_status_t bn_check_no_overlap(const bn_arg_t *outs, int nouts, const int *alias, const bn_arg_t *ins, int nins) {
   bn_status_t st;
   for (int i = 0; i < nouts; i++) {
+    if ((st = bn_check_own_memory(outs[i].t, outs[i].name))) return st;
     for (int j = 0; j < nins; j++)
       if ((st = bn_check_overlap(outs[i].t, outs[i].name, ins[j].t, ins[j].name, alias[i] == j))) return st;
     for (int j = 0; j < i; j++)

@@ -422,10 +422,11 @@ BN_API bn_status_t bn_norm_backward_apply(bn_context_t *ctx, const bn_norm_desc_
 /* ------------------------------------------------------------------ running-statistics state */
 
 /* Opaque: running mean and variance of num_features values plus their counters.
- * One writer at a time: calls that update a state (bn_running_stats_update,
- * _set_counts, _set_factor, bn_norm_forward_stats with BN_FLAG_UPDATE_RUNNING_STATS)
- * must not run concurrently with any other call on the same state; read-only calls
- * (_counts, _tensors, forward_stats in evaluation mode) may run together. */
+ * Thread-safe: every call on a state (_update, _load, _counts, _set_counts, _set_factor,
+ * bn_norm_forward_stats) holds the state's own lock for the whole call, so concurrent
+ * calls on one state are serialized and each sees the state between two whole updates;
+ * calls on different states run in parallel. Memory written through the views of
+ * bn_running_stats_tensors is outside that lock (use bn_running_stats_load). */
 typedef struct bn_running_stats_t bn_running_stats_t;
 
 /*
@@ -465,6 +466,17 @@ BN_API bn_status_t bn_running_stats_destroy(bn_running_stats_t *stats);
  * Returns SUCCESS, INVALID_ARGUMENT (a NULL pointer).
  */
 BN_API bn_status_t bn_running_stats_tensors(bn_running_stats_t *stats, DLTensor *mean, DLTensor *var);
+
+/*
+ * Replaces the whole state at once (loading a checkpoint): mean and var (in, borrowed:
+ * num_features values each, any float dtype, host memory; they may be the state's own
+ * views) and the counters (>= 0). Everything is checked before anything is written:
+ * on failure the state is unchanged.
+ * Returns SUCCESS, INVALID_ARGUMENT, SHAPE_MISMATCH, UNSUPPORTED_DTYPE, UNSUPPORTED_DEVICE,
+ * OUT_OF_MEMORY.
+ */
+BN_API bn_status_t bn_running_stats_load(bn_running_stats_t *stats, const DLTensor *mean, const DLTensor *var,
+                                         int64_t updates, int64_t skipped);
 
 /* Counters: updates applied (PyTorch's num_batches_tracked) and batches skipped.
  * Either output may be NULL. Returns SUCCESS, INVALID_ARGUMENT. */
