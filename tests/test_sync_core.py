@@ -307,6 +307,22 @@ def test_steps_over_halves_compose_to_the_one_call_batch_norm(shape, axis):
     assert_close(sum_dy, ref_db, "float64", "grad")
 
 
+@pytest.mark.xfail(strict=True, reason="C bug since e51f6e0: a one-element local group gets rstd 0 in "
+                                       "bn_norm_backward_reduce / _apply, though the statistics are the whole batch's")
+def test_backward_steps_on_a_part_with_one_element_per_channel():
+    x = np.array([[0.0], [1.0], [2.0], [3.0]])
+    dy = np.array([[1.0], [0.0], [0.0], [0.0]])
+    mean, m2 = np.empty(1), np.empty(1)
+    count = steps.stats(x, mean, m2)
+    _, sm, sr = steps.forward(x, mean, m2, count)
+    sum_dy, sum_dy_xhat = np.empty(1), np.empty(1)
+    steps.backward_reduce(dy[:1], x[:1], sm, sr, sum_dy, sum_dy_xhat)  # the rank holding row 0 alone
+    np.testing.assert_allclose(sum_dy_xhat, dy[0] * (x[0] - sm) * sr)
+    whole = steps.backward_apply(dy, x, None, sm, sr, sum_dy, sum_dy_xhat, count)
+    part = steps.backward_apply(dy[:1], x[:1], None, sm, sr, sum_dy, sum_dy_xhat, count)
+    np.testing.assert_allclose(part, whole[:1])
+
+
 def test_steps_on_the_whole_tensor_are_bitwise_the_one_call_forward():
     x = np.random.default_rng(4).normal(size=(8, 5, 7, 3)).astype(np.float32)
     mean, m2 = np.empty(5), np.empty(5)

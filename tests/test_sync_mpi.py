@@ -47,7 +47,7 @@ def mpi_run(tmp_path_factory):
     return [dict(np.load(out / f"mpi-{r}.npz")) for r in range(WORLD)]
 
 
-@pytest.mark.parametrize("name", sorted(W.MPI_CASES))
+@pytest.mark.parametrize("name", W.cases(W.MPI_CASES))
 def test_ranks_equal_one_process_on_the_concatenation(mpi_run, name):
     sizes, channels, spatial, dtype, axis, momentum, nsteps = W.MPI_CASES[name]
     for step, (_, _, mine, ref) in enumerate(W.single_process(name, sizes, channels, spatial, dtype, momentum,

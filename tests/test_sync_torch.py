@@ -48,7 +48,7 @@ def ddp_run(tmp_path_factory):
 
 
 @pytest.mark.mpi
-@pytest.mark.parametrize("name", sorted(W.TORCH_CASES))
+@pytest.mark.parametrize("name", W.cases(W.TORCH_CASES))
 def test_ranks_equal_one_process_on_the_concatenation(gloo_runs, name):
     world, sizes, channels, spatial, dtype, channels_last, momentum, nsteps = W.TORCH_CASES[name]
     ranks = gloo_runs[world]
