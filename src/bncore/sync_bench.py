@@ -5,7 +5,7 @@
 Each of `world` processes runs forward + backward of a (16, 64, 56, 56) float32 batch,
 first with bncore.BatchNorm (local statistics), then with bncore.SyncBatchNorm (global
 ones), both ranks starting every repetition together. Reported: the median time of each,
-their ratio (target <= 1.3x) and the bytes each step moves: the two all-reduce buffers
+their ratio (target <= 1.3x), the time of the two all-reduces alone, and the bytes each step moves: the two all-reduce buffers
 (world x (2C+1) and 2C+2 float64) and what a ring all-reduce sends of them per rank,
 2 (W-1) / W times the buffer. Backends: "gloo" (torch.distributed on 127.0.0.1, needs
 torch) and "shm" (a shared-memory all-reduce of the standard library: no framework,
@@ -65,13 +65,24 @@ def _rank(rank, world, backend, port, rows, barrier, width, repeats, results):
     dy = rng.normal(size=SHAPE).astype(np.float32)
     local = bncore.BatchNorm(SHAPE[1])
     synced = bncore.SyncBatchNorm(SHAPE[1], comm=collective)
-    times = {"local": [], "sync": []}
+    channels = SHAPE[1]
+    forward_buffer, backward_buffer = np.zeros((world, 2 * channels + 1)), np.zeros(2 * channels + 2)
+
+    def collectives_alone():
+        collective.allreduce(forward_buffer)
+        collective.allreduce(backward_buffer)
+
+    def step(layer):
+        layer(x)
+        layer.backward(dy)
+
+    times = {"local": [], "sync": [], "collectives": []}
     for i in range(repeats + 2):  # two warm-up rounds
-        for name, layer in (("local", local), ("sync", synced)):
+        for name, run_once in (("local", lambda: step(local)), ("sync", lambda: step(synced)),
+                               ("collectives", collectives_alone)):
             barrier.wait()
             start = time.perf_counter()
-            layer(x)
-            layer.backward(dy)
+            run_once()
             if i >= 2:
                 times[name].append(time.perf_counter() - start)
     results.put((rank, times))
@@ -120,9 +131,10 @@ def run(world=2, backend=None, repeats=10, timeout=300.0) -> dict:
     # a step takes as long as its slowest rank
     local = statistics.median(max(per_rank[r]["local"][i] for r in per_rank) for i in range(repeats))
     synced = statistics.median(max(per_rank[r]["sync"][i] for r in per_rank) for i in range(repeats))
+    alone = statistics.median(max(per_rank[r]["collectives"][i] for r in per_rank) for i in range(repeats))
     buffer_bytes = 8 * (forward_values + backward_values)
     return {"backend": backend, "world": world, "shape": SHAPE, "local_s": local, "sync_s": synced,
-            "ratio": synced / local, "collectives_per_step": 2, "buffer_bytes_per_step": buffer_bytes,
+            "ratio": synced / local, "collectives_s": alone, "collectives_per_step": 2, "buffer_bytes_per_step": buffer_bytes,
             "ring_bytes_sent_per_rank": 2 * (world - 1) / world * buffer_bytes}
 
 
@@ -132,6 +144,7 @@ def report(result: dict) -> str:
             f"{r['shape']} float32 per rank\n"
             f"  local batch norm   {r['local_s'] * 1e3:8.2f} ms\n"
             f"  sync batch norm    {r['sync_s'] * 1e3:8.2f} ms   ({r['ratio']:.2f}x local; target <= 1.3x)\n"
+            f"  its 2 all-reduces  {r['collectives_s'] * 1e3:8.2f} ms   (alone, same buffers)\n"
             f"  per step: {r['collectives_per_step']} all-reduces of {r['buffer_bytes_per_step']} bytes together; "
             f"a ring all-reduce sends {r['ring_bytes_sent_per_rank']:.0f} bytes per rank")
 
