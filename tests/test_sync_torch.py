@@ -185,3 +185,6 @@ def test_convert_sync_batchnorm_keeps_every_tensor_and_converts_nested_modules()
     assert model[3].running_mean is None
     alone = bt.SyncBatchNorm.convert_sync_batchnorm(torch.nn.BatchNorm2d(3))
     assert type(alone) is bt.SyncBatchNorm
+    no_bias = torch.nn.BatchNorm2d(3, bias=False)
+    converted = bt.SyncBatchNorm.convert_sync_batchnorm(no_bias)
+    assert converted.bias is None and converted.weight is no_bias.weight

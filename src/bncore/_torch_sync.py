@@ -73,7 +73,7 @@ def _as_param_grad(values: np.ndarray, like: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(values).to(dtype=like.dtype, device=like.device)
 
 
-class SyncBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
+class SyncBatchNorm(_BatchNormForward, torch.nn.modules.batchnorm._BatchNorm):
     """torch.nn.SyncBatchNorm computed by bncore: (N, C, *) inputs of any rank >= 2, contiguous or
     channels-last, on CPU over gloo. Same constructor (num_features, eps=1e-5, momentum=0.1,
     affine=True, track_running_stats=True, process_group=None, device=None, dtype=None, *, bias=True)."""
@@ -105,21 +105,21 @@ class SyncBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
         self._check_input_dim(input)
         self._check_non_zero_input_channels(input)
         if not self._syncs():
-            return _BatchNormForward.forward(self, input)
+            return super().forward(input)  # bncore.torch's plain batch norm forward
         if self.eps <= 0.0:  # torch.nn.functional.batch_norm's check in training
             raise ValueError(f"batch_norm eps must be positive during training, but got {self.eps}")
-        count_batch = self.track_running_stats and self.num_batches_tracked is not None
+        batches = self.num_batches_tracked if self.track_running_stats else None
         factor = 0.0 if self.momentum is None else self.momentum
-        if count_batch and self.momentum is None:  # the cumulative average, over this batch included
-            factor = 1.0 / float(self.num_batches_tracked + 1)
+        if batches is not None and self.momentum is None:  # the cumulative average, over this batch included
+            factor = 1.0 / float(batches + 1)
         tracked = self.track_running_stats
         output = _SyncBatchNormFunction.apply(input, self.weight, self.bias,
                                               self.running_mean if tracked else None,
                                               self.running_var if tracked else None,
                                               float(self.eps), float(factor), _collective(self._group()),
                                               self.num_features)
-        if count_batch:
-            self.num_batches_tracked.add_(1)
+        if batches is not None:
+            batches.add_(1)
         return output
 
     @classmethod

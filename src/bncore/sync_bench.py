@@ -112,7 +112,7 @@ def run(world=2, backend=None, repeats=10, timeout=300.0) -> dict:
              for r in range(world)]
     for p in procs:
         p.start()
-    per_rank = {}
+    per_rank: dict[int, dict[str, list[float]]] = {}
     deadline = time.monotonic() + timeout
     try:
         while len(per_rank) < world:
