@@ -18,6 +18,7 @@ from .functional import (batch_norm, batch_norm_backward, batch_norm_forward, gr
                          rms_norm, rms_norm_backward, rms_norm_forward)
 from .layers import BatchNorm, GroupNorm, InstanceNorm, LayerNorm, RMSNorm
 from .state import Moments, RunningStats, precise_stats
+from .sync import SyncBatchNorm  # synchronized across processes: bncore.sync
 
 __version__ = _core.version_string()
 

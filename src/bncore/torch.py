@@ -28,7 +28,7 @@ from . import functional as _F
 
 __all__ = [
     "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "GroupNorm", "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d",
-    "LayerNorm", "RMSNorm", "convert",
+    "LayerNorm", "RMSNorm", "SyncBatchNorm", "convert",
 ]
 
 
@@ -348,3 +348,6 @@ def convert(module: torch.nn.Module) -> torch.nn.Module:
     for name, child in module.named_children():
         output.add_module(name, convert(child))
     return output
+
+
+from ._torch_sync import SyncBatchNorm  # noqa: E402
