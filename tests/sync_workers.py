@@ -128,20 +128,9 @@ TORCH_CASES = {
 }
 
 
-# Cases where a rank holds one element per channel. Since main's e51f6e0, backward_load in api.c
-# zeroes rstd whenever the LOCAL group has one element, also in bn_norm_backward_reduce / _apply,
-# whose statistics are the whole group's: that rank gets sum_dy_xhat = 0 and dx = 0 (wrong).
-# Strict xfail, so that the fix in C turns these back on.
-ONE_ELEMENT_RANK_BUG = "C bug: backward_reduce/_apply zero a one-element local group's xhat (see test_sync_core)"
-ONE_ELEMENT_RANK_CASES = {"one_row_2d", "three_2d"}
-
-
 def cases(table):
-    """pytest params of a case table, the one-element-rank cases marked as the known C bug."""
-    import pytest
-
-    return [pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=ONE_ELEMENT_RANK_BUG))
-            if name in ONE_ELEMENT_RANK_CASES else name for name in sorted(table)]
+    """The case names of a table, in order (pytest parameters)."""
+    return sorted(table)
 
 
 def case_seed(name):
