@@ -226,9 +226,10 @@ def _norm_bwd(desc, residuals, cotangents):
         if eval_stats:
             # y = (x - rm) * rstd * w + b, rstd = (rv + eps)^-1/2: the chain rule per parameter index
             rstd = jax.lax.rsqrt(rv.astype(jnp.float32 if rv.dtype.itemsize < 4 else rv.dtype) + desc.eps)
-            scale = rstd if w is None else rstd * w
-            drm = (-scale * sum_dy).astype(rm.dtype)
-            drv = (-0.5 * scale * rstd * rstd * sum_dy_xhat).astype(rv.dtype)
+            # (xhat = (x - rm) * rstd, so d y / d rv = -w * xhat * rstd^2 / 2)
+            w_rstd = rstd if w is None else rstd * w
+            drm = (-w_rstd * sum_dy).astype(rm.dtype)
+            drv = (-0.5 * w_rstd * rstd * sum_dy_xhat).astype(rv.dtype)
     return dx, dw, db, drm, drv
 
 
