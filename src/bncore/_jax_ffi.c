@@ -283,6 +283,7 @@ static bn_xla_error *norm_backward(bn_xla_call_frame *frame) {
 
 /* ------------------------------------------------------------------ the Python module */
 
+/* XLA takes a handler as a capsule of its address (function pointers as data pointers: POSIX). */
 static PyObject *capsule(bn_xla_handler *fn) { return PyCapsule_New((void *)fn, NULL, NULL); }
 
 /* PyModule_AddObject, taking `value` whatever happens (PyModule_Add of Python 3.13). */
@@ -296,9 +297,10 @@ static int add(PyObject *m, const char *name, PyObject *value) {
 }
 
 static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "bncore._jax_ffi",
-    "XLA FFI handlers of bncore.jax (PyCapsules of bn_norm_forward / bn_norm_backward on XLA buffers).", -1,
-    NULL,
+    PyModuleDef_HEAD_INIT,
+    .m_name = "bncore._jax_ffi",
+    .m_doc = "XLA FFI handlers of bncore.jax (PyCapsules of bn_norm_forward / bn_norm_backward on XLA buffers).",
+    .m_size = -1,
 };
 
 PyMODINIT_FUNC PyInit__jax_ffi(void) {
