@@ -71,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="write a PNG bar chart of the speed-ups over PyTorch (needs matplotlib)")
     bench.add_argument("--suite", default="full", choices=("full", "tiny"), help=argparse.SUPPRESS)
     bench.add_argument("--no-torch", action="store_true", help=argparse.SUPPRESS)
+    bench.add_argument("--no-distributed", action="store_true",
+                       help="skip the distributed case (2 processes, synchronized batch norm)")
     bench.set_defaults(run=_bench)
     return parser
 

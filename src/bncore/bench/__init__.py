@@ -187,6 +187,17 @@ def main(args) -> int:
     t0 = time.perf_counter()
     result = run(SUITES[suite_name](), args.threads, args.quick, torch, echo=lambda s: print(s, flush=True))
     result["settings"]["suite"] = suite_name
+    if suite_name == "full" and not getattr(args, "no_distributed", False):
+        # the distributed case: 2 processes on this machine, synchronized vs local batch norm
+        from .. import sync_bench
+
+        print("", flush=True)
+        try:
+            result["distributed"] = sync_bench.run(repeats=5 if args.quick else 10)
+            print(sync_bench.report(result["distributed"]), flush=True)
+        except (RuntimeError, OSError) as exc:  # a machine that cannot start the processes still gets its table
+            result["distributed"] = {"error": str(exc)}
+            print(f"synchronized batch norm: not measured ({exc})", flush=True)
     result["settings"]["wall_s"] = time.perf_counter() - t0
     if args.json:
         print(report.write_json(args.json, result))
