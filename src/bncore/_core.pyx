@@ -137,10 +137,17 @@ cdef str _ints_text(const int64_t *values, int32_t n):
     return "(" + ", ".join([str(values[i]) for i in range(n)]) + ("," if n == 1 else "") + ")"
 
 
+cdef inline bint _is_computed_dtype(DLDataType d) noexcept:
+    """float16, bfloat16, float32, float64: the dtypes the C core loads, as C objects (aligned)."""
+    return d.lanes == 1 and ((d.code == 2 and (d.bits == 16 or d.bits == 32 or d.bits == 64))
+                             or (d.code == 4 and d.bits == 16))
+
+
 cdef int _check_dltensor(const DLTensor *t, str what) except -1:
     """Every field of a producer's DLTensor, before anything reads through its pointers or
     multiplies its numbers: ndim, the shape and strides pointers, sizes, element count,
-    the reach of the strides, the dtype, and the address range the elements span."""
+    the reach of the strides, the dtype, the alignment of the data (of the dtypes the C
+    core computes) and the address range the elements span."""
     cdef int32_t d, ndim = t.ndim
     cdef int64_t n, s, a, count = 1, reach = 0, below = 0, above = 0
     cdef bint empty = False
@@ -191,6 +198,11 @@ cdef int _check_dltensor(const DLTensor *t, str what) except -1:
     # bytes of one element <= 31 * 65535 < 2**21, reach <= 2**56: both products fit in 64 bits
     esize = (t.dtype.bits // 8) * <uint64_t>t.dtype.lanes
     base = <uint64_t><size_t>t.data
+    if _is_computed_dtype(t.dtype) and (base + t.byte_offset) % esize:
+        raise InvalidArgumentError(
+            f"{what}: expected data aligned to its {esize}-byte elements, got address "
+            f"{base + t.byte_offset:#x} (data {base:#x} + byte_offset {t.byte_offset}); pass an aligned copy "
+            f"(numpy.require(a, requirements='A'))")
     low_bytes = <uint64_t>below * esize
     high_bytes = <uint64_t>above * esize + esize
     if (t.byte_offset > <uint64_t><size_t>-1 - base or low_bytes > base + t.byte_offset
