@@ -101,6 +101,23 @@ def test_negative_strides_below_address_zero_are_refused():
     _refused(forged, "input", _core.InvalidArgumentError, "address space")
 
 
+@pytest.mark.parametrize("arg", ["input", "weight", "out", "grad_output"])
+def test_data_not_aligned_to_its_elements_is_refused(arg):
+    # on main the kernels loaded floats from odd addresses (undefined behaviour; UBSan reports it)
+    shape = (C,) if arg == "weight" else (N, C, L)
+    _refused(Forged(shape=shape, byte_offset=1), arg, _core.InvalidArgumentError, "aligned", "byte_offset 1")
+
+
+def test_unaligned_numpy_array_is_refused_naming_the_argument():
+    raw = np.zeros(N * C * L * 4 + 1, np.uint8)
+    x = np.frombuffer(raw.data, np.float32, N * C * L, offset=1).reshape(N, C, L)
+    assert not x.flags.aligned
+    with pytest.raises(_core.InvalidArgumentError, match=r"^input: expected data aligned to its 4-byte elements"):
+        bncore.batch_norm(x, training=True)
+    y = bncore.batch_norm(np.require(x, requirements="A"), training=True)
+    assert y.shape == x.shape
+
+
 @pytest.mark.parametrize("dtype", [(KDL_FLOAT, 0, 1), (KDL_FLOAT, 32, 0), (KDL_FLOAT, 12, 1)])
 def test_dtype_of_no_whole_bytes_or_no_lanes_is_refused(dtype):
     # on main: a plain TypeError, and bits 12 went on to the byte arithmetic
