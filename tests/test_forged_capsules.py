@@ -96,6 +96,13 @@ def test_byte_offset_past_the_address_space_is_refused(arg):
     _refused(Forged(shape=shape, byte_offset=2**64 - 8), arg, _core.InvalidArgumentError, "byte_offset")
 
 
+@pytest.mark.parametrize("data", [None, 4096])
+def test_empty_tensor_whose_data_plus_byte_offset_is_no_address_is_refused(data):
+    # on main the C core formed NULL + 2**63 (undefined behaviour; UBSan reports it)
+    forged = Forged(shape=(0, C, L), data=data, byte_offset=2**63 if data is None else 2**64 - 1024)
+    _refused(forged, "input", _core.InvalidArgumentError, "byte_offset")
+
+
 def test_negative_strides_below_address_zero_are_refused():
     forged = Forged(shape=(N, C, L), strides=(-15, 5, 1), data=64)
     _refused(forged, "input", _core.InvalidArgumentError, "address space")

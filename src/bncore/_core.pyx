@@ -190,6 +190,10 @@ cdef int _check_dltensor(const DLTensor *t, str what) except -1:
                 above += a * (n - 1)
     elif not empty:
         above = count - 1
+    base = <uint64_t><size_t>t.data
+    if t.byte_offset > <uint64_t><size_t>-1 - base or (t.data is NULL and t.byte_offset):
+        raise InvalidArgumentError(f"{what}: expected a byte_offset that keeps data + byte_offset an address "
+                                   f"(0 with NULL data), got data {base:#x} + byte_offset {t.byte_offset}")
     if empty:
         return 0  # no element: data is never read
     if t.data is NULL:
@@ -197,7 +201,6 @@ cdef int _check_dltensor(const DLTensor *t, str what) except -1:
                                    f"{_ints_text(t.shape, ndim)}")
     # bytes of one element <= 31 * 65535 < 2**21, reach <= 2**56: both products fit in 64 bits
     esize = (t.dtype.bits // 8) * <uint64_t>t.dtype.lanes
-    base = <uint64_t><size_t>t.data
     if _is_computed_dtype(t.dtype) and (base + t.byte_offset) % esize:
         raise InvalidArgumentError(
             f"{what}: expected data aligned to its {esize}-byte elements, got address "
@@ -205,7 +208,7 @@ cdef int _check_dltensor(const DLTensor *t, str what) except -1:
             f"(numpy.require(a, requirements='A'))")
     low_bytes = <uint64_t>below * esize
     high_bytes = <uint64_t>above * esize + esize
-    if (t.byte_offset > <uint64_t><size_t>-1 - base or low_bytes > base + t.byte_offset
+    if (low_bytes > base + t.byte_offset
             or high_bytes > <uint64_t><size_t>-1 - (base + t.byte_offset)):
         raise InvalidArgumentError(
             f"{what}: expected elements inside the address space, got data {base:#x} + byte_offset "
