@@ -89,6 +89,13 @@ def test_strides_reaching_beyond_2_56_elements_are_refused(strides):
     _refused(Forged(shape=(N, C, L), strides=strides), "input", _core.InvalidArgumentError, "strides")
 
 
+@pytest.mark.parametrize("shape", [(0, C, L), (1, C, L)])
+def test_huge_stride_of_a_size_0_or_1_axis_is_refused(shape):
+    # on main the C plan multiplied it by the element size (signed overflow; UBSan: plan.c:107)
+    forged = Forged(shape=shape, strides=(-(2**62), L, 1), data=None if shape[0] == 0 else "auto")
+    _refused(forged, "input", _core.InvalidArgumentError, "strides", str(-(2**62)))
+
+
 @pytest.mark.parametrize("arg", ["input", "weight", "out"])
 def test_byte_offset_past_the_address_space_is_refused(arg):
     # on main: the kernels read (or wrote) at data + 2**64 - 8, a wild address

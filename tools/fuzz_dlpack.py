@@ -108,6 +108,8 @@ def refusal_reason(ndim, shape, strides, dtype):
     if count > MAX_NUMEL:
         return "count"
     if strides is not None:
+        if any(abs(s) > MAX_NUMEL for s in strides[:ndim]):
+            return "stride"
         reach = sum(abs(s) * (n - 1) for n, s in zip(sizes, strides) if n > 1)
         if reach > MAX_NUMEL:
             return "reach"

@@ -176,10 +176,11 @@ cdef int _check_dltensor(const DLTensor *t, str what) except -1:
     if t.strides is not NULL:
         for d in range(ndim):
             n, s = t.shape[d], t.strides[d]
-            if n <= 1:
+            # a stride of a size 0 or 1 axis never moves, but the C plan multiplies it all the same
+            if n <= 1 and -_MAX_NUMEL <= s <= _MAX_NUMEL:
                 continue
-            a = _MAX_NUMEL if s < -_MAX_NUMEL or s > _MAX_NUMEL else (-s if s < 0 else s)
-            if a > (_MAX_NUMEL - reach) // (n - 1):
+            a = _MAX_NUMEL + 1 if s < -_MAX_NUMEL or s > _MAX_NUMEL else (-s if s < 0 else s)
+            if n <= 1 or a > (_MAX_NUMEL - reach) // (n - 1):
                 raise InvalidArgumentError(
                     f"{what}: expected strides that stay within 2**56 elements, got stride {s} at axis {d} "
                     f"(shape {_ints_text(t.shape, ndim)}, strides {_ints_text(t.strides, ndim)})")
