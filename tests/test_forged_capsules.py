@@ -103,6 +103,16 @@ def test_byte_offset_past_the_address_space_is_refused(arg):
     _refused(Forged(shape=shape, byte_offset=2**64 - 8), arg, _core.InvalidArgumentError, "byte_offset")
 
 
+def test_data_pointer_past_the_highest_pointer_is_refused():
+    _refused(Forged(shape=(N, C, L), data=2**64 - 4096), "input", _core.InvalidArgumentError, "byte_offset")
+
+
+@pytest.mark.parametrize("byte_offset", [2**63, 2**63 - 2**40])
+def test_byte_offset_past_the_highest_pointer_is_refused(byte_offset):
+    # on main C formed data + 2**63 (a pointer index overflow; UBSan: tensor.c:43)
+    _refused(Forged(shape=(N, C, L), byte_offset=byte_offset), "input", _core.InvalidArgumentError, "byte_offset")
+
+
 @pytest.mark.parametrize("data", [None, 4096])
 def test_empty_tensor_whose_data_plus_byte_offset_is_no_address_is_refused(data):
     # on main the C core formed NULL + 2**63 (undefined behaviour; UBSan reports it)

@@ -225,8 +225,8 @@ class Harness:
             start = ctypes.addressof(buf) + max(0, low - byte_offset)
             return (start, buf)
         address = ctypes.addressof(small)
-        if address + byte_offset + high > 2**64 - 1 or address + byte_offset < low:
-            return small  # the elements would pass the end (or the start) of the address space
+        if address + byte_offset + high > 2**63 - 1 or address + byte_offset < low:
+            return small  # the elements would pass the highest pointer (or address 0)
         return None  # too large to allocate: NULL data, which a non-empty tensor may not have
 
     def tensor(self, b: Bytes, shape, dtype="float32", optional=False):

@@ -129,6 +129,9 @@ cdef extern from "dlpack/dlpack.h" nogil:
 # The C core's bound on elements and on the reach of strides (BN_MAX_NUMEL in internal.h):
 # below it every element count, stride product and byte extent fits in 64 bits.
 cdef int64_t _MAX_NUMEL = (<int64_t>1) << 56
+# The highest address an element may have: C forms data + byte_offset + extent as a pointer,
+# and a pointer index past INTPTR_MAX is no address (no OS maps user memory up there).
+cdef uint64_t _MAX_ADDRESS = (<uint64_t>1 << 63) - 1
 cdef uint64_t _KNOWN_FLAGS = (DLPACK_FLAG_BITMASK_READ_ONLY | DLPACK_FLAG_BITMASK_IS_COPIED
                               | DLPACK_FLAG_BITMASK_IS_SUBBYTE_TYPE_PADDED)
 
@@ -192,7 +195,7 @@ cdef int _check_dltensor(const DLTensor *t, str what) except -1:
     elif not empty:
         above = count - 1
     base = <uint64_t><size_t>t.data
-    if t.byte_offset > <uint64_t><size_t>-1 - base or (t.data is NULL and t.byte_offset):
+    if base > _MAX_ADDRESS or t.byte_offset > _MAX_ADDRESS - base or (t.data is NULL and t.byte_offset):
         raise InvalidArgumentError(f"{what}: expected a byte_offset that keeps data + byte_offset an address "
                                    f"(0 with NULL data), got data {base:#x} + byte_offset {t.byte_offset}")
     if empty:
@@ -210,7 +213,7 @@ cdef int _check_dltensor(const DLTensor *t, str what) except -1:
     low_bytes = <uint64_t>below * esize
     high_bytes = <uint64_t>above * esize + esize
     if (low_bytes > base + t.byte_offset
-            or high_bytes > <uint64_t><size_t>-1 - (base + t.byte_offset)):
+            or high_bytes > _MAX_ADDRESS - (base + t.byte_offset)):
         raise InvalidArgumentError(
             f"{what}: expected elements inside the address space, got data {base:#x} + byte_offset "
             f"{t.byte_offset} with {low_bytes} bytes below and {high_bytes} bytes from there on (shape "
