@@ -124,6 +124,17 @@ class Allocator:
         if fam == "cupy":
             cupy = sys.modules["cupy"]
             return cupy.empty(tuple(shape), dtype=dtype)
+        if self.device[0] not in HOST_DEVICE_TYPES:
+            raise _core.UnsupportedDeviceError(
+                f"input: expected a tensor in host memory (cpu, cuda_host, cuda_managed), got a "
+                f"{type(self.like).__module__}.{type(self.like).__qualname__} on {describe_device(self.device)}; "
+                f"bncore allocates outputs for it only in host memory, so pass the framework's tensor "
+                f"(PyTorch, CuPy) instead of a raw capsule")
+        if dtype == "bfloat16" and self._to_numpy():
+            raise _core.UnsupportedDtypeError(
+                f"input: a {type(self.like).__module__}.{type(self.like).__qualname__} of bfloat16 gets NumPy "
+                f"arrays back, and NumPy has no bfloat16 that DLPack can fill; pass the framework's tensor "
+                f"(PyTorch, JAX) instead of a raw capsule")
         buf = _core.Buffer(shape, dtype)
         self._pending.append(buf)
         return buf
@@ -136,15 +147,27 @@ class Allocator:
             import jax.numpy as jnp
 
             return jnp.from_dlpack(obj)
-        ns = getattr(self.like, "__array_namespace__", None)
-        if ns is not None and self.family == "other":
-            return ns().from_dlpack(obj)
+        if not self._to_numpy():
+            return self.like.__array_namespace__().from_dlpack(obj)
         return np.from_dlpack(obj)
+
+    def _to_numpy(self) -> bool:
+        """Whether `finish` hands bncore's buffers back as NumPy arrays."""
+        return self.family != "jax" and not (self.family == "other" and hasattr(self.like, "__array_namespace__"))
 
 
 def stat_dtype(dtype: str) -> str:
     """Saved statistics are float32 for half inputs, else the input's dtype."""
     return "float32" if dtype in HALF_DTYPES else dtype
+
+
+# cpu, cuda_host (pinned), cuda_managed: memory the CPU reads, one place for the C core (bn_is_host)
+HOST_DEVICE_TYPES = (1, 3, 13)
+
+
+def place(dev) -> object:
+    """Where a (device type, id) pair computes: every kind of host memory is one place."""
+    return "host" if dev[0] in HOST_DEVICE_TYPES else dev
 
 
 _DEVICE_NAMES = {1: "cpu", 2: "cuda", 3: "cuda_host", 10: "rocm", 13: "cuda_managed"}

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from . import _core
-from ._arrays import FLOAT_DTYPES, describe_device
+from ._arrays import FLOAT_DTYPES, describe_device, place
 from .errors import (InvalidArgumentError, MissingRunningStatsError, ShapeMismatchError, UnsupportedDeviceError,
                      UnsupportedDtypeError)
 
@@ -161,14 +161,14 @@ def check_float(t: TensorFacts, what: str) -> None:
 
 
 def check_same_device(tensors: Iterable[tuple[str, TensorFacts | None]]) -> None:
-    """tensors: (name, imported tensor or None) pairs; all must share a device."""
+    """tensors: (name, imported tensor or None) pairs; all must share a device (host memory is one)."""
     first = None
     for name, t in tensors:
         if t is None:
             continue
         if first is None:
             first = (name, t.device)
-        elif t.device != first[1]:
+        elif place(t.device) != place(first[1]):
             raise UnsupportedDeviceError(f"{name}: expected a tensor on the device of {first[0]} "
                                          f"{describe_device(first[1])}, got one on {describe_device(t.device)}")
 

@@ -89,11 +89,110 @@ _DTYPE_CODES = {v: k for k, v in _DTYPE_NAMES.items()}
 _IMMUTABLE_MODULES = ("jax", "jaxlib", "tensorflow")
 
 
+cdef extern from "dlpack/dlpack.h" nogil:
+    uint64_t DLPACK_FLAG_BITMASK_IS_COPIED
+    uint64_t DLPACK_FLAG_BITMASK_IS_SUBBYTE_TYPE_PADDED
+
+# The C core's bound on elements and on the reach of strides (BN_MAX_NUMEL in internal.h):
+# below it every element count, stride product and byte extent fits in 64 bits.
+cdef int64_t _MAX_NUMEL = (<int64_t>1) << 56
+# The highest address an element may have: C forms data + byte_offset + extent as a pointer,
+# and a pointer index past INTPTR_MAX is no address (no OS maps user memory up there).
+cdef uint64_t _MAX_ADDRESS = (<uint64_t>1 << 63) - 1
+cdef uint64_t _KNOWN_FLAGS = (DLPACK_FLAG_BITMASK_READ_ONLY | DLPACK_FLAG_BITMASK_IS_COPIED
+                              | DLPACK_FLAG_BITMASK_IS_SUBBYTE_TYPE_PADDED)
+
+
+cdef str _ints_text(const int64_t *values, int32_t n):
+    return "(" + ", ".join([str(values[i]) for i in range(n)]) + ("," if n == 1 else "") + ")"
+
+
+cdef inline bint _is_computed_dtype(DLDataType d) noexcept:
+    """float16, bfloat16, float32, float64: the dtypes the C core loads, as C objects (aligned)."""
+    return d.lanes == 1 and ((d.code == 2 and (d.bits == 16 or d.bits == 32 or d.bits == 64))
+                             or (d.code == 4 and d.bits == 16))
+
+
+cdef int _check_dltensor(const DLTensor *t, str what) except -1:
+    """Every field of a producer's DLTensor, before anything reads through its pointers or
+    multiplies its numbers: ndim, the shape and strides pointers, sizes, element count,
+    the reach of the strides, the dtype, the alignment of the data (of the dtypes the C
+    core computes) and the address range the elements span."""
+    cdef int32_t d, ndim = t.ndim
+    cdef int64_t n, s, a, count = 1, reach = 0, below = 0, above = 0
+    cdef bint empty = False
+    cdef uint64_t esize, base, low_bytes, high_bytes
+    if ndim < 0 or ndim > BN_MAX_NDIM:
+        raise InvalidArgumentError(f"{what}: expected a DLPack tensor of 0 to {BN_MAX_NDIM} dimensions, "
+                                   f"got ndim {ndim}")
+    if ndim > 0 and t.shape is NULL:
+        raise InvalidArgumentError(f"{what}: expected a DLPack tensor with a shape, got ndim {ndim} and a NULL "
+                                   f"shape pointer")
+    if t.dtype.bits == 0 or t.dtype.bits % 8 or t.dtype.lanes == 0:
+        raise UnsupportedDtypeError(f"{what}: expected a DLPack dtype of whole bytes with at least one lane, got "
+                                    f"code {t.dtype.code}, bits {t.dtype.bits}, lanes {t.dtype.lanes}")
+    for d in range(ndim):
+        n = t.shape[d]
+        if n < 0:
+            raise InvalidArgumentError(f"{what}: expected sizes >= 0, got {n} at axis {d} "
+                                       f"(shape {_ints_text(t.shape, ndim)})")
+        if n == 0:
+            empty = True
+        elif count > _MAX_NUMEL // n:
+            raise InvalidArgumentError(f"{what}: expected at most 2**56 elements, got shape "
+                                       f"{_ints_text(t.shape, ndim)}")
+        else:
+            count *= n
+    if t.strides is not NULL:
+        for d in range(ndim):
+            n, s = t.shape[d], t.strides[d]
+            # a stride of a size 0 or 1 axis never moves, but the C plan multiplies it all the same
+            if n <= 1 and -_MAX_NUMEL <= s <= _MAX_NUMEL:
+                continue
+            a = _MAX_NUMEL + 1 if s < -_MAX_NUMEL or s > _MAX_NUMEL else (-s if s < 0 else s)
+            if n <= 1 or a > (_MAX_NUMEL - reach) // (n - 1):
+                raise InvalidArgumentError(
+                    f"{what}: expected strides that stay within 2**56 elements, got stride {s} at axis {d} "
+                    f"(shape {_ints_text(t.shape, ndim)}, strides {_ints_text(t.strides, ndim)})")
+            reach += a * (n - 1)
+            if s < 0:
+                below += a * (n - 1)
+            else:
+                above += a * (n - 1)
+    elif not empty:
+        above = count - 1
+    base = <uint64_t><size_t>t.data
+    if base > _MAX_ADDRESS or t.byte_offset > _MAX_ADDRESS - base or (t.data is NULL and t.byte_offset):
+        raise InvalidArgumentError(f"{what}: expected a byte_offset that keeps data + byte_offset an address "
+                                   f"(0 with NULL data), got data {base:#x} + byte_offset {t.byte_offset}")
+    if empty:
+        return 0  # no element: data is never read
+    if t.data is NULL:
+        raise InvalidArgumentError(f"{what}: expected a data pointer, got NULL for a non-empty tensor of shape "
+                                   f"{_ints_text(t.shape, ndim)}")
+    # bytes of one element <= 31 * 65535 < 2**21, reach <= 2**56: both products fit in 64 bits
+    esize = (t.dtype.bits // 8) * <uint64_t>t.dtype.lanes
+    if _is_computed_dtype(t.dtype) and (base + t.byte_offset) % esize:
+        raise InvalidArgumentError(
+            f"{what}: expected data aligned to its {esize}-byte elements, got address "
+            f"{base + t.byte_offset:#x} (data {base:#x} + byte_offset {t.byte_offset}); pass an aligned copy "
+            f"(numpy.require(a, requirements='A'))")
+    low_bytes = <uint64_t>below * esize
+    high_bytes = <uint64_t>above * esize + esize
+    if (low_bytes > base + t.byte_offset
+            or high_bytes > _MAX_ADDRESS - (base + t.byte_offset)):
+        raise InvalidArgumentError(
+            f"{what}: expected elements inside the address space, got data {base:#x} + byte_offset "
+            f"{t.byte_offset} with {low_bytes} bytes below and {high_bytes} bytes from there on (shape "
+            f"{_ints_text(t.shape, ndim)})")
+    return 0
+
+
 cdef class Tensor:
     """A tensor imported through DLPack. It owns the producer's managed tensor until
     `release()` (or garbage collection) calls the producer's deleter, exactly once; or,
     imported through a framework's C exchange API, it is a borrowed view that keeps the
-    framework's tensor object alive."""
+    framework's tensor object alive. Its fields were checked on import (`_check_dltensor`)."""
     cdef DLTensor *t
     cdef DLTensor view
     cdef DLManagedTensorVersioned *managed_v
@@ -120,39 +219,66 @@ cdef class Tensor:
         self._release()
         self.source = None
 
+    cdef DLTensor *_live(self) except NULL:
+        if self.t is NULL:
+            raise ValueError("this imported tensor was already given back to its producer (released)")
+        return self.t
+
     @property
     def shape(self):
-        return tuple(self.t.shape[i] for i in range(self.t.ndim))
+        cdef DLTensor *t = self._live()
+        return tuple(t.shape[i] for i in range(t.ndim))
 
     @property
     def strides(self):
         """Strides in elements (compact row-major when the producer gave none)."""
-        if self.t.strides is not NULL:
-            return tuple(self.t.strides[i] for i in range(self.t.ndim))
+        cdef DLTensor *t = self._live()
+        if t.strides is not NULL:
+            return tuple(t.strides[i] for i in range(t.ndim))
         out, s = [], 1
-        for i in reversed(range(self.t.ndim)):
+        for i in reversed(range(t.ndim)):
             out.append(s)
-            s *= self.t.shape[i]
+            s *= t.shape[i]
         return tuple(reversed(out))
 
     @property
     def ndim(self):
-        return self.t.ndim
+        return self._live().ndim
 
     @property
     def dtype(self):
-        key = (self.t.dtype.code, self.t.dtype.bits)
+        cdef DLTensor *t = self._live()
+        key = (t.dtype.code, t.dtype.bits)
         name = _DTYPE_NAMES.get(key, f"code{key[0]}/{key[1]}bits")
-        return name if self.t.dtype.lanes == 1 else f"{name}x{self.t.dtype.lanes}"
+        return name if t.dtype.lanes == 1 else f"{name}x{t.dtype.lanes}"
 
     @property
     def device(self):
         """(DLDeviceType, device id) as DLPack numbers them: (1, 0) is the CPU."""
-        return (<int>self.t.device.device_type, self.t.device.device_id)
+        cdef DLTensor *t = self._live()
+        return (<int>t.device.device_type, t.device.device_id)
 
     @property
     def data_ptr(self):
-        return <size_t>self.t.data + self.t.byte_offset
+        cdef DLTensor *t = self._live()
+        return <size_t>t.data + t.byte_offset
+
+
+cdef str _kind(object obj):
+    return f"{type(obj).__module__}.{type(obj).__qualname__}"
+
+
+cdef object _export_refused(object obj, str what, BaseException exc):
+    """The bncore error for a producer that refused to export `obj` (its BufferError)."""
+    device = getattr(obj, "device", None)
+    layout = getattr(obj, "layout", None)
+    if getattr(device, "type", None) == "meta" or getattr(obj, "is_meta", False) is True:
+        return UnsupportedDeviceError(f"{what}: expected a tensor with data in memory, got a {_kind(obj)} on the "
+                                      f"meta device (shape only, no data)")
+    if layout is not None and str(layout) not in ("torch.strided", "strided"):
+        return InvalidArgumentError(f"{what}: expected a dense (strided) tensor, got a {_kind(obj)} with layout "
+                                    f"{layout}; convert it with .to_dense()")
+    return InvalidArgumentError(f"{what}: the {_kind(obj)} refused to export itself through DLPack: {exc}")
 
 
 cdef object _capsule_of(object obj, str what):
@@ -160,7 +286,7 @@ cdef object _capsule_of(object obj, str what):
         return obj
     if not hasattr(obj, "__dlpack__"):
         raise TypeError(f"{what}: expected a tensor that supports DLPack (NumPy, PyTorch, JAX, CuPy, ...), "
-                        f"got {type(obj).__module__}.{type(obj).__qualname__}")
+                        f"got {_kind(obj)}")
     try:
         try:
             return obj.__dlpack__(max_version=(DLPACK_MAJOR_VERSION, DLPACK_MINOR_VERSION))
@@ -172,7 +298,7 @@ cdef object _capsule_of(object obj, str what):
                 f"{what}: NumPy cannot export bfloat16 (ml_dtypes) arrays through DLPack; pass a PyTorch or JAX "
                 f"tensor instead, e.g. torch.from_numpy(a.view(numpy.uint16)).view(torch.bfloat16), or "
                 f"jax.numpy.asarray(a)") from exc
-        raise
+        raise _export_refused(obj, what, exc) from exc
 
 
 cdef dict _exchange_apis = {}  # tensor type -> address of its DLPackExchangeAPI table, or 0
@@ -200,12 +326,16 @@ def import_tensor(object obj, str what, bint writable=False):
     A framework's C exchange API is used when its tensor type offers one (a borrowed
     view, no capsule); otherwise `__dlpack__`. A raw capsule is consumed: a second
     import of it fails. `writable` refuses read-only tensors (read-only NumPy arrays,
-    JAX arrays)."""
+    JAX arrays). Every DLTensor field is checked here (`_check_dltensor`), and a
+    consumed capsule whose tensor is refused goes back to its producer (its deleter
+    runs once) before the error is raised; a versioned capsule of another major
+    version is refused without being consumed (its layout is not ours to read)."""
     cdef Tensor t = Tensor.__new__(Tensor)
     cdef DLManagedTensorVersioned *mv
     cdef DLPackExchangeAPI *api = _exchange_api(obj)
     if api is not NULL:
         if api.dltensor_from_py_object_no_sync(<void *>obj, &t.view) == 0:
+            _check_dltensor(&t.view, what)
             t.t = &t.view
             t.source = obj
             t.read_only = False
@@ -216,13 +346,17 @@ def import_tensor(object obj, str what, bint writable=False):
     capsule = _capsule_of(obj, what)
     if PyCapsule_IsValid(capsule, b"dltensor_versioned"):
         mv = <DLManagedTensorVersioned *>PyCapsule_GetPointer(capsule, b"dltensor_versioned")
-        if mv.version.major > DLPACK_MAJOR_VERSION:
-            raise BufferError(f"{what}: DLPack version {mv.version.major}.{mv.version.minor} is newer than "
-                              f"the {DLPACK_MAJOR_VERSION}.x that bncore reads")
+        if mv.version.major != DLPACK_MAJOR_VERSION:
+            raise BufferError(f"{what}: expected a DLPack {DLPACK_MAJOR_VERSION}.x tensor, got version "
+                              f"{mv.version.major}.{mv.version.minor}")
         PyCapsule_SetName(capsule, b"used_dltensor_versioned")
         t.managed_v = mv
         t.t = &mv.dl_tensor
         t.read_only = (mv.flags & DLPACK_FLAG_BITMASK_READ_ONLY) != 0
+        if mv.flags & ~_KNOWN_FLAGS and mv.version.minor <= DLPACK_MINOR_VERSION:
+            t._release()
+            raise InvalidArgumentError(f"{what}: expected DLPack flags of version {mv.version.major}."
+                                       f"{mv.version.minor} (bits {_KNOWN_FLAGS:#x}), got {mv.flags:#x}")
     elif PyCapsule_IsValid(capsule, b"dltensor"):
         t.managed = <DLManagedTensor *>PyCapsule_GetPointer(capsule, b"dltensor")
         PyCapsule_SetName(capsule, b"used_dltensor")
@@ -235,11 +369,16 @@ def import_tensor(object obj, str what, bint writable=False):
                              f"once, so pass the tensor itself or a fresh capsule")
         raise TypeError(f"{what}: expected a DLPack capsule named 'dltensor' or 'dltensor_versioned', "
                         f"got {name!r}")
+    try:
+        _check_dltensor(t.t, what)
+    except BaseException:
+        t._release()
+        raise
     t.source = obj
     if type(obj).__module__.split(".")[0] in _IMMUTABLE_MODULES:
         t.read_only = True
     if writable and t.read_only:
-        kind = f"{type(obj).__module__}.{type(obj).__qualname__}"
+        kind = _kind(obj)
         t._release()
         raise ValueError(f"{what}: the tensor is read-only ({kind}) and bncore writes into it in place; "
                          f"pass a writable NumPy array or PyTorch tensor, or keep the statistics in "
@@ -341,14 +480,21 @@ cdef class Buffer:
     def __cinit__(self, shape, str dtype):
         self.dl_dtype = _dl_dtype(dtype)
         self.shape = tuple(int(s) for s in shape)
-        if len(self.shape) > 16:
-            raise ValueError("Buffer: at most 16 dimensions")
+        if len(self.shape) > BN_MAX_NDIM:
+            raise InvalidArgumentError(f"Buffer: expected at most {BN_MAX_NDIM} dimensions, got shape {self.shape}")
         self.dtype = dtype
-        cdef size_t nbytes = self.dl_dtype.bits // 8
+        count = 1
         for s in self.shape:
-            nbytes *= <size_t>s
+            if s < 0:
+                raise InvalidArgumentError(f"Buffer: expected sizes >= 0, got shape {self.shape}")
+            count *= s
+        if count > _MAX_NUMEL:
+            raise InvalidArgumentError(f"Buffer: expected at most 2**56 elements, got shape {self.shape} "
+                                       f"({count} elements)")
+        cdef size_t nbytes = <size_t>count * (self.dl_dtype.bits // 8)  # <= 2**59: no wrap
         if posix_memalign(&self.data, 64, nbytes if nbytes > 0 else 64) != 0:
-            raise MemoryError(f"Buffer: cannot allocate {nbytes} bytes")
+            self.data = NULL
+            raise OutOfMemoryError(f"Buffer: cannot allocate {nbytes} bytes for shape {self.shape} of {dtype}")
         memset(self.data, 0, nbytes)
 
     def __dealloc__(self):

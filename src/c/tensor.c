@@ -66,8 +66,11 @@ bn_status_t bn_check_tensor(const DLTensor *t, const char *what, bn_dtype_t *dt)
     int64_t reach = 0;
     for (int32_t d = 0; d < t->ndim; d++) {
       const int64_t n = t->shape[d], s = t->strides[d];
-      if (n <= 1) continue;
       const int64_t a = s == INT64_MIN ? INT64_MAX : (s < 0 ? -s : s);
+      if (a > BN_MAX_NUMEL) /* also on axes of 0 or 1 elements: the plan still flips and multiplies them */
+        return bn_fail(BN_STATUS_INVALID_ARGUMENT, "%s: stride %" PRId64 " at axis %d is beyond %" PRId64 " elements",
+                       what, s, (int)d, (int64_t)BN_MAX_NUMEL);
+      if (n <= 1) continue;
       if (a > (BN_MAX_NUMEL - reach) / (n - 1))
         return bn_fail(BN_STATUS_INVALID_ARGUMENT,
                        "%s: stride %" PRId64 " at axis %d (size %" PRId64 ") reaches beyond %" PRId64 " elements",
@@ -79,6 +82,14 @@ bn_status_t bn_check_tensor(const DLTensor *t, const char *what, bn_dtype_t *dt)
   if (st) return st;
   if (!t->data && bn_numel(t) > 0)
     return bn_fail(BN_STATUS_INVALID_ARGUMENT, "%s: data is NULL for a non-empty tensor", what);
+  /* data + byte_offset must be an address, with room for the elements' reach, aligned for the type */
+  const uintptr_t data = (uintptr_t)t->data;
+  if (data > (uintptr_t)INTPTR_MAX || t->byte_offset > (uint64_t)((uintptr_t)INTPTR_MAX - data))
+    return bn_fail(BN_STATUS_INVALID_ARGUMENT, "%s: byte_offset %" PRIu64 " leaves the address space", what,
+                   (uint64_t)t->byte_offset);
+  if (bn_numel(t) > 0 && (data + (uintptr_t)t->byte_offset) % bn_dtype_size(*dt) != 0)
+    return bn_fail(BN_STATUS_INVALID_ARGUMENT, "%s: element 0 at %p + %" PRIu64 " is not aligned to its %zu-byte type",
+                   what, t->data, (uint64_t)t->byte_offset, bn_dtype_size(*dt));
   return BN_STATUS_SUCCESS;
 }
 
