@@ -162,7 +162,8 @@ def test_reference_backward_is_the_gradient_of_the_reference_forward():
         b = rng.normal(size=pshape)
         u, vx, vw = rng.normal(size=x.shape), rng.normal(size=x.shape), rng.normal(size=pshape)
 
-        def f(t):
+        # this iteration's values bound as defaults (f is only called within it)
+        def f(t, x=x, vx=vx, w=w, vw=vw, b=b, reduce_axes=reduce_axes, affine_axes=affine_axes, rms=rms):
             return normalize_ref(x + t * vx, reduce_axes, affine_axes, w + t * vw, b, 1e-3, rms)[0]
 
         h = 1e-5

@@ -16,8 +16,8 @@ import pytest
 
 import bncore
 from bncore.reference import all_but, batch_norm_backward_ref, batch_norm_ref, batch_norm_running_ref, normalize_ref
-from cases import (BN_CASES, CASES, DTYPES, bn_params, case_id, bncore_backward, bncore_forward, data, params, ref_backward, ref_forward,
-                   rms_default_eps, seed_of)
+from cases import (BN_CASES, CASES, DTYPES, bn_params, case_id, bncore_backward, bncore_forward, data, params,
+                   ref_backward, ref_forward, rms_default_eps, seed_of)
 from layouts import FIXED_LAYOUTS, LAYOUTS, nonzero_data, with_layout
 from tolerances import assert_close, to_numpy64
 
@@ -353,7 +353,8 @@ def _eps_calls(case, x, w, b, rm, rv, training, kw):
     return (y, None, r), bncore.rms_norm(x, ns, w, **kw)
 
 
-EPS_MODES = [(c, e, t) for c in CASES for e in ("default", 0.1) for t in ([True, False] if c.has_running_stats else [True])]
+EPS_MODES = [(c, e, t) for c in CASES for e in ("default", 0.1)
+             for t in ([True, False] if c.has_running_stats else [True])]
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
@@ -374,8 +375,8 @@ def test_eps_matches_reference(case, eps, training, dtype):
     rv = (ref_eps * rng.uniform(0.5, 2.0, size=c)).astype(dtype)
     kw = {} if eps == "default" else {"eps": eps}
     (y, mean, rstd), y_plain = _eps_calls(case, x, w, b, rm, rv, training, kw)
-    y_ref, mean_ref, rstd_ref = ref_forward(dataclasses.replace(case, eps=ref_eps), x.astype(np.float64), w, b, rm, rv, use_input_stats=training,
-                                            dtype=dtype)
+    y_ref, mean_ref, rstd_ref = ref_forward(dataclasses.replace(case, eps=ref_eps), x.astype(np.float64), w, b, rm, rv,
+                                            use_input_stats=training, dtype=dtype)
     assert_close(rstd, rstd_ref, dtype, err_msg="rstd")
     if mean_ref is not None:
         assert_close(np.asarray(mean) / spread, mean_ref / spread, dtype, err_msg="mean / spread")

@@ -260,7 +260,8 @@ def sized_problems(draw, path, dtype):
         shapes = {"batch": (2, 2, g // 2 + 1), "layer": (2, g), "rms": (1, g), "group": (1, 4, g // 2 + 1),
                   "instance": (1, 2, g)}
     else:  # columns: channels-last torch tensors; NumPy batch norm with axis=-1; layer rows strided (F order)
-        layout = {"layer": "F", "rms": "F", "batch": draw(st.sampled_from(["channels-last", "C"]))}.get(kind, "channels-last")
+        layout = {"layer": "F", "rms": "F",
+                  "batch": draw(st.sampled_from(["channels-last", "C"]))}.get(kind, "channels-last")
         c = ints(3, 96)
         shapes = {"batch": (ints(4, 16), ints(4, 16), ints(4, 16), c), "layer": (ints(200, 3000), ints(2, 40)),
                   "rms": (ints(200, 3000), ints(2, 40)), "group": (ints(1, 4), c * 2, ints(4, 16), ints(4, 16)),

@@ -203,7 +203,8 @@ def _snap(bl):
 @pytest.mark.parametrize("bad, exc, match", [
     (lambda ws: ws[:3], ValueError, r"expected 4 arrays \(gamma, beta, moving_mean, moving_variance\), got 3"),
     (lambda ws: ws + [ws[0]], ValueError, r"expected 4 arrays"),
-    (lambda ws: [ws[0], ws[1], ws[2], np.ones(C + 1)], ValueError, r"moving_variance: expected shape \(4,\), got \(5,\)"),
+    (lambda ws: [ws[0], ws[1], ws[2], np.ones(C + 1)], ValueError,
+     r"moving_variance: expected shape \(4,\), got \(5,\)"),
     (lambda ws: [np.ones((C, 1))] + ws[1:], ValueError, r"gamma: expected shape \(4,\), got \(4, 1\)"),
     (lambda ws: dict(zip(["gamma", "beta", "moving_mean"], ws)), KeyError, r"expected keys"),
     (lambda ws: {**dict(zip(["gamma", "beta", "moving_mean", "moving_variance"], ws)), "extra": ws[0]},

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 import bncore
-from bncore.reference import batch_norm_backward_ref, batch_norm_ref, batch_norm_running_ref, normalize_backward_ref, normalize_ref
-from cases import (CASES, DTYPES, VARIANT_CASES, Case, bn_params, bncore_backward, bncore_forward, data, params,
+from bncore.reference import (batch_norm_backward_ref, batch_norm_ref, batch_norm_running_ref, normalize_backward_ref,
+                              normalize_ref)
+from cases import (DTYPES, VARIANT_CASES, Case, bn_params, bncore_backward, bncore_forward, data, params,
                    ref_backward, ref_forward, seed_of)
 from layouts import half_or_numpy
 from tolerances import assert_close, to_numpy64

@@ -270,10 +270,12 @@ def _bad_updates():
         "None var": (lambda rs: rs.update(ok, None, 5), TypeError, r"expected tensors, got None"),
         "momentum 2": (lambda rs: setattr(rs, "momentum", 2.0), ValueError, r"momentum: expected a value in \[0, 1\]"),
         "momentum None": (lambda rs: setattr(rs, "momentum", None), ValueError, r"cumulative average"),
-        "count < 0": (lambda rs: setattr(rs, "count", -1), bncore.InvalidArgumentError, r"counts: expected values >= 0"),
+        "count < 0": (lambda rs: setattr(rs, "count", -1), bncore.InvalidArgumentError,
+                      r"counts: expected values >= 0"),
         "load shape": (lambda rs: rs.load(np.ones(C + 1), ok), ValueError, r"mean: expected shape \(3,\), got \(4,\)"),
         "load var shape": (lambda rs: rs.load(ok, np.ones((C, 1))), ValueError, r"var: expected shape \(3,\)"),
-        "load count": (lambda rs: rs.load(ok * 9, ok * 9, count=-1), ValueError, r"count: expected (a value >= 0|an int in \[0, 2\*\*63\))"),
+        "load count": (lambda rs: rs.load(ok * 9, ok * 9, count=-1), ValueError,
+                       r"count: expected (a value >= 0|an int in \[0, 2\*\*63\))"),
     }
 
 
@@ -523,7 +525,8 @@ def test_precise_stats_bncore_keras_convention():
     mean, var, x = _pooled(batches, -1, unbiased=False)
     np.testing.assert_allclose(layer.running_mean, mean, rtol=1e-6)
     np.testing.assert_allclose(layer.running_var, var, rtol=1e-6)
-    np.testing.assert_allclose(total.var(), var, rtol=1e-6)  # float32 data: the forward's own moments (float32 lanes per piece)
+    # float32 data: the forward's own moments (float32 lanes per piece)
+    np.testing.assert_allclose(total.var(), var, rtol=1e-6)
     avg_of_vars = np.mean([b.astype(np.float64).var(axis=(0, 1, 2)) for b in batches], axis=0)
     assert np.all(np.abs(layer.running_var - avg_of_vars) > 0.5 * avg_of_vars)
 

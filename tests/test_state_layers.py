@@ -212,31 +212,35 @@ class _Exploding:
 def _layer_failures():
     x = data(20)
     return {
-        "too few channels": (lambda l: l(x[:, :2]), ValueError),
-        "1-d input": (lambda l: l(np.ones(C, np.float32)), ValueError),
-        "int input": (lambda l: l(np.ones((4, C), np.int32)), TypeError),
-        "one value per channel": (lambda l: l(np.ones((1, C), np.float32)), ValueError),
-        "exploding input": (lambda l: l(_Exploding()), RuntimeError),
-        "None input": (lambda l: l(None), TypeError),
-        "weight of wrong length": (lambda l: (setattr(l, "weight", np.ones(C + 1, np.float32)), l(x)), ValueError),
-        "int weight": (lambda l: (setattr(l, "weight", np.ones(C, np.int64)), l(x)), TypeError),
-        "bad eps": (lambda l: (setattr(l, "eps", -1.0), l(x)), ValueError),
-        "bad momentum": (lambda l: setattr(l, "momentum", 3.0), ValueError),
-        "momentum to None": (lambda l: setattr(l, "momentum", None), ValueError),
+        "too few channels": (lambda layer: layer(x[:, :2]), ValueError),
+        "1-d input": (lambda layer: layer(np.ones(C, np.float32)), ValueError),
+        "int input": (lambda layer: layer(np.ones((4, C), np.int32)), TypeError),
+        "one value per channel": (lambda layer: layer(np.ones((1, C), np.float32)), ValueError),
+        "exploding input": (lambda layer: layer(_Exploding()), RuntimeError),
+        "None input": (lambda layer: layer(None), TypeError),
+        "weight of wrong length": (
+            lambda layer: (setattr(layer, "weight", np.ones(C + 1, np.float32)), layer(x)), ValueError),
+        "int weight": (lambda layer: (setattr(layer, "weight", np.ones(C, np.int64)), layer(x)), TypeError),
+        "bad eps": (lambda layer: (setattr(layer, "eps", -1.0), layer(x)), ValueError),
+        "bad momentum": (lambda layer: setattr(layer, "momentum", 3.0), ValueError),
+        "momentum to None": (lambda layer: setattr(layer, "momentum", None), ValueError),
         "state_dict wrong shape": (
-            lambda l: l.load_state_dict({**l.state_dict(), "running_var": np.ones(C + 1)}), ValueError),
+            lambda layer: layer.load_state_dict({**layer.state_dict(), "running_var": np.ones(C + 1)}), ValueError),
         "state_dict missing key": (
-            lambda l: l.load_state_dict({k: v for k, v in l.state_dict().items() if k != "bias"}), KeyError),
-        "state_dict extra key": (lambda l: l.load_state_dict({**l.state_dict(), "foo": np.ones(C)}), KeyError),
+            lambda layer: layer.load_state_dict({k: v for k, v in layer.state_dict().items() if k != "bias"}),
+            KeyError),
+        "state_dict extra key": (
+            lambda layer: layer.load_state_dict({**layer.state_dict(), "foo": np.ones(C)}), KeyError),
         "state_dict int weights": (
-            lambda l: l.load_state_dict({**l.state_dict(), "weight": np.ones(C, np.int32)}), TypeError),
+            lambda layer: layer.load_state_dict({**layer.state_dict(), "weight": np.ones(C, np.int32)}), TypeError),
         "state_dict exploding value": (
-            lambda l: l.load_state_dict({**l.state_dict(), "running_var": _Exploding()}), Exception),
+            lambda layer: layer.load_state_dict({**layer.state_dict(), "running_var": _Exploding()}), Exception),
         "state_dict two counts": (
-            lambda l: l.load_state_dict({**l.state_dict(), "num_batches_tracked": np.array([1, 2])}), ValueError),
-        "keras weights wrong count": (lambda l: l.load_keras_weights([np.ones(C)] * 3), ValueError),
+            lambda layer: layer.load_state_dict({**layer.state_dict(), "num_batches_tracked": np.array([1, 2])}),
+            ValueError),
+        "keras weights wrong count": (lambda layer: layer.load_keras_weights([np.ones(C)] * 3), ValueError),
         "keras weights wrong shape": (
-            lambda l: l.load_keras_weights([np.ones(C), np.ones(C), np.ones(C), np.ones(C + 2)]), ValueError),
+            lambda layer: layer.load_keras_weights([np.ones(C), np.ones(C), np.ones(C), np.ones(C + 2)]), ValueError),
     }
 
 

@@ -99,8 +99,9 @@ def test_every_rank_gets_the_same_statistics_as_one_process(world, dtype, mean):
         ref_dx, ref_dw, ref_db = reference.batch_norm_backward_ref(dy, x, np.linspace(0.5, 1.5, CHANNELS))
         assert_close(ranks[0]["mean"], ref_mean, dtype, scale=scale)
         assert_close(ranks[0]["rstd"], ref_rstd, dtype, scale=scale)
-        for got, mine, ref, kind in ((y, single[step]["y"], ref_y, "value"), (dx, single[step]["dx"], ref_dx, "grad"),
-                                     (dw, single[step]["dw"], ref_dw, "grad"), (db, single[step]["db"], ref_db, "grad")):
+        single_step = single[step]
+        for got, mine, ref, kind in ((y, single_step["y"], ref_y, "value"), (dx, single_step["dx"], ref_dx, "grad"),
+                                     (dw, single_step["dw"], ref_dw, "grad"), (db, single_step["db"], ref_db, "grad")):
             assert_close(got, mine, dtype, kind, scale=scale)
             assert_close(got, ref, dtype, kind, scale=scale)
         for key in ("running_mean", "running_var"):
@@ -124,7 +125,7 @@ def test_cumulative_average_and_channels_last_axis():
 
     states = ThreadGroup(4).run(rank_fn)
     plain = bncore.BatchNorm(CHANNELS, momentum=None, axis=-1, dtype="float64")
-    for x, dy in batches:
+    for x, _dy in batches:
         plain(x)
     for state in states:
         for key, value in plain.state_dict().items():

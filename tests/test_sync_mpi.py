@@ -37,7 +37,8 @@ def mpi_env():
 def mpi_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("mpi")
     # --oversubscribe: 3 ranks may be more than the machine's cores
-    cmd = [MPIEXEC, "--oversubscribe", "-n", str(WORLD), sys.executable, os.path.join(W.HERE, "sync_workers.py"), "mpi", str(out)]
+    cmd = [MPIEXEC, "--oversubscribe", "-n", str(WORLD), sys.executable, os.path.join(W.HERE, "sync_workers.py"), "mpi",
+           str(out)]
     try:
         done = subprocess.run(cmd, env=mpi_env(), capture_output=True, text=True, timeout=W.TIMEOUT_S,
                               check=False)

@@ -129,7 +129,7 @@ def test_without_a_process_group_it_is_plain_batch_norm():
     torch.manual_seed(0)
     x = torch.randn(6, 4, 3, 5, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
     sync, plain = bt.SyncBatchNorm(4, momentum=None).double(), bt.BatchNorm2d(4, momentum=None).double()
-    for step in range(2):
+    for _ in range(2):
         xs, xp = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
         ys, yp = sync(xs), plain(xp)
         ys.backward(torch.ones_like(ys) * xs.detach())

@@ -124,8 +124,8 @@ def _transform(problem, f):
 
 
 def _batch(layout, dtype, mode, seed=9, half=None):
-    shapes = {"nchw": ((64, 16, 16, 16), 1), "channels-last": ((64, 16, 16, 16), 1), "nhwc-axis-1": ((64, 16, 16, 16), -1),
-              "2d": ((16384, 16), 1), "two-phase": ((16, 2, 128, 128), 1)}
+    shapes = {"nchw": ((64, 16, 16, 16), 1), "channels-last": ((64, 16, 16, 16), 1),
+              "nhwc-axis-1": ((64, 16, 16, 16), -1), "2d": ((16384, 16), 1), "two-phase": ((16, 2, 128, 128), 1)}
     shape, axis = shapes[layout]
     c = shape[axis]
     arrays = _arrays(shape, dtype, (c,), seed)

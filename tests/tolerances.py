@@ -76,4 +76,5 @@ def assert_close(actual, expected, dtype, kind: str = "value", scale: float = 1.
         worst = np.unravel_index(np.argmax(np.where(bad, np.abs(a - e) / bound, 0)), np.shape(e)) if np.ndim(e) else ()
         raise AssertionError(f"{err_msg}: {int(np.sum(bad))} of {np.size(e)} elements outside "
                              f"{t.atol * scale:g} + {t.rtol * scale:g} * max(|expected|, magnitude); worst at "
-                             f"{worst}: actual {a[worst]!r}, expected {e[worst]!r}, magnitude {np.broadcast_to(ref, np.shape(e))[worst]!r}")
+                             f"{worst}: actual {a[worst]!r}, expected {e[worst]!r}, "
+                             f"magnitude {np.broadcast_to(ref, np.shape(e))[worst]!r}")

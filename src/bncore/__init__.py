@@ -25,12 +25,12 @@ __version__ = _core.version_string()
 __all__ = [
     "BatchNorm", "BncoreError", "GroupNorm", "InstanceNorm", "InternalError", "InvalidArgumentError", "LayerNorm",
     "MissingRunningStatsError", "Moments", "OutOfMemoryError", "OverlapError", "RMSNorm", "RunningStats",
-    "ShapeMismatchError", "UnsupportedDeviceError", "UnsupportedDtypeError", "__version__", "batch_norm",
-    "batch_norm_backward", "batch_norm_forward", "get_cmake_dir", "get_cython_include", "get_include", "get_library",
-    "get_num_threads", "get_pkgconfig_dir", "group_norm", "group_norm_backward", "group_norm_forward",
-    "instance_norm", "instance_norm_backward", "instance_norm_forward", "layer_norm", "layer_norm_backward",
-    "layer_norm_forward", "normalize", "normalize_backward", "normalize_forward", "precise_stats", "rms_norm",
-    "rms_norm_backward", "rms_norm_forward", "set_num_threads",
+    "ShapeMismatchError", "SyncBatchNorm", "UnsupportedDeviceError", "UnsupportedDtypeError", "__version__",
+    "batch_norm", "batch_norm_backward", "batch_norm_forward", "get_cmake_dir", "get_cython_include", "get_include",
+    "get_library", "get_num_threads", "get_pkgconfig_dir", "group_norm", "group_norm_backward",
+    "group_norm_forward", "instance_norm", "instance_norm_backward", "instance_norm_forward", "layer_norm",
+    "layer_norm_backward", "layer_norm_forward", "normalize", "normalize_backward", "normalize_forward",
+    "precise_stats", "rms_norm", "rms_norm_backward", "rms_norm_forward", "set_num_threads",
 ]
 
 

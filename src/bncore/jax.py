@@ -37,7 +37,8 @@ from . import _core, _jax_ffi
 try:
     from jax import ffi as _ffi
 except ImportError:  # jax < 0.4.38
-    from jax.extend import ffi as _ffi
+    # the same module under its old name; the jax that mypy checks against has only the new one
+    from jax.extend import ffi as _ffi  # type: ignore[attr-defined,no-redef]
 
 __all__ = ["batch_norm", "group_norm", "instance_norm", "layer_norm", "normalize", "rms_norm"]
 
@@ -69,7 +70,7 @@ class _Desc(NamedTuple):
         return _Desc(int(core_desc.reduce_axes), int(core_desc.param_axes), split_axis, num_groups,
                      float(core_desc.eps), float(momentum), int(core_desc.flags) | flags)
 
-    def batched(self, param_batched: bool) -> "_Desc":
+    def batched(self, param_batched: bool) -> _Desc:
         """The same problem with one more leading axis that is not reduced (a vmapped
         axis); parameters are indexed by it too when `param_batched`."""
         return self._replace(reduce_axes=self.reduce_axes << 1,
@@ -118,7 +119,7 @@ def _broadcast(a, size):
     return jnp.broadcast_to(a, (size,) + a.shape)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _forward_op(desc: _Desc, has_weight: bool, has_bias: bool, has_running: bool):
     """f(x, params) -> (y, save_mean, save_rstd[, new_running_mean, new_running_var]), params the
     present ones of (weight, bias, running_mean, running_var) in that order."""
@@ -153,7 +154,7 @@ def _forward_op(desc: _Desc, has_weight: bool, has_bias: bool, has_running: bool
     return op
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _backward_op(desc: _Desc, has_weight: bool, dweight_dtype, dbias_dtype):
     """f(x, dy, params) -> (dx[, dweight][, dbias]), params = ([weight,] save_mean, save_rstd)."""
     operands = _WEIGHT * has_weight | _DWEIGHT * (dweight_dtype is not None) | _BIAS * (dbias_dtype is not None)
@@ -228,6 +229,8 @@ def _norm_bwd(desc, residuals, cotangents):
             rstd = jax.lax.rsqrt(rv.astype(jnp.float32 if rv.dtype.itemsize < 4 else rv.dtype) + desc.eps)
             # (xhat = (x - rm) * rstd, so d y / d rv = -w * xhat * rstd^2 / 2)
             w_rstd = rstd if w is None else rstd * w
+            # eval_stats made dw_dtype and db_dtype non-None above, so both sums were computed
+            assert sum_dy is not None and sum_dy_xhat is not None
             drm = (-w_rstd * sum_dy).astype(rm.dtype)
             drv = (-0.5 * w_rstd * rstd * sum_dy_xhat).astype(rv.dtype)
     return dx, dw, db, drm, drv

@@ -48,9 +48,11 @@ def merge(count_a, mean_a, m2_a, count_b, mean_b, m2_b, count, mean, m2) -> None
     """Step 2: Chan's merge of two sets of moments, elementwise (counts: one value per entry,
     or one for all). ``count`` may be None; each output may be its own a- or b-side input."""
     with _Call() as call:
-        ins = [call.need(t, name) for t, name in ((count_a, "count_a"), (mean_a, "mean_a"), (m2_a, "m2_a"),
-                                                 (count_b, "count_b"), (mean_b, "mean_b"), (m2_b, "m2_b"))]
-        _core.moments_merge(*ins, call.add(count, "count", True), _output(call, mean, "mean"), _output(call, m2, "m2"))
+        ca, ma, qa, cb, mb, qb = [call.need(t, name) for t, name in (
+            (count_a, "count_a"), (mean_a, "mean_a"), (m2_a, "m2_a"),
+            (count_b, "count_b"), (mean_b, "mean_b"), (m2_b, "m2_b"))]
+        _core.moments_merge(ca, ma, qa, cb, mb, qb, call.add(count, "count", True), _output(call, mean, "mean"),
+                            _output(call, m2, "m2"))
 
 
 def forward(input, mean, m2, count, weight=None, bias=None, *, eps=1e-5, axis=1, running_mean=None,
@@ -74,7 +76,8 @@ def forward(input, mean, m2, count, weight=None, bias=None, *, eps=1e-5, axis=1,
         sm_obj, sr_obj = alloc.empty((channels,), stat_dtype(x.dtype)), alloc.empty((channels,), stat_dtype(x.dtype))
         w, b = call.add(weight, "weight"), call.add(bias, "bias")
         gm, gq = call.need(mean, "mean"), call.need(m2, "m2")
-        y, sm, sr = call.add(y_obj, "out", True), call.add(sm_obj, "save_mean", True), call.add(sr_obj, "save_rstd", True)
+        y = call.add(y_obj, "out", True)
+        sm, sr = call.add(sm_obj, "save_mean", True), call.add(sr_obj, "save_rstd", True)
         if stats is not None:
             _core.norm_forward_stats(desc, x, w, b, stats._handle, y, sm, sr, gm, gq, int(count))
         else:

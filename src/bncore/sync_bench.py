@@ -5,8 +5,8 @@
 Each of `world` processes runs forward + backward of a (16, 64, 56, 56) float32 batch,
 first with bncore.BatchNorm (local statistics), then with bncore.SyncBatchNorm (global
 ones), both ranks starting every repetition together. Reported: the median time of each,
-their ratio (target <= 1.3x), the time of the two all-reduces alone, and the bytes each step moves: the two all-reduce buffers
-(world x (2C+1) and 2C+2 float64) and what a ring all-reduce sends of them per rank,
+their ratio (target <= 1.3x), the time of the two all-reduces alone, and the bytes each step
+moves: the two all-reduce buffers (world x (2C+1) and 2C+2 float64) and what a ring all-reduce sends of them per rank,
 2 (W-1) / W times the buffer. Backends: "gloo" (torch.distributed on 127.0.0.1, needs
 torch) and "shm" (a shared-memory all-reduce of the standard library: no framework,
 so the ratio is bncore's own cost of splitting each pass into its steps).
@@ -76,7 +76,7 @@ def _rank(rank, world, backend, port, rows, barrier, width, repeats, results):
         layer(x)
         layer.backward(dy)
 
-    times = {"local": [], "sync": [], "collectives": []}
+    times: dict[str, list[float]] = {"local": [], "sync": [], "collectives": []}
     for i in range(repeats + 2):  # two warm-up rounds
         for name, run_once in (("local", lambda: step(local)), ("sync", lambda: step(synced)),
                                ("collectives", collectives_alone)):
@@ -134,7 +134,8 @@ def run(world=2, backend=None, repeats=10, timeout=300.0) -> dict:
     alone = statistics.median(max(per_rank[r]["collectives"][i] for r in per_rank) for i in range(repeats))
     buffer_bytes = 8 * (forward_values + backward_values)
     return {"backend": backend, "world": world, "shape": SHAPE, "local_s": local, "sync_s": synced,
-            "ratio": synced / local, "collectives_s": alone, "collectives_per_step": 2, "buffer_bytes_per_step": buffer_bytes,
+            "ratio": synced / local, "collectives_s": alone, "collectives_per_step": 2,
+            "buffer_bytes_per_step": buffer_bytes,
             "ring_bytes_sent_per_rank": 2 * (world - 1) / world * buffer_bytes}
 
 

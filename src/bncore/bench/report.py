@@ -98,7 +98,7 @@ def overhead_lines(overhead: dict) -> list:
 
 def llc_bytes():
     """The size of the largest (last-level) CPU cache from Linux's sysfs, or None."""
-    best = (0, None)
+    best: tuple[int, int | None] = (0, None)  # (cache level, its size)
     base = "/sys/devices/system/cpu/cpu0/cache"
     try:
         for entry in os.listdir(base):
