@@ -69,7 +69,8 @@ def _int64_array(values):
 class Forged:
     """One forged tensor. `shape` / `strides`: sequences, or None for a NULL pointer (the
     declared ndim is `ndim`, len(shape) by default); `data`: an address, or a ctypes
-    buffer kept alive here, or (address, buffer that holds it), or None; `version`: (major, minor) for a versioned capsule,
+    buffer kept alive here, or (address, buffer that holds it), or None; `version`: (major, minor) for a versioned
+    capsule,
     None for a legacy one."""
 
     def __init__(self, shape=(2, 3), strides=None, *, ndim=None, dtype=(KDL_FLOAT, 32, 1), device=(KDL_CPU, 0),

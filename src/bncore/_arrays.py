@@ -165,7 +165,7 @@ def stat_dtype(dtype: str) -> str:
 HOST_DEVICE_TYPES = (1, 3, 13)
 
 
-def place(dev) -> object:
+def place(dev: tuple[int, int]) -> object:
     """Where a (device type, id) pair computes: every kind of host memory is one place."""
     return "host" if dev[0] in HOST_DEVICE_TYPES else dev
 

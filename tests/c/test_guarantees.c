@@ -85,6 +85,29 @@ SUITE(guarantees) {
                           NULL, tt_init(&ty, x, TT_F64, 3, shape, NULL), NULL, NULL) == BN_STATUS_INVALID_ARGUMENT);
   }
 
+  TEST(forged_addresses_and_alignment_are_refused) {
+    /* found by the fuzzer through the Python import path; refused by the C core itself too */
+    tt_t tx, ty;
+    bn_norm_desc_t d = batch_desc(3);
+    const int64_t empty[3] = {0, 3, 5}, flipped[3] = {-(INT64_C(1) << 62), 5, 1};
+    CHECK(bn_norm_forward(NULL, &d, tt_init(&tx, NULL, TT_F64, 3, empty, NULL), NULL, NULL, NULL, NULL, 0, NULL, NULL,
+                          tt_init(&ty, NULL, TT_F64, 3, empty, NULL), NULL, NULL) == BN_STATUS_SUCCESS);
+    tx.t.byte_offset = UINT64_C(1) << 63; /* NULL + 2^63: no address */
+    CHECK(bn_norm_forward(NULL, &d, &tx.t, NULL, NULL, NULL, NULL, 0, NULL, NULL, &ty.t, NULL, NULL) ==
+          BN_STATUS_INVALID_ARGUMENT);
+    CHECK(strstr(bn_last_error(), "byte_offset") != NULL);
+    CHECK(bn_norm_forward(NULL, &d, tt_init(&tx, NULL, TT_F64, 3, empty, flipped), NULL, NULL, NULL, NULL, 0, NULL,
+                          NULL, &ty.t, NULL, NULL) == BN_STATUS_INVALID_ARGUMENT); /* a stride on an empty axis */
+    CHECK(strstr(bn_last_error(), "stride") != NULL);
+    float x[8] = {0};
+    const int64_t shape[3] = {2, 1, 2};
+    tt_init(&tx, x, TT_F32, 3, shape, NULL), tt_init(&ty, x + 4, TT_F32, 3, shape, NULL);
+    tx.t.byte_offset = 1; /* element 0 not aligned to its type */
+    CHECK(bn_norm_forward(NULL, &d, &tx.t, NULL, NULL, NULL, NULL, 0, NULL, NULL, &ty.t, NULL, NULL) ==
+          BN_STATUS_INVALID_ARGUMENT);
+    CHECK(strstr(bn_last_error(), "aligned") != NULL);
+  }
+
   TEST(instance_norm_of_no_samples_keeps_running_statistics) {
     double v = 0, rm[2] = {0.5, -0.5}, rv[2] = {2, 3};
     const int64_t shape[3] = {0, 2, 4};
