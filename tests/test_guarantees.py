@@ -1,0 +1,134 @@
+"""The promises of docs/guarantees.md, one test (or a few) each.
+
+Atomic loaders, autograd never fooled by a write through bncore, and thread safety of
+the state objects. Each test names the promise it checks."""
+from __future__ import annotations
+
+
+import numpy as np
+import pytest
+
+import bncore
+from bncore.errors import InvalidArgumentError
+
+
+def _snapshot(layer):
+    return {k: v.tobytes() for k, v in layer.state_dict().items()}
+
+
+def _loaded_layer():
+    layer = bncore.BatchNorm(4)
+    layer.load_state_dict({"weight": np.arange(4.0) + 1, "bias": np.arange(4.0) - 1,
+                           "running_mean": np.full(4, 0.5), "running_var": np.full(4, 2.0),
+                           "num_batches_tracked": np.array(7)})
+    return layer
+
+
+# ------------------------------------------------------------------ all-or-nothing loaders
+
+
+@pytest.mark.parametrize("count", [np.array(2**63, np.uint64), np.array(2**64 - 1, np.uint64), np.array(-1),
+                                   np.array(2**63 - 1, np.uint64) + np.uint64(1)])
+def test_load_state_dict_bad_count_changes_nothing(count):
+    layer = _loaded_layer()
+    before = _snapshot(layer)
+    new = {"weight": np.full(4, 9.0), "bias": np.full(4, 9.0), "running_mean": np.full(4, 9.0),
+           "running_var": np.full(4, 9.0), "num_batches_tracked": count}
+    with pytest.raises(InvalidArgumentError, match="num_batches_tracked"):
+        layer.load_state_dict(new)
+    assert _snapshot(layer) == before
+
+
+def test_load_state_dict_python_int_2_63_refused():
+    layer = _loaded_layer()
+    before = _snapshot(layer)
+    with pytest.raises(InvalidArgumentError, match="num_batches_tracked"):
+        layer.load_state_dict({**layer.state_dict(), "weight": np.zeros(4), "num_batches_tracked": 2**63})
+    assert _snapshot(layer) == before
+
+
+def test_load_state_dict_largest_count_loads():
+    layer = _loaded_layer()
+    layer.load_state_dict({**layer.state_dict(), "num_batches_tracked": np.array(2**63 - 1, np.uint64)})
+    assert int(layer.num_batches_tracked) == 2**63 - 1
+
+
+@pytest.mark.parametrize("key", ["weight", "bias", "running_mean", "running_var"])
+def test_load_state_dict_complex_refused(key):
+    layer = _loaded_layer()
+    before = _snapshot(layer)
+    state = {k: np.full(4, 3.0) for k in ("weight", "bias", "running_mean", "running_var")}
+    state["num_batches_tracked"] = np.array(1)
+    state[key] = np.full(4, 1 + 2j)
+    with pytest.raises(TypeError, match=key):
+        layer.load_state_dict(state)
+    assert _snapshot(layer) == before
+
+
+@pytest.mark.parametrize("which", ["mean", "var"])
+def test_running_stats_load_complex_refused(which):
+    stats = bncore.RunningStats(3)
+    stats.load(np.ones(3), np.full(3, 2.0), 5)
+    before = (stats.mean.tobytes(), stats.var.tobytes(), stats.count)
+    values = {"mean": np.zeros(3), "var": np.zeros(3)}
+    values[which] = np.full(3, 1 + 1j)
+    with pytest.raises(TypeError, match=which):
+        stats.load(values["mean"], values["var"], 6)
+    assert (stats.mean.tobytes(), stats.var.tobytes(), stats.count) == before
+
+
+def test_running_stats_load_bad_count_changes_nothing():
+    stats = bncore.RunningStats(3)
+    stats.load(np.ones(3), np.full(3, 2.0), 5)
+    before = (stats.mean.tobytes(), stats.var.tobytes(), stats.count)
+    with pytest.raises(InvalidArgumentError, match="count"):
+        stats.load(np.zeros(3), np.zeros(3), 2**63)
+    assert (stats.mean.tobytes(), stats.var.tobytes(), stats.count) == before
+
+
+def test_running_stats_load_goes_through_one_c_call(monkeypatch):
+    """The whole replacement is one RunningStatsHandle.load (under the state's lock)."""
+    stats = bncore.RunningStats(3)
+    calls = []
+    handle = stats._handle
+
+    class Spy:
+        def __getattr__(self, name):
+            return getattr(handle, name)
+
+        def load(self, *args):
+            calls.append(args[2:])
+            return handle.load(*args)
+
+    monkeypatch.setattr(stats, "_handle", Spy())
+    stats.load(np.ones(3), np.full(3, 2.0), 4)
+    assert calls == [(4, 0)]
+    layer = bncore.BatchNorm(3)
+    layer.stats._handle, real = Spy(), layer.stats._handle
+    handle = real
+    calls.clear()
+    layer.load_state_dict({"weight": np.ones(3), "bias": np.zeros(3), "running_mean": np.ones(3),
+                           "running_var": np.ones(3), "num_batches_tracked": np.array(2)})
+    assert calls == [(2, 0)]
+    assert int(layer.num_batches_tracked) == 2
+
+
+@pytest.mark.parametrize("name", ["gamma", "beta", "moving_mean", "moving_variance"])
+def test_load_keras_weights_complex_refused(name):
+    layer = bncore.BatchNorm(3, convention="keras")
+    layer.load_keras_weights({"gamma": np.full(3, 2.0), "beta": np.ones(3), "moving_mean": np.ones(3),
+                              "moving_variance": np.full(3, 3.0)})
+    before = _snapshot(layer)
+    weights = {k: np.full(3, 5.0) for k in ("gamma", "beta", "moving_mean", "moving_variance")}
+    weights[name] = np.full(3, 1 - 1j)
+    with pytest.raises(TypeError, match=name):
+        layer.load_keras_weights(weights)
+    assert _snapshot(layer) == before
+
+
+def test_load_keras_weights_all_stored():
+    layer = bncore.BatchNorm(3, convention="keras")
+    layer.load_keras_weights([np.full(3, 2.0), np.ones(3), np.full(3, 4.0), np.full(3, 3.0)])
+    np.testing.assert_array_equal(layer.weight, 2.0)
+    np.testing.assert_array_equal(layer.running_mean, 4.0)
+    np.testing.assert_array_equal(layer.running_var, 3.0)
