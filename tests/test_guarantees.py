@@ -4,7 +4,6 @@ Atomic loaders, autograd never fooled by a write through bncore, and thread safe
 the state objects. Each test names the promise it checks."""
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 
@@ -132,3 +131,94 @@ def test_load_keras_weights_all_stored():
     np.testing.assert_array_equal(layer.weight, 2.0)
     np.testing.assert_array_equal(layer.running_mean, 4.0)
     np.testing.assert_array_equal(layer.running_var, 3.0)
+
+
+# ------------------------------------------------------------------ autograd is never fooled
+
+
+def _torch():
+    return pytest.importorskip("torch")
+
+
+def _torch_error(op):
+    """The RuntimeError torch itself raises for `op` (its own in-place op)."""
+    with pytest.raises(RuntimeError) as info:
+        op()
+    return str(info.value)
+
+
+def test_out_into_leaf_requiring_grad_refused_as_torch_does():
+    torch = _torch()
+    x = torch.randn(4, 3, requires_grad=True)
+    before = x.detach().clone()
+    assert "leaf Variable that requires grad" in _torch_error(lambda: x.add_(1))
+    with pytest.raises(RuntimeError, match="out: a leaf Variable that requires grad is being used in an in-place"):
+        bncore.layer_norm(x, 3, out=x)
+    assert torch.equal(x.detach(), before)
+    view = x[1:]
+    assert "view of a leaf Variable" in _torch_error(lambda: view.add_(1))
+    with pytest.raises(RuntimeError, match="view of a leaf Variable"):
+        bncore.layer_norm(x[1:], 3, out=view)
+    with torch.no_grad():  # torch allows it without grad mode, and so does bncore
+        x.add_(0)
+        bncore.layer_norm(x.detach().clone(), 3, out=x)
+
+
+def test_out_into_tensor_saved_for_backward_raises_at_backward():
+    torch = _torch()
+    for write in (lambda h: h.add_(1), lambda h: bncore.layer_norm(h.detach().clone(), 3, out=h)):
+        x = torch.randn(4, 3, requires_grad=True)
+        h = x * 2  # not a leaf
+        loss = (h * h).sum()  # saves h
+        write(h)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            loss.backward()
+
+
+def test_out_into_saved_leaf_not_requiring_grad_raises_at_backward():
+    torch = _torch()
+    for write in (lambda a: a.add_(1), lambda a: bncore.layer_norm(a.clone(), 3, out=a)):
+        a = torch.randn(4, 3)
+        w = torch.randn(4, 3, requires_grad=True)
+        loss = (a * w).sum()  # saves a for w's gradient
+        write(a)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            loss.backward()
+
+
+@pytest.mark.parametrize("checked", [False, True])
+def test_running_stats_written_bump_versions(checked):
+    """The running statistics batch_norm updates in place: small-call fast path and checked path."""
+    torch = _torch()
+    x = torch.randn(8, 3)
+    rm, rv = torch.zeros(3), torch.ones(3)
+    w = torch.randn(3, requires_grad=True)
+    loss = (rm * w).sum() + (rv * w).sum()  # saves rm and rv
+    v0 = (rm._version, rv._version)
+    kwargs = {"out": torch.empty_like(x)} if checked else {}
+    bncore.batch_norm(x, rm, rv, training=True, **kwargs)
+    assert rm._version > v0[0] and rv._version > v0[1]
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+@pytest.mark.parametrize("checked", [False, True])
+def test_running_stats_leaf_requiring_grad_refused(checked):
+    torch = _torch()
+    x = torch.randn(8, 3)
+    rm, rv = torch.zeros(3, requires_grad=True), torch.ones(3)
+    kwargs = {"out": torch.empty_like(x)} if checked else {}
+    with pytest.raises(RuntimeError, match="running_mean: a leaf Variable that requires grad"):
+        bncore.batch_norm(x, rm, rv, training=True, **kwargs)
+    assert torch.equal(rm.detach(), torch.zeros(3))
+    bncore.batch_norm(x, rm, rv, training=False)  # eval only reads them
+
+
+def test_backward_out_bumps_version():
+    torch = _torch()
+    x, dy = torch.randn(4, 3), torch.randn(4, 3)
+    _, mean, rstd = bncore.layer_norm_forward(x, 3)
+    dx = torch.empty_like(x)
+    v = dx._version
+    bncore.layer_norm_backward(dy, x, 3, None, mean, rstd, out=dx)
+    assert dx._version > v

@@ -19,7 +19,7 @@ import numpy as np
 
 from . import _core
 from ._core import Tensor
-from ._arrays import Allocator, Array, Call, empty_like_of, stat_dtype
+from ._arrays import Allocator, Array, Call, bump_versions, check_torch_write, empty_like_of, stat_dtype
 from ._checks import (check_axes, check_axis, check_batch_values, check_eps, check_float, check_has_running_stats,
                       check_input, check_like_input, check_momentum, check_ndim, check_normalized_shape,
                       check_not_scalar, check_num_groups, check_param, check_running_pair, check_same_device,
@@ -206,7 +206,13 @@ def _batch_norm_small(input: Array, running_mean: Array | None, running_var: Arr
         desc = _core.Desc.batch(len(shape), ax, eps).with_options(flags, momentum_used)
     except (TypeError, ValueError):
         return None
-    return _core.exchange_forward(desc, empty_like, input, weight, bias, running_mean, running_var)
+    written = []
+    if training:  # the running statistics are written: autograd's rules, as in `Call`
+        written = [t for t in (check_torch_write(running_mean, "running_mean"),
+                               check_torch_write(running_var, "running_var")) if t is not None]
+    y = _core.exchange_forward(desc, empty_like, input, weight, bias, running_mean, running_var)
+    bump_versions(written)
+    return y
 
 
 def batch_norm(input: Array, running_mean: Array | None = None, running_var: Array | None = None,
