@@ -4,6 +4,8 @@ Atomic loaders, autograd never fooled by a write through bncore, and thread safe
 the state objects. Each test names the promise it checks."""
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 
@@ -222,3 +224,115 @@ def test_backward_out_bumps_version():
     v = dx._version
     bncore.layer_norm_backward(dy, x, 3, None, mean, rstd, out=dx)
     assert dx._version > v
+
+
+# ------------------------------------------------------------------ thread safety of state objects
+
+THREADS = 8
+
+
+def _in_threads(work, count=THREADS):
+    """Runs work(i) in `count` threads started together; re-raises the first failure."""
+    barrier = threading.Barrier(count)
+    errors = []
+
+    def run(i):
+        try:
+            barrier.wait()
+            work(i)
+        except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+
+
+def _stats_bytes(stats):
+    return stats.mean.tobytes(), stats.var.tobytes(), stats.count
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_running_stats_shared_by_threads_equal_serial(momentum):
+    rng = np.random.default_rng(0)
+    mean, var = rng.standard_normal(64), rng.random(64) + 0.5
+    shared, serial = bncore.RunningStats(64, momentum), bncore.RunningStats(64, momentum)
+    for _ in range(THREADS * 1000):
+        serial.update(mean, var, 16)
+    _in_threads(lambda i: [shared.update(mean, var, 16) for _ in range(1000)])
+    assert _stats_bytes(shared) == _stats_bytes(serial)
+    assert shared.count == THREADS * 1000
+
+
+def _batch(value, channels=100_000):
+    return np.full((2, channels), value, np.float64)
+
+
+def test_batch_norm_shared_by_threads_equal_serial():
+    """The issue's repro. Constant data: every channel's update is the same elementwise arithmetic,
+    so a serial run of a narrower layer gives each channel's exact value."""
+    shared, serial = bncore.BatchNorm(100_000, dtype="float64"), bncore.BatchNorm(1000, dtype="float64")
+    for _ in range(THREADS * 50):
+        serial(_batch(0.75, 1000))
+    x = _batch(0.75)
+    _in_threads(lambda i: [shared(x) for _ in range(50)])
+    assert np.ptp(shared.running_mean) == 0.0
+    assert shared.running_mean[:1000].tobytes() == serial.running_mean.tobytes()
+    assert shared.running_var[:1000].tobytes() == serial.running_var.tobytes()
+    assert int(shared.num_batches_tracked) == THREADS * 50
+
+
+def test_batch_norm_threads_with_different_data_stay_channel_consistent():
+    """Inputs that do not commute: each update is still whole, so every channel saw the same sequence."""
+    shared = bncore.BatchNorm(20_000, dtype="float64")
+    _in_threads(lambda i: [shared(_batch(float(i), 20_000)) for _ in range(50)])
+    assert np.ptp(shared.running_mean) == 0.0
+    assert np.ptp(shared.running_var) == 0.0
+
+
+def test_separate_objects_in_threads_equal_serial():
+    rng = np.random.default_rng(1)
+    data = [(rng.standard_normal(32), rng.random(32) + 0.5) for _ in range(THREADS)]
+    threaded = [bncore.RunningStats(32) for _ in range(THREADS)]
+    serial = [bncore.RunningStats(32) for _ in range(THREADS)]
+    for s, (m, v) in zip(serial, data):
+        for _ in range(300):
+            s.update(m, v, 8)
+    _in_threads(lambda i: [threaded[i].update(*data[i], 8) for _ in range(300)])
+    assert [_stats_bytes(s) for s in threaded] == [_stats_bytes(s) for s in serial]
+    layers = [bncore.BatchNorm(1000, dtype="float64") for _ in range(THREADS)]
+    serial_layers = [bncore.BatchNorm(1000, dtype="float64") for _ in range(THREADS)]
+    for i, layer in enumerate(serial_layers):
+        for _ in range(20):
+            layer(_batch(float(i), 1000) + np.arange(2.0)[:, None])
+    _in_threads(lambda i: [layers[i](_batch(float(i), 1000) + np.arange(2.0)[:, None]) for _ in range(20)])
+    for a, b in zip(layers, serial_layers):
+        assert _snapshot(a) == _snapshot(b)
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_torch_module_shared_by_threads(momentum):
+    """A bncore.torch module's buffers (running statistics and batch counter) are updated one call
+    at a time: same data gives the serial result bitwise, different data stays channel-consistent."""
+    torch = _torch()
+    import bncore.torch as bt
+
+    def module():
+        return bt.BatchNorm1d(20_000, momentum=momentum, dtype=torch.float64)
+
+    same = torch.from_numpy(_batch(0.75, 20_000))
+    shared, serial = module(), module()
+    for _ in range(THREADS * 20):
+        serial(same)
+    _in_threads(lambda i: [shared(same) for _ in range(20)])
+    assert torch.equal(shared.running_mean, serial.running_mean)
+    assert torch.equal(shared.running_var, serial.running_var)
+    assert int(shared.num_batches_tracked) == THREADS * 20
+    mixed = module()
+    _in_threads(lambda i: [mixed(torch.from_numpy(_batch(float(i), 20_000))) for _ in range(20)])
+    assert float(mixed.running_mean.max() - mixed.running_mean.min()) == 0.0
+    assert int(mixed.num_batches_tracked) == THREADS * 20
