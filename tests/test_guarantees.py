@@ -336,3 +336,61 @@ def test_torch_module_shared_by_threads(momentum):
     _in_threads(lambda i: [mixed(torch.from_numpy(_batch(float(i), 20_000))) for _ in range(20)])
     assert float(mixed.running_mean.max() - mixed.running_mean.min()) == 0.0
     assert int(mixed.num_batches_tracked) == THREADS * 20
+
+
+# ------------------------------------------------------------------ the docs' promises
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("running", [False, True])
+@pytest.mark.parametrize("fn", ["batch_norm", "batch_norm_forward", "instance_norm"])
+def test_functions_refuse_momentum_none_as_torch(fn, running, training):
+    """batch_norm.md: a momentum that is not a number raises TypeError, used or not, as in torch."""
+    torch = _torch()
+    x = torch.randn(4, 3, 5)
+    rs = (torch.zeros(3), torch.ones(3)) if running else (None, None)
+    if fn == "instance_norm":
+        with pytest.raises(TypeError):
+            torch.nn.functional.instance_norm(x, *rs, use_input_stats=training, momentum=None)
+        with pytest.raises(TypeError, match="momentum"):
+            bncore.instance_norm(x, *rs, use_input_stats=training, momentum=None)
+        return
+    with pytest.raises(TypeError):
+        torch.nn.functional.batch_norm(x, *rs, training=training, momentum=None)
+    with pytest.raises(TypeError, match="momentum"):
+        getattr(bncore, fn)(x, *rs, training=training, momentum=None)
+    with pytest.raises(TypeError, match="momentum"):
+        getattr(bncore, fn)(x.numpy(), *(None if r is None else r.numpy() for r in rs), training=training,
+                            momentum=None)
+
+
+def test_instance_norm_momentum_none_leaves_statistics_alone():
+    """instance_norm.md: with momentum=None the running statistics do not move, as in torch."""
+    torch = _torch()
+    x = np.random.default_rng(2).standard_normal((2, 3, 5))
+    layer = bncore.InstanceNorm(3, momentum=None, track_running_stats=True)
+    ref = torch.nn.InstanceNorm1d(3, momentum=None, track_running_stats=True)
+    layer(x)
+    ref(torch.from_numpy(x).float())
+    np.testing.assert_array_equal(layer.running_mean, np.zeros(3))
+    np.testing.assert_array_equal(layer.running_var, np.ones(3))
+    assert torch.equal(ref.running_mean, torch.zeros(3)) and torch.equal(ref.running_var, torch.ones(3))
+
+
+@pytest.mark.parametrize("bad", [np.inf, np.nan])
+def test_single_row_with_inf_or_nan_gets_nan_rstd(bad):
+    """numerics.md: a one-row group holding inf or NaN gets a NaN rstd."""
+    x = np.array([[1.0, bad, 2.0]])
+    _, _, rstd = bncore.layer_norm_forward(x, 3)
+    assert np.isnan(rstd).all()
+
+
+def test_self_overlapping_outputs_refused():
+    """guarantees.md: an output that overlaps itself (zero strides) is refused, nothing written."""
+    x = np.random.default_rng(3).standard_normal((4, 3))
+    out = np.lib.stride_tricks.as_strided(np.zeros(3), (4, 3), (0, 8))
+    with pytest.raises(bncore.OverlapError):
+        bncore.layer_norm(x, 3, out=out)
+    rm = np.lib.stride_tricks.as_strided(np.zeros(1), (3,), (0,))
+    with pytest.raises(bncore.OverlapError):
+        bncore.batch_norm(x, rm, np.ones(3), training=True)

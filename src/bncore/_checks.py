@@ -79,6 +79,13 @@ def check_momentum(momentum: Any, none_ok: bool = False) -> float:
     return float(momentum)
 
 
+def check_momentum_type(momentum: Any) -> None:
+    """The functions' momentum is a number even where it is not used (eval mode, no running
+    statistics), as torch.nn.functional's is: None or a bool raises TypeError."""
+    if type(momentum) is not float and not _is_real(momentum):
+        raise TypeError(f"momentum: expected a float, got {type(momentum).__name__}")
+
+
 def check_int(value: Any, what: str) -> int:
     if not _is_int(value):
         raise TypeError(f"{what}: expected an int, got {type(value).__name__}")
