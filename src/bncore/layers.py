@@ -61,7 +61,7 @@ class _Layer:
         unexpected = [k for k in state if k not in names]
         if strict and (missing or unexpected):
             raise KeyError(f"load_state_dict: missing keys {missing}, unexpected keys {unexpected}")
-        staged = {}
+        staged: dict[str, Any] = {}
         for key, shape in keys:
             if key not in state:
                 continue
