@@ -50,6 +50,30 @@ def to_numpy(value: Any, what: str) -> np.ndarray:
     return np.array(value, copy=True)
 
 
+def check_torch_write(obj: Any, what: str) -> Any:
+    """Autograd's rule for a write into `obj`, applied before bncore writes: a PyTorch leaf that
+    requires grad (or a view of one) is refused while grad mode is on, as torch refuses an in-place
+    op on it. Returns the tensor whose version counter `bump_versions` must advance after the
+    write (any other PyTorch tensor), or None for other libraries."""
+    if type(obj).__module__.split(".")[0] != "torch":
+        return None
+    if obj.requires_grad and sys.modules["torch"].is_grad_enabled():
+        if obj.is_leaf:
+            raise RuntimeError(f"{what}: a leaf Variable that requires grad is being used in an in-place operation.")
+        base = obj._base
+        if base is not None and base.is_leaf and base.requires_grad:
+            raise RuntimeError(f"{what}: a view of a leaf Variable that requires grad is being used in an in-place "
+                               "operation.")
+    return obj
+
+
+def bump_versions(written: Sequence[Any]) -> None:
+    """Tells autograd that bncore wrote into these PyTorch tensors (as any in-place op does), so a
+    backward that saved one of them raises torch's "modified by an inplace operation" error."""
+    if written:
+        sys.modules["torch"].autograd.graph.increment_version(list(written))
+
+
 def import_tensor(obj: Any, what: str, writable: bool = False) -> _core.Tensor | None:
     if obj is None:
         return None
@@ -57,32 +81,41 @@ def import_tensor(obj: Any, what: str, writable: bool = False) -> _core.Tensor |
 
 
 class Call:
-    """The imported tensors of one call, handed back to their producers at the end (a context manager)."""
+    """The imported tensors of one call, handed back to their producers at the end (a context manager).
+
+    Every tensor bncore writes into is imported here with ``writable=True``: this is the one place
+    where autograd's in-place rules are applied (`check_torch_write`) and where, when the call
+    succeeds, the version counters of the PyTorch tensors written are advanced (`bump_versions`)."""
 
     def __init__(self) -> None:
         self.tensors: list[_core.Tensor] = []
+        self.written: list[Any] = []
 
     def add(self, obj: Any, what: str, writable: bool = False) -> _core.Tensor | None:
         """Imports an optional tensor (None stays None)."""
-        t = import_tensor(obj, what, writable)
-        if t is not None:
-            self.tensors.append(t)
-        return t
+        if obj is None:
+            return None
+        return self.need(obj, what, writable)
 
     def need(self, obj: Any, what: str, writable: bool = False) -> _core.Tensor:
         """Imports a required tensor."""
         if obj is None:
             raise TypeError(f"{what}: expected a tensor that supports DLPack (NumPy, PyTorch, JAX, ...), got None")
+        written = check_torch_write(obj, what) if writable else None
         t = _core.import_tensor(obj, what, writable)
         self.tensors.append(t)
+        if written is not None:
+            self.written.append(written)
         return t
 
     def __enter__(self) -> Call:
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: object, *exc: object) -> None:
         for t in self.tensors:
             t.release()
+        if exc_type is None:
+            bump_versions(self.written)
 
 
 _EMPTY_LIKE: dict[type, Callable[[Any], Any] | None] = {}  # tensor type -> its library's empty_like

@@ -79,6 +79,13 @@ def check_momentum(momentum: Any, none_ok: bool = False) -> float:
     return float(momentum)
 
 
+def check_momentum_type(momentum: Any) -> None:
+    """The functions' momentum is a number even where it is not used (eval mode, no running
+    statistics), as torch.nn.functional's is: None or a bool raises TypeError."""
+    if type(momentum) is not float and not _is_real(momentum):
+        raise TypeError(f"momentum: expected a float, got {type(momentum).__name__}")
+
+
 def check_int(value: Any, what: str) -> int:
     if not _is_int(value):
         raise TypeError(f"{what}: expected an int, got {type(value).__name__}")
@@ -283,13 +290,21 @@ def check_state_shape(value: np.ndarray, what: str, shape: Sequence[int]) -> Non
         raise ShapeMismatchError(f"{what}: expected shape {tuple(shape)}, got {value.shape}")
 
 
+def check_state_real(value: np.ndarray, what: str) -> None:
+    """A value loaded into state must not be complex (NumPy would drop the imaginary part with a warning)."""
+    if value.dtype.kind == "c":
+        raise TypeError(f"{what}: expected real values, got a complex array ({value.dtype})")
+
+
 def check_state_float(value: np.ndarray, what: str) -> None:
+    check_state_real(value, what)
     if value.dtype.name not in FLOAT_DTYPES:
         raise UnsupportedDtypeError(f"{what}: expected a floating dtype, got {value.dtype}")
 
 
 def check_state_count(value: np.ndarray, what: str) -> int:
-    """A loaded num_batches_tracked: one integer >= 0."""
-    if value.size != 1 or not np.issubdtype(value.dtype, np.integer) or int(value.reshape(())) < 0:
-        raise InvalidArgumentError(f"{what}: expected one integer >= 0, got {value!r}")
+    """A loaded num_batches_tracked: one integer in [0, 2**63) (an int64 counter; a uint64 of 2**63 or
+    more would wrap to a negative count)."""
+    if value.size != 1 or not np.issubdtype(value.dtype, np.integer) or not 0 <= int(value.reshape(())) < 2**63:
+        raise InvalidArgumentError(f"{what}: expected one integer in [0, 2**63), got {value!r}")
     return int(value.reshape(()))

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from ._arrays import to_numpy
-from ._checks import CONVENTIONS, check_momentum, check_state_shape
+from ._checks import CONVENTIONS, check_momentum, check_state_real, check_state_shape
 
 __all__ = ["DEFAULT_MOMENTUM", "LAYER_DEFAULTS", "keras_weights", "load_keras_weights", "update_factor"]
 
@@ -70,10 +70,10 @@ def load_keras_weights(layer: Any, weights: Mapping[str, Any] | Iterable[Any]) -
         if len(values) != len(names):
             raise ValueError(f"load_keras_weights: expected {len(names)} arrays ({', '.join(names)}), "
                              f"got {len(values)}")
-    staged = []
+    staged = {}
     for name, value in zip(names, values):
         a = to_numpy(value, name)
+        check_state_real(a, name)
         check_state_shape(a, name, (layer.num_features,))
-        staged.append((name, a.astype(layer.dtype)))
-    for name, a in staged:
-        setattr(layer, _KERAS_NAMES[name], a)
+        staged[_KERAS_NAMES[name]] = a.astype(layer.dtype)
+    layer._store_state(staged)  # the running statistics in one C call, then gamma and beta

@@ -19,11 +19,11 @@ import numpy as np
 
 from . import _core
 from ._core import Tensor
-from ._arrays import Allocator, Array, Call, empty_like_of, stat_dtype
+from ._arrays import Allocator, Array, Call, bump_versions, check_torch_write, empty_like_of, stat_dtype
 from ._checks import (check_axes, check_axis, check_batch_values, check_eps, check_float, check_has_running_stats,
-                      check_input, check_like_input, check_momentum, check_ndim, check_normalized_shape,
-                      check_not_scalar, check_num_groups, check_param, check_running_pair, check_same_device,
-                      check_saved, check_stats)
+                      check_input, check_like_input, check_momentum, check_momentum_type, check_ndim,
+                      check_normalized_shape, check_not_scalar, check_num_groups, check_param, check_running_pair,
+                      check_same_device, check_saved, check_stats)
 from .errors import MissingRunningStatsError
 
 __all__ = [
@@ -145,6 +145,8 @@ def _batch_setup(call: Call, input: Array, axis: Any) -> tuple[Tensor, int, int]
 def _batch_mode(shape: tuple[int, ...], ax: int, training: bool, has_running: bool, momentum: Any,
                 stats: Any) -> tuple[int, float]:
     """The flags and momentum of a batch-norm forward, by PyTorch's rules (or a RunningStats' own)."""
+    if stats is None:
+        check_momentum_type(momentum)
     if not training:
         check_has_running_stats(has_running or stats is not None, "running_mean must be defined in evaluation mode")
         return _core.FLAG_USE_RUNNING_STATS, 0.0
@@ -206,7 +208,13 @@ def _batch_norm_small(input: Array, running_mean: Array | None, running_var: Arr
         desc = _core.Desc.batch(len(shape), ax, eps).with_options(flags, momentum_used)
     except (TypeError, ValueError):
         return None
-    return _core.exchange_forward(desc, empty_like, input, weight, bias, running_mean, running_var)
+    written = []
+    if training:  # the running statistics are written: autograd's rules, as in `Call`
+        written = [t for t in (check_torch_write(running_mean, "running_mean"),
+                               check_torch_write(running_var, "running_var")) if t is not None]
+    y = _core.exchange_forward(desc, empty_like, input, weight, bias, running_mean, running_var)
+    bump_versions(written)
+    return y
 
 
 def batch_norm(input: Array, running_mean: Array | None = None, running_var: Array | None = None,
@@ -333,6 +341,8 @@ def _instance_setup(call: Call, input: Array) -> tuple[Tensor, int, tuple[int, i
 def _instance_mode(shape: tuple[int, ...], use_input_stats: bool, has_running: bool, momentum: Any,
                    stats: Any) -> tuple[int, float]:
     """The flags and momentum of an instance-norm forward, by PyTorch's rules."""
+    if stats is None:
+        check_momentum_type(momentum)
     if not use_input_stats:
         check_has_running_stats(has_running or stats is not None,
                                 "Expected running_mean and running_var to be defined when use_input_stats is false")

@@ -61,20 +61,24 @@ class _Layer:
         unexpected = [k for k in state if k not in names]
         if strict and (missing or unexpected):
             raise KeyError(f"load_state_dict: missing keys {missing}, unexpected keys {unexpected}")
-        staged = {}
+        staged: dict[str, Any] = {}
         for key, shape in keys:
             if key not in state:
                 continue
             value = to_numpy(state[key], key)
             if shape is None:
-                staged[key] = np.asarray(check_state_count(value, key), np.int64)
+                staged[key] = check_state_count(value, key)
                 continue
             check_state_shape(value, key, shape)
             check_state_float(value, key)
             staged[key] = value.astype(self.dtype)
+        self._store_state(staged)
+        return self
+
+    def _store_state(self, staged: dict[str, Any]) -> None:
+        """Stores checked values (key -> array, or int for a count); only the last step may fail."""
         for key, value in staged.items():
             setattr(self, key, value)
-        return self
 
     def _store_grads(self, dw: Array | None, db: Array | None) -> None:
         self.weight_grad = None if dw is None else to_numpy(dw, "grad_weight")
@@ -177,6 +181,16 @@ class _RunningStatsLayer(_Layer):
     def load_state_dict(self: _L, state: Mapping[str, Any], strict: bool = True) -> _L:
         """Loads a dict with PyTorch's keys; every value is checked before any is stored."""
         return super().load_state_dict(state, strict)
+
+    def _store_state(self, staged: dict[str, Any]) -> None:
+        """The running statistics go in first, in one C call under the state's lock
+        (bn_running_stats_load, all or nothing); weight and bias, plain attributes, after it."""
+        running = {k: staged.pop(k) for k in ("running_mean", "running_var", "num_batches_tracked") if k in staged}
+        if running:
+            stats = self._tracked()
+            stats._replace(running.get("running_mean", stats.mean), running.get("running_var", stats.var),
+                           running.get("num_batches_tracked"), None)
+        super()._store_state(staged)
 
     def _uses_batch_stats(self) -> bool:
         return self.training or not self.track_running_stats

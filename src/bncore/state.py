@@ -18,13 +18,17 @@ import numpy as np
 from . import _core
 from ._arrays import Array, Call, import_tensor
 from ._checks import (CONVENTIONS, NAN_POLICIES, check_axis, check_choice, check_count, check_int, check_not_scalar,
-                      check_positive_int, check_state_dtype, check_state_shape)
+                      check_positive_int, check_state_dtype, check_state_real, check_state_shape)
 from ._keras import DEFAULT_MOMENTUM, biased_variance, update_factor
 from .errors import InvalidArgumentError, ShapeMismatchError
 
 __all__ = ["Moments", "RunningStats", "precise_stats"]
 
 _DEFAULT: Any = object()
+
+
+def kept_or(value: int | None, current: int) -> int:
+    return current if value is None else value
 
 
 class RunningStats:
@@ -119,17 +123,30 @@ class RunningStats:
             v.release()
 
     def load(self, mean: Any, var: Any, count: int | None = None) -> None:
-        """Replaces the state (checked first, then written: all or nothing)."""
-        mean = np.asarray(mean, dtype=np.float64)
-        var = np.asarray(var, dtype=np.float64)
-        for name, a in (("mean", mean), ("var", var)):
+        """Replaces the state: every value is checked, then one C call (``bn_running_stats_load``,
+        under the state's lock) writes them all, so a failing load changes nothing."""
+        staged = []
+        for name, value in (("mean", mean), ("var", var)):
+            a = np.asarray(value)
+            check_state_real(a, name)
+            a = np.asarray(a, dtype=np.float64)
             check_state_shape(a, name, (self.num_features,))
+            staged.append(a)
         if count is not None:
             count = check_count(count)
-        np.copyto(self.mean, mean, casting="unsafe")
-        np.copyto(self.var, var, casting="unsafe")
-        if count is not None:
-            self.count = count
+        self._replace(staged[0], staged[1], count, None)
+
+    def _replace(self, mean: np.ndarray, var: np.ndarray, count: int | None, skipped: int | None) -> None:
+        """Writes checked values in one call under the state's lock; None keeps a counter as it is."""
+        updates, kept = self._handle.counts
+        m = import_tensor(mean, "mean")
+        v = import_tensor(var, "var")
+        assert m is not None and v is not None
+        try:
+            self._handle.load(m, v, kept_or(count, updates), kept_or(skipped, kept))
+        finally:
+            m.release()
+            v.release()
 
     def __dlpack__(self, **kwargs: Any) -> Any:
         raise TypeError("RunningStats holds two arrays: export .mean or .var")

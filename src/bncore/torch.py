@@ -18,8 +18,11 @@ Importing ``bncore`` never imports torch; importing ``bncore.torch`` does.
 """
 from __future__ import annotations
 
+import contextlib
+import threading
 import warnings
-from typing import TYPE_CHECKING
+import weakref
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -170,6 +173,26 @@ class _NormFunction(torch.autograd.Function):
                 grad_bias if need_bias else None)
 
 
+# module -> the lock that serializes its buffer updates; kept outside the module so that it still
+# copies and pickles (a lock does neither); entries go with their module
+_LOCKS: weakref.WeakKeyDictionary[Any, threading.Lock] = weakref.WeakKeyDictionary()
+_LOCKS_GUARD = threading.Lock()
+
+
+def _buffers_lock(module: Any, writes: bool) -> Any:
+    """The module's own lock when this call writes its buffers (running statistics and batch counter:
+    read, updated by bncore, counted), so that two threads calling one module update them one after
+    the other as the C state's lock does for bncore's own layers; a no-op context otherwise, so that
+    evaluation still runs in parallel."""
+    if not writes:
+        return contextlib.nullcontext()
+    with _LOCKS_GUARD:
+        lock = _LOCKS.get(module)
+        if lock is None:
+            lock = _LOCKS[module] = threading.Lock()
+    return lock
+
+
 def _apply(variant, input, weight, bias):
     """The output, through the autograd Function when a gradient may be asked for; otherwise (no_grad,
     inference_mode, nothing requiring grad) by the plain function, which saves no statistics."""
@@ -193,6 +216,10 @@ class _BatchNormForward(_BatchNormBase):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(input)
+        with _buffers_lock(self, self.training and self.track_running_stats):
+            return self._batch_norm(input)
+
+    def _batch_norm(self, input: torch.Tensor) -> torch.Tensor:
         exponential_average_factor = 0.0 if self.momentum is None else self.momentum
         # the batch counter that this call advances (training with tracked statistics), else None
         counter = self.num_batches_tracked if self.training and self.track_running_stats else None
@@ -248,6 +275,11 @@ class _InstanceNormForward(_InstanceNormBase):
         return self._instance_norm(input)
 
     def _instance_norm(self, input):
+        writes = (self.training or not self.track_running_stats) and self.running_mean is not None
+        with _buffers_lock(self, writes):
+            return self._instance_norm_locked(input)
+
+    def _instance_norm_locked(self, input):
         variant = _Instance(self.running_mean, self.running_var, self.training or not self.track_running_stats,
                             self.momentum if self.momentum is not None else 0.0, self.eps)
         return _apply(variant, input, self.weight, self.bias)
