@@ -84,3 +84,35 @@ def test_numpy_inputs_take_the_full_path_with_the_same_numbers():
     y_numpy = bncore.batch_norm(x.numpy(), None, None, training=True)
     assert isinstance(y_numpy, np.ndarray)
     np.testing.assert_array_equal(y_torch.numpy(), y_numpy)
+
+
+@pytest.mark.parametrize("bad", [
+    {"momentum": True}, {"momentum": "0.1"}, {"eps": True}, {"eps": -1.0}, {"axis": 1.0}, {"axis": True},
+    {"momentum": [0.1]},
+])
+def test_remembered_descriptions_never_skip_a_check(bad):
+    """The fast path remembers a call's checked description by its scalars *with their types*: a
+    bad scalar equal to a good one (True == 1, 1.0 == 1) or unhashable still reaches the checks."""
+    from bncore import functional
+    x, rm, rv = _data((8, 4), 3), torch.zeros(4), torch.ones(4)
+    args = {"momentum": 1, "eps": 1, "axis": 1}
+    bncore.batch_norm(x, rm, rv, training=True, **args)  # remembered
+    assert functional._SMALL_DESCS
+    before = rm.clone(), rv.clone()
+    with pytest.raises((TypeError, ValueError)):
+        bncore.batch_norm(x, rm, rv, training=True, **{**args, **bad})
+    assert torch.equal(rm, before[0]) and torch.equal(rv, before[1])
+
+
+def test_remembered_descriptions_are_bounded():
+    from bncore import functional
+    for n in range(2, 2 + functional._SMALL_DESCS_MAX + 10):
+        bncore.batch_norm(_data((n, 3), n), training=True)
+    assert 0 < len(functional._SMALL_DESCS) <= functional._SMALL_DESCS_MAX
+
+
+def test_fast_path_bumps_the_running_statistics_versions():
+    x, rm, rv = _data((8, 4), 4), torch.zeros(4), torch.ones(4)
+    v = rm._version, rv._version
+    bncore.batch_norm(x, rm, rv, training=True)
+    assert rm._version > v[0] and rv._version > v[1]

@@ -50,12 +50,24 @@ def to_numpy(value: Any, what: str) -> np.ndarray:
     return np.array(value, copy=True)
 
 
+def is_torch(obj: Any) -> bool:
+    """Whether `obj` is a PyTorch tensor (known by its type's module, so that torch is never imported)."""
+    tp = type(obj)
+    known = _IS_TORCH.get(tp)
+    if known is None:
+        known = _IS_TORCH[tp] = tp.__module__.split(".")[0] == "torch"
+    return known
+
+
+_IS_TORCH: dict[type, bool] = {}
+
+
 def check_torch_write(obj: Any, what: str) -> Any:
     """Autograd's rule for a write into `obj`, applied before bncore writes: a PyTorch leaf that
     requires grad (or a view of one) is refused while grad mode is on, as torch refuses an in-place
     op on it. Returns the tensor whose version counter `bump_versions` must advance after the
     write (any other PyTorch tensor), or None for other libraries."""
-    if type(obj).__module__.split(".")[0] != "torch":
+    if not is_torch(obj):
         return None
     if obj.requires_grad and sys.modules["torch"].is_grad_enabled():
         if obj.is_leaf:
@@ -71,7 +83,8 @@ def bump_versions(written: Sequence[Any]) -> None:
     """Tells autograd that bncore wrote into these PyTorch tensors (as any in-place op does), so a
     backward that saved one of them raises torch's "modified by an inplace operation" error."""
     if written:
-        sys.modules["torch"].autograd.graph.increment_version(list(written))
+        # what torch.autograd.graph.increment_version runs, without its Python wrapper
+        sys.modules["torch"]._C._increment_version(list(written))
 
 
 def import_tensor(obj: Any, what: str, writable: bool = False) -> _core.Tensor | None:

@@ -19,7 +19,7 @@ import numpy as np
 
 from . import _core
 from ._core import Tensor
-from ._arrays import Allocator, Array, Call, bump_versions, check_torch_write, empty_like_of, stat_dtype
+from ._arrays import Allocator, Array, Call, bump_versions, empty_like_of, is_torch, stat_dtype
 from ._checks import (check_axes, check_axis, check_batch_values, check_eps, check_float, check_has_running_stats,
                       check_input, check_like_input, check_momentum, check_momentum_type, check_ndim,
                       check_normalized_shape, check_not_scalar, check_num_groups, check_param, check_running_pair,
@@ -186,35 +186,68 @@ def batch_norm_forward(input: Array, running_mean: Array | None = None, running_
         return _forward(call, desc, input, x, w, b, rm, rv, out, (channels,), stats, _want_stats)
 
 
+# validated descriptions of `_batch_norm_small`, keyed by everything its checks read (the scalars with
+# their types, x's shape, which running statistics are given): a repeated call skips re-checking
+_SMALL_DESCS: dict[tuple, _core.Desc] = {}
+_SMALL_DESCS_MAX = 256
+
+
+def _small_desc(key: tuple, shape: tuple[int, ...], training: bool, has_running: bool, momentum: Any, eps: Any,
+                axis: Any) -> _core.Desc | None:
+    """The checks and the description of `batch_norm_forward` for `_batch_norm_small` (None where a
+    check fails: the checked path then raises), remembered under `key` for the next call."""
+    try:
+        eps = check_eps(eps)
+        check_ndim(shape, "input", 2, "(N, C, ...)")
+        ax = check_axis(axis, len(shape), "axis")
+        flags, momentum_used = _batch_mode(shape, ax, training, has_running, momentum, None)
+        desc = _core.Desc.batch(len(shape), ax, eps).with_options(flags, momentum_used)
+    except (TypeError, ValueError):
+        return None
+    if len(_SMALL_DESCS) >= _SMALL_DESCS_MAX:
+        _SMALL_DESCS.clear()
+    _SMALL_DESCS[key] = desc
+    return desc
+
+
 def _batch_norm_small(input: Array, running_mean: Array | None, running_var: Array | None, weight: Array | None,
                       bias: Array | None, training: bool, momentum: Any, eps: Any, axis: Any) -> Array | None:
     """`batch_norm` for CPU tensors of a library with a DLPack C exchange table: the checks and the
-    description of `batch_norm_forward`, the tensors borrowed without capsules, the output made by the
-    library's `empty_like`, one C call. Returns None for anything else (other types or devices, a check
-    that fails, a call the C core refuses; it validates before it writes, so nothing changed): the
-    checked path then runs and raises the explaining error."""
+    description of `batch_norm_forward` (remembered per key by `_small_desc`), the tensors borrowed
+    without capsules, the output made by the library's `empty_like`, one C call. Returns None for
+    anything else (other types or devices, a check that fails, running statistics that require grad,
+    a call the C core refuses; it validates before it writes, so nothing changed): the checked path
+    then runs and raises the explaining error. Written for the cost of a call of a few microseconds:
+    no helper is called on a repeated call but the key's lookup."""
     shape = _core.exchange_shape(input)
     if shape is None:
         return None
     empty_like = empty_like_of(input)
     if empty_like is None:
         return None
+    training = bool(training)
+    has_running = running_mean is not None
+    if has_running != (running_var is not None):
+        return None  # `check_running_pair` in the checked path explains
+    key = (shape, training, has_running, type(momentum), momentum, type(eps), eps, type(axis), axis)
     try:
-        eps = check_eps(eps)
-        check_ndim(shape, "input", 2, "(N, C, ...)")
-        ax = check_axis(axis, len(shape), "axis")
-        check_running_pair(running_mean, running_var)
-        flags, momentum_used = _batch_mode(shape, ax, bool(training), running_mean is not None, momentum, None)
-        desc = _core.Desc.batch(len(shape), ax, eps).with_options(flags, momentum_used)
-    except (TypeError, ValueError):
+        desc = _SMALL_DESCS.get(key)
+    except TypeError:  # an unhashable scalar: the checked path explains
         return None
-    written = []
-    if training:  # the running statistics are written: autograd's rules, as in `Call`
-        written = [t for t in (check_torch_write(running_mean, "running_mean"),
-                               check_torch_write(running_var, "running_var")) if t is not None]
-    y = _core.exchange_forward(desc, empty_like, input, weight, bias, running_mean, running_var)
-    bump_versions(written)
-    return y
+    if desc is None:
+        desc = _small_desc(key, shape, training, has_running, momentum, eps, axis)
+        if desc is None:
+            return None
+    if training and has_running:
+        # the running statistics are written: autograd's rules are `Call`'s (the checked path), so
+        # statistics that require grad go there; others get their version counters advanced
+        if is_torch(running_mean) and (running_mean.requires_grad or running_var.requires_grad):
+            return None
+        y = _core.exchange_forward(desc, empty_like, input, weight, bias, running_mean, running_var)
+        if y is not None:
+            bump_versions((running_mean, running_var))
+        return y
+    return _core.exchange_forward(desc, empty_like, input, weight, bias, running_mean, running_var)
 
 
 def batch_norm(input: Array, running_mean: Array | None = None, running_var: Array | None = None,
