@@ -53,7 +53,6 @@ def xf(reason):
     return pytest.mark.xfail(strict=True, reason=reason)
 
 
-NOT_ITERABLE = xf("a non-iterable gives Python's \"object is not iterable\", naming no argument")
 WRONG_WEIGHT = xf("an input with the wrong number of channels is reported as the layer's own weight having the wrong "
                   "shape; input is not named")
 
@@ -415,8 +414,7 @@ PY_ROWS = [
                                   Lazy(lambda: np.zeros(C, np.float32)), Lazy(lambda: np.ones(C, np.float32))),
      UDE, "grad_output"),
     # ------------------------------------------------------------ layer norm / RMS norm
-    ("ln_shape_float", call(f("layer_norm"), X, 5.0), TypeError, "normalized_shape",
-     NOT_ITERABLE),
+    ("ln_shape_float", call(f("layer_norm"), X, 5.0), TypeError, "normalized_shape"),
     ("ln_shape_mismatch", call(f("layer_norm"), X, (4,)), SME, "normalized_shape"),
     ("ln_shape_too_long", call(f("layer_norm"), X, (2, 4, C, 5)), SME, "normalized_shape"),
     ("ln_weight_shape", call(f("layer_norm"), X, 5, Lazy(lambda: np.ones(4, np.float32))), SME, "weight"),
@@ -457,7 +455,7 @@ PY_ROWS = [
                                       Lazy(lambda: np.zeros((4, C), np.float32)),
                                       Lazy(lambda: np.ones((4, C), np.float32))), SME, "weight"),
     # ------------------------------------------------------------ normalize
-    ("norm_axes_none", call(f("normalize"), X, None), TypeError, "axes", NOT_ITERABLE),
+    ("norm_axes_none", call(f("normalize"), X, None), TypeError, "axes"),
     ("norm_axes_out_of_range", call(f("normalize"), X, (7,)), IAE, "axes"),
     ("norm_axes_duplicate", call(f("normalize"), X, (1, 1)), IAE, "axes"),
     ("norm_affine_axes_out_of_range", call(f("normalize"), X, (2,), affine_axes=(9,)), IAE, "affine_axes"),
@@ -473,8 +471,7 @@ PY_ROWS = [
     ("BatchNorm_int_dtype", call(bncore.BatchNorm, C, dtype="int32"), UDE, "dtype"),
     ("BatchNorm_bad_convention", call(bncore.BatchNorm, C, convention="jax"), IAE, "convention"),
     ("BatchNorm_bad_nan_policy", call(bncore.BatchNorm, C, nan_policy="ignore"), IAE, "nan_policy"),
-    ("LayerNorm_float_shape", call(bncore.LayerNorm, 5.0), TypeError, "normalized_shape",
-     NOT_ITERABLE),
+    ("LayerNorm_float_shape", call(bncore.LayerNorm, 5.0), TypeError, "normalized_shape"),
     ("LayerNorm_zero_shape", call(bncore.LayerNorm, (0,)), IAE, "normalized_shape"),
     ("GroupNorm_not_dividing", call(bncore.GroupNorm, 2, C), SME, "num_channels"),
     ("GroupNorm_zero_channels", call(bncore.GroupNorm, 1, 0), IAE, "num_channels"),
