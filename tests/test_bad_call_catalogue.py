@@ -53,8 +53,6 @@ def xf(reason):
     return pytest.mark.xfail(strict=True, reason=reason)
 
 
-WRONG_WEIGHT = xf("an input with the wrong number of channels is reported as the layer's own weight having the wrong "
-                  "shape; input is not named")
 
 
 # ================================================================ snapshots
@@ -247,8 +245,7 @@ def _spoil_big_struct(c):
 
 C_ROWS = [
     ("c_init_null_desc", c_init(desc_null=True), "desc"),
-    ("c_init_ndim_0", c_init(ndim=0), "ndim",
-     xf("the message (\"expected an input of 2 to 16 dimensions\") names no argument")),
+    ("c_init_ndim_0", c_init(ndim=0), "ndim"),
     ("c_init_axis_out_of_range", c_init(axis=7), "axis"),
     ("c_init_negative_eps", c_init(eps=-1.0), "eps"),
     ("c_forward_null_desc", c_forward(lambda c: _set(c, desc_ptr=None)), "desc"),
@@ -480,11 +477,10 @@ PY_ROWS = [
     ("RMSNorm_negative_eps", call(bncore.RMSNorm, 5, eps=-1.0), IAE, "eps"),
     ("RMSNorm_bad_dtype", call(bncore.RMSNorm, 5, dtype="complex64"), UDE, "dtype"),
     # ------------------------------------------------------------ layers: forward / backward
-    ("BatchNorm_forward_wrong_channels", on(trained_bn, lambda m: m.forward(x3((4, 5, 2)))), SME, "input",
-     WRONG_WEIGHT),
+    ("BatchNorm_forward_wrong_channels", on(trained_bn, lambda m: m.forward(x3((4, 5, 2)))), SME, "input"),
     ("BatchNorm_forward_int", on(trained_bn, lambda m: m.forward(np.ones((4, C, 2), np.int16))), UDE, "input"),
     ("BatchNorm_eval_forward_wrong_channels", on(lambda: trained_bn().eval(), lambda m: m.forward(x3((4, 2, 2)))),
-     SME, "input", WRONG_WEIGHT),
+     SME, "input"),
     ("BatchNorm_backward_before_forward", on(bn_layer, lambda m: m.backward(x3())), RuntimeError, "backward"),
     ("BatchNorm_backward_grad_shape", on(trained_bn, lambda m: m.backward(x3((4, C, 4)))), SME, "grad_output"),
     ("BatchNorm_momentum_setter", setter(trained_bn, "momentum", 2.0), IAE, "momentum"),
@@ -591,8 +587,7 @@ def tx(*shape, dtype=torch.float32):
 
 TORCH_ROWS = [
     ("torch_BatchNorm2d_3d_input", tmod(lambda: bt.BatchNorm2d(C), lambda: tx(4, C, 5)), ValueError, "input"),
-    ("torch_BatchNorm2d_wrong_channels", tmod(lambda: bt.BatchNorm2d(C), lambda: tx(2, 4, 3, 3)), SME, "input",
-     WRONG_WEIGHT),
+    ("torch_BatchNorm2d_wrong_channels", tmod(lambda: bt.BatchNorm2d(C), lambda: tx(2, 4, 3, 3)), SME, "input"),
     ("torch_BatchNorm2d_int_input", tmod(lambda: bt.BatchNorm2d(C), lambda: torch.ones(2, C, 3, 3, dtype=torch.int32)),
      UDE, "input"),
     ("torch_BatchNorm2d_negative_eps", tmod(lambda: bt.BatchNorm2d(C, eps=-1.0), lambda: tx(2, C, 3, 3)), ValueError,
@@ -601,7 +596,7 @@ TORCH_ROWS = [
      TypeError, "momentum"),
     ("torch_BatchNorm1d_one_value", tmod(lambda: bt.BatchNorm1d(C), lambda: tx(1, C)), ValueError, "input"),
     ("torch_BatchNorm2d_eval_wrong_channels", tmod(lambda: bt.BatchNorm2d(C), lambda: tx(2, 5, 3, 3), train=False),
-     SME, "input", WRONG_WEIGHT),
+     SME, "input"),
     ("torch_BatchNorm2d_meta", tmod(lambda: bt.BatchNorm2d(C), lambda: torch.empty(2, C, 3, 3, device="meta")),
      bncore.UnsupportedDeviceError, "input"),
     ("torch_InstanceNorm1d_1d_input", tmod(lambda: bt.InstanceNorm1d(C), lambda: tx(5)), ValueError, "input"),

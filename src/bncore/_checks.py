@@ -250,6 +250,15 @@ def check_normalized_shape(normalized_shape: Any, x: TensorFacts, what: str = "n
     return tuple(int(s) for s in shape)
 
 
+def check_channels(shape: Sequence[int], axis: int, num_features: int) -> None:
+    """A layer's input: `num_features` channels along its (wrapped) channel axis. The layers run it only
+    where a forward failed on a shape, so that an input with other channels is named as the cause
+    rather than the layer's own weight or running statistics."""
+    if shape[axis] != num_features:
+        raise ShapeMismatchError(f"input: expected {num_features} channels at axis {axis} (the layer's num_features), "
+                                 f"got {shape[axis]} (input shape {shape_text(shape)})")
+
+
 def check_num_groups(num_groups: Any, x: TensorFacts) -> int:
     """Group norm's num_groups: a positive int that divides the channels (axis 1) of x."""
     if not _is_int(num_groups) or num_groups < 1:
