@@ -53,9 +53,6 @@ def xf(reason):
     return pytest.mark.xfail(strict=True, reason=reason)
 
 
-NOT_ITERABLE = xf("a non-iterable gives Python's \"object is not iterable\", naming no argument")
-WRONG_WEIGHT = xf("an input with the wrong number of channels is reported as the layer's own weight having the wrong "
-                  "shape; input is not named")
 
 
 # ================================================================ snapshots
@@ -248,8 +245,7 @@ def _spoil_big_struct(c):
 
 C_ROWS = [
     ("c_init_null_desc", c_init(desc_null=True), "desc"),
-    ("c_init_ndim_0", c_init(ndim=0), "ndim",
-     xf("the message (\"expected an input of 2 to 16 dimensions\") names no argument")),
+    ("c_init_ndim_0", c_init(ndim=0), "ndim"),
     ("c_init_axis_out_of_range", c_init(axis=7), "axis"),
     ("c_init_negative_eps", c_init(eps=-1.0), "eps"),
     ("c_forward_null_desc", c_forward(lambda c: _set(c, desc_ptr=None)), "desc"),
@@ -393,7 +389,7 @@ PY_ROWS = [
     ("bn_out_read_only", call(f("batch_norm"), X, RM, RV, training=True,
                               out=Lazy(lambda: read_only(np.empty((4, C, 5), np.float32)))), ValueError, "out"),
     ("bn_out_stride0", call(f("batch_norm"), X, RM, RV, training=True, out=Lazy(lambda: self_overlapping((4, C, 5)))),
-     OVL, "out", xf("an overlapping out= is reported under the C argument's name y, not out")),
+     OVL, "out"),
     ("bn_running_mean_read_only", call(f("batch_norm"), X, Lazy(lambda: read_only(np.zeros(C, np.float32))), RV,
                                        training=True), ValueError, "running_mean"),
     ("bn_running_mean_int", call(f("batch_norm"), X, Lazy(lambda: np.zeros(C, np.int64)), RV, training=True),
@@ -415,16 +411,14 @@ PY_ROWS = [
                                   Lazy(lambda: np.zeros(C, np.float32)), Lazy(lambda: np.ones(C, np.float32))),
      UDE, "grad_output"),
     # ------------------------------------------------------------ layer norm / RMS norm
-    ("ln_shape_float", call(f("layer_norm"), X, 5.0), TypeError, "normalized_shape",
-     NOT_ITERABLE),
+    ("ln_shape_float", call(f("layer_norm"), X, 5.0), TypeError, "normalized_shape"),
     ("ln_shape_mismatch", call(f("layer_norm"), X, (4,)), SME, "normalized_shape"),
     ("ln_shape_too_long", call(f("layer_norm"), X, (2, 4, C, 5)), SME, "normalized_shape"),
     ("ln_weight_shape", call(f("layer_norm"), X, 5, Lazy(lambda: np.ones(4, np.float32))), SME, "weight"),
     ("ln_bias_int", call(f("layer_norm"), X, 5, None, Lazy(lambda: np.ones(5, np.int32))), UDE, "bias"),
     ("ln_negative_eps", call(f("layer_norm"), X, 5, eps=-1e-5), IAE, "eps"),
     ("ln_eps_str", call(f("layer_norm"), X, 5, eps="small"), IAE, "eps"),
-    ("ln_out_stride0", call(f("layer_norm"), X, 5, out=Lazy(lambda: self_overlapping((4, C, 5)))), OVL, "out",
-     xf("an overlapping out= is reported under the C argument's name y, not out")),
+    ("ln_out_stride0", call(f("layer_norm"), X, 5, out=Lazy(lambda: self_overlapping((4, C, 5)))), OVL, "out"),
     ("ln_out_dtype", call(f("layer_norm"), X, 5, out=Lazy(lambda: np.empty((4, C, 5), np.float64))), UDE, "out"),
     ("ln_forward_input_none", call(f("layer_norm_forward"), None, 5), TypeError, "input"),
     ("ln_backward_save_rstd_shape", call(lambda: bncore.layer_norm_backward(x3(), x3(), 5, None, ln_saved()[0],
@@ -457,7 +451,7 @@ PY_ROWS = [
                                       Lazy(lambda: np.zeros((4, C), np.float32)),
                                       Lazy(lambda: np.ones((4, C), np.float32))), SME, "weight"),
     # ------------------------------------------------------------ normalize
-    ("norm_axes_none", call(f("normalize"), X, None), TypeError, "axes", NOT_ITERABLE),
+    ("norm_axes_none", call(f("normalize"), X, None), TypeError, "axes"),
     ("norm_axes_out_of_range", call(f("normalize"), X, (7,)), IAE, "axes"),
     ("norm_axes_duplicate", call(f("normalize"), X, (1, 1)), IAE, "axes"),
     ("norm_affine_axes_out_of_range", call(f("normalize"), X, (2,), affine_axes=(9,)), IAE, "affine_axes"),
@@ -473,8 +467,7 @@ PY_ROWS = [
     ("BatchNorm_int_dtype", call(bncore.BatchNorm, C, dtype="int32"), UDE, "dtype"),
     ("BatchNorm_bad_convention", call(bncore.BatchNorm, C, convention="jax"), IAE, "convention"),
     ("BatchNorm_bad_nan_policy", call(bncore.BatchNorm, C, nan_policy="ignore"), IAE, "nan_policy"),
-    ("LayerNorm_float_shape", call(bncore.LayerNorm, 5.0), TypeError, "normalized_shape",
-     NOT_ITERABLE),
+    ("LayerNorm_float_shape", call(bncore.LayerNorm, 5.0), TypeError, "normalized_shape"),
     ("LayerNorm_zero_shape", call(bncore.LayerNorm, (0,)), IAE, "normalized_shape"),
     ("GroupNorm_not_dividing", call(bncore.GroupNorm, 2, C), SME, "num_channels"),
     ("GroupNorm_zero_channels", call(bncore.GroupNorm, 1, 0), IAE, "num_channels"),
@@ -483,11 +476,10 @@ PY_ROWS = [
     ("RMSNorm_negative_eps", call(bncore.RMSNorm, 5, eps=-1.0), IAE, "eps"),
     ("RMSNorm_bad_dtype", call(bncore.RMSNorm, 5, dtype="complex64"), UDE, "dtype"),
     # ------------------------------------------------------------ layers: forward / backward
-    ("BatchNorm_forward_wrong_channels", on(trained_bn, lambda m: m.forward(x3((4, 5, 2)))), SME, "input",
-     WRONG_WEIGHT),
+    ("BatchNorm_forward_wrong_channels", on(trained_bn, lambda m: m.forward(x3((4, 5, 2)))), SME, "input"),
     ("BatchNorm_forward_int", on(trained_bn, lambda m: m.forward(np.ones((4, C, 2), np.int16))), UDE, "input"),
     ("BatchNorm_eval_forward_wrong_channels", on(lambda: trained_bn().eval(), lambda m: m.forward(x3((4, 2, 2)))),
-     SME, "input", WRONG_WEIGHT),
+     SME, "input"),
     ("BatchNorm_backward_before_forward", on(bn_layer, lambda m: m.backward(x3())), RuntimeError, "backward"),
     ("BatchNorm_backward_grad_shape", on(trained_bn, lambda m: m.backward(x3((4, C, 4)))), SME, "grad_output"),
     ("BatchNorm_momentum_setter", setter(trained_bn, "momentum", 2.0), IAE, "momentum"),
@@ -529,7 +521,7 @@ PY_ROWS = [
     ("RMSNorm_load_unexpected_key", on(lambda: bncore.RMSNorm(5), lambda m: m.load_state_dict(
         {"weight": np.ones(5), "bias": np.zeros(5)})), KeyError, "bias"),
     ("BatchNorm_keras_list_too_short", on(trained_bn, lambda m: m.load_keras_weights([np.ones(C)])), ValueError,
-     "weights", xf("the message names the method (load_keras_weights), not the argument weights")),
+     "weights"),
     ("BatchNorm_keras_gamma_shape", on(trained_bn, lambda m: m.load_keras_weights(
         {"gamma": np.ones(4), "beta": np.zeros(C), "moving_mean": np.zeros(C), "moving_variance": np.ones(C)})),
      SME, "gamma"),
@@ -565,10 +557,9 @@ PY_ROWS = [
     ("RunningStats_momentum_str", setter(trained_stats, "momentum", "fast"), TypeError, "momentum"),
     # ------------------------------------------------------------ Moments
     ("Moments_merge_ndarray", on(lambda: bncore.Moments.from_batch(x3()), lambda m: m.merge(np.ones(C))), TypeError,
-     "other", xf("the message names the method (merge), not the argument other")),
+     "other"),
     ("Moments_merge_channels", on(lambda: bncore.Moments.from_batch(x3()),
-                                  lambda m: m.merge(bncore.Moments.empty(4))), SME, "other",
-     xf("the message names the method (merge), not the argument other")),
+                                  lambda m: m.merge(bncore.Moments.empty(4))), SME, "other"),
     ("Moments_from_batch_axis", call(bncore.Moments.from_batch, X, axis=5), IAE, "axis"),
     ("Moments_from_batch_int", call(bncore.Moments.from_batch, Lazy(lambda: np.ones((4, C), np.int32))), UDE, "x"),
     ("Moments_from_batch_scalar", call(bncore.Moments.from_batch, Lazy(lambda: np.float32(1.0))), TypeError, "x"),
@@ -595,8 +586,7 @@ def tx(*shape, dtype=torch.float32):
 
 TORCH_ROWS = [
     ("torch_BatchNorm2d_3d_input", tmod(lambda: bt.BatchNorm2d(C), lambda: tx(4, C, 5)), ValueError, "input"),
-    ("torch_BatchNorm2d_wrong_channels", tmod(lambda: bt.BatchNorm2d(C), lambda: tx(2, 4, 3, 3)), SME, "input",
-     WRONG_WEIGHT),
+    ("torch_BatchNorm2d_wrong_channels", tmod(lambda: bt.BatchNorm2d(C), lambda: tx(2, 4, 3, 3)), SME, "input"),
     ("torch_BatchNorm2d_int_input", tmod(lambda: bt.BatchNorm2d(C), lambda: torch.ones(2, C, 3, 3, dtype=torch.int32)),
      UDE, "input"),
     ("torch_BatchNorm2d_negative_eps", tmod(lambda: bt.BatchNorm2d(C, eps=-1.0), lambda: tx(2, C, 3, 3)), ValueError,
@@ -605,7 +595,7 @@ TORCH_ROWS = [
      TypeError, "momentum"),
     ("torch_BatchNorm1d_one_value", tmod(lambda: bt.BatchNorm1d(C), lambda: tx(1, C)), ValueError, "input"),
     ("torch_BatchNorm2d_eval_wrong_channels", tmod(lambda: bt.BatchNorm2d(C), lambda: tx(2, 5, 3, 3), train=False),
-     SME, "input", WRONG_WEIGHT),
+     SME, "input"),
     ("torch_BatchNorm2d_meta", tmod(lambda: bt.BatchNorm2d(C), lambda: torch.empty(2, C, 3, 3, device="meta")),
      bncore.UnsupportedDeviceError, "input"),
     ("torch_InstanceNorm1d_1d_input", tmod(lambda: bt.InstanceNorm1d(C), lambda: tx(5)), ValueError, "input"),

@@ -311,7 +311,7 @@ def _layer_snapshot(layer):
 
 LAYER_CASES = {
     "1d-input": (lambda: bn_data()[0, 0], ValueError, "input"),
-    "wrong-channels": (lambda: bn_data(shape=(4, C + 1, 5)), ValueError, "weight"),
+    "wrong-channels": (lambda: bn_data(shape=(4, C + 1, 5)), ValueError, "input: expected 3 channels"),
     "int-input": (lambda: np.ones((4, C, 5), np.int64), TypeError, "input"),
     "one-value-per-channel": (lambda: bn_data(shape=(1, C)), ValueError, "Expected more than 1 value per channel"),
     "consumed-capsule": (lambda: _consumed_capsule(bn_data()), ValueError, "consumed"),

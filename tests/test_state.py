@@ -462,7 +462,7 @@ def test_moments_errors():
         Moments(np.ones(3), np.ones(2), np.ones(3))
     with pytest.raises(ValueError, match=r"expected equal 1-D shapes"):
         Moments(np.ones((2, 2)), np.ones((2, 2)), np.ones((2, 2)))
-    with pytest.raises(ValueError, match=r"merge: expected moments of 3 channels, got 4"):
+    with pytest.raises(ValueError, match=r"other: expected moments of 3 channels, got 4"):
         Moments.empty(3).merge(Moments.empty(4))
     with pytest.raises(ValueError, match=r"merge_all: expected at least one"):
         Moments.merge_all([])

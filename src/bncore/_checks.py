@@ -119,6 +119,12 @@ def check_state_dtype(dtype: Any, purpose: str = "") -> str:
     return str(dtype)
 
 
+def not_ints(value: Any, what: str) -> TypeError:
+    """The error for an axes or shape argument that is neither an int nor iterable (raised by the caller
+    where tuple() failed, so that the good path pays nothing for it)."""
+    return TypeError(f"{what}: expected an int or a sequence of ints, got {type(value).__name__} {value!r}")
+
+
 def check_axis(axis: Any, ndim: int, what: str) -> int:
     """One axis of an `ndim`-dimensional tensor, wrapped into [0, ndim)."""
     if type(axis) is int and -ndim <= axis < ndim:
@@ -133,7 +139,10 @@ def check_axis(axis: Any, ndim: int, what: str) -> int:
 
 def check_axes(axes: Any, ndim: int, what: str) -> tuple[int, ...]:
     """A sorted tuple of distinct axes; `axes` may be one int or a sequence."""
-    seq = (axes,) if isinstance(axes, (int, np.integer)) else tuple(axes)
+    try:
+        seq = (axes,) if isinstance(axes, (int, np.integer)) else tuple(axes)
+    except TypeError:
+        raise not_ints(axes, what) from None
     if not seq:
         raise InvalidArgumentError(f"{what}: expected at least one axis, got none")
     out = [check_axis(a, ndim, what) for a in seq]
@@ -145,7 +154,10 @@ def check_axes(axes: Any, ndim: int, what: str) -> tuple[int, ...]:
 
 def check_shape(shape: Any, what: str = "normalized_shape") -> tuple[int, ...]:
     """A layer's normalized_shape: one positive int or a non-empty sequence of them."""
-    dims = (shape,) if isinstance(shape, (int, np.integer)) else tuple(shape)
+    try:
+        dims = (shape,) if isinstance(shape, (int, np.integer)) else tuple(shape)
+    except TypeError:
+        raise not_ints(shape, what) from None
     if not dims:
         raise InvalidArgumentError(f"{what}: expected at least one dimension, got an empty shape")
     return tuple(check_positive_int(s, what) for s in dims)
@@ -224,7 +236,10 @@ def check_saved(t: TensorFacts | None, what: str, shape: Sequence[int]) -> None:
 
 def check_normalized_shape(normalized_shape: Any, x: TensorFacts, what: str = "normalized_shape") -> tuple[int, ...]:
     """Checks that normalized_shape is the input's trailing dims; returns it as a tuple."""
-    shape = (normalized_shape,) if isinstance(normalized_shape, (int, np.integer)) else tuple(normalized_shape)
+    try:
+        shape = (normalized_shape,) if isinstance(normalized_shape, (int, np.integer)) else tuple(normalized_shape)
+    except TypeError:
+        raise not_ints(normalized_shape, what) from None
     if not shape:
         raise InvalidArgumentError(f"{what}: expected at least one dimension, got an empty shape")
     k = len(shape)
@@ -233,6 +248,15 @@ def check_normalized_shape(normalized_shape: Any, x: TensorFacts, what: str = "n
                                  f"{list(shape)}, the input must have shape [*, {', '.join(str(s) for s in shape)}], "
                                  f"but got input of size {list(x.shape)}")
     return tuple(int(s) for s in shape)
+
+
+def check_channels(shape: Sequence[int], axis: int, num_features: int) -> None:
+    """A layer's input: `num_features` channels along its (wrapped) channel axis. The layers run it only
+    where a forward failed on a shape, so that an input with other channels is named as the cause
+    rather than the layer's own weight or running statistics."""
+    if shape[axis] != num_features:
+        raise ShapeMismatchError(f"input: expected {num_features} channels at axis {axis} (the layer's num_features), "
+                                 f"got {shape[axis]} (input shape {shape_text(shape)})")
 
 
 def check_num_groups(num_groups: Any, x: TensorFacts) -> int:

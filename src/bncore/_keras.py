@@ -63,12 +63,12 @@ def load_keras_weights(layer: Any, weights: Mapping[str, Any] | Iterable[Any]) -
     if isinstance(weights, Mapping):
         missing = [k for k in names if k not in weights]
         if missing or set(weights) - set(names):
-            raise KeyError(f"load_keras_weights: expected keys {names}, got {sorted(weights)}")
+            raise KeyError(f"weights: expected keys {names}, got {sorted(weights)}")
         values = [weights[k] for k in names]
     else:
         values = list(weights)
         if len(values) != len(names):
-            raise ValueError(f"load_keras_weights: expected {len(names)} arrays ({', '.join(names)}), "
+            raise ValueError(f"weights: expected {len(names)} arrays ({', '.join(names)}), "
                              f"got {len(values)}")
     staged = {}
     for name, value in zip(names, values):

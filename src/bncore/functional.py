@@ -12,6 +12,7 @@ tensors borrowed without capsules and one C call (`_batch_norm_small`).
 """
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -24,7 +25,7 @@ from ._checks import (check_axes, check_axis, check_batch_values, check_eps, che
                       check_input, check_like_input, check_momentum, check_momentum_type, check_ndim,
                       check_normalized_shape, check_not_scalar, check_num_groups, check_param, check_running_pair,
                       check_same_device, check_saved, check_stats)
-from .errors import MissingRunningStatsError
+from .errors import BncoreError, MissingRunningStatsError
 
 __all__ = [
     "MissingRunningStatsError", "batch_norm", "batch_norm_backward", "batch_norm_forward", "group_norm",
@@ -49,6 +50,12 @@ def _mask(axes: Sequence[int]) -> int:
 # ---------------------------------------------------------------- the one forward and backward
 
 
+def _named_out(err: BncoreError, c_name: str) -> BncoreError:
+    """The C core's error with the output argument it calls `c_name` named as the caller knows it, out
+    (the C core finds what only it can check, such as an out= whose elements overlap each other)."""
+    return type(err)(re.sub(rf"(?<!\w){c_name}(?!\w)", "out", str(err)))
+
+
 def _forward(call: Call, desc: _core.Desc, input: Array, x: Tensor, w: Tensor | None, b: Tensor | None,
              rm: Tensor | None, rv: Tensor | None, out: Array | None, group_shape: tuple[int, ...],
              stats: Any = None, want_stats: bool = True) -> Outputs:
@@ -65,10 +72,15 @@ def _forward(call: Call, desc: _core.Desc, input: Array, x: Tensor, w: Tensor | 
     mean_obj = alloc.empty(group_shape, sdt) if want_stats else None
     rstd_obj = alloc.empty(group_shape, sdt) if want_stats else None
     sm, sr = call.add(mean_obj, "save_mean", True), call.add(rstd_obj, "save_rstd", True)
-    if stats is not None:
-        _core.norm_forward_stats(desc, x, w, b, stats._handle, y, sm, sr)
-    else:
-        _core.norm_forward(desc, x, w, b, rm, rv, y, sm, sr)
+    try:
+        if stats is not None:
+            _core.norm_forward_stats(desc, x, w, b, stats._handle, y, sm, sr)
+        else:
+            _core.norm_forward(desc, x, w, b, rm, rv, y, sm, sr)
+    except BncoreError as err:
+        if out is None:
+            raise
+        raise _named_out(err, "y") from None
     return alloc.finish(y_obj), alloc.finish(mean_obj), alloc.finish(rstd_obj)
 
 
@@ -90,8 +102,13 @@ def _backward(call: Call, desc: _core.Desc, input: Array, x: Tensor, grad_output
             db_obj = alloc.empty(param_shape, w.dtype)
     dx = call.need(dx_obj, "out", writable=True)
     check_like_input(dx, x, "out")
-    _core.norm_backward(desc, x, dy, w, sm, sr, dx,
-                        call.add(dw_obj, "grad_weight", True), call.add(db_obj, "grad_bias", True))
+    dw, db = call.add(dw_obj, "grad_weight", True), call.add(db_obj, "grad_bias", True)
+    try:
+        _core.norm_backward(desc, x, dy, w, sm, sr, dx, dw, db)
+    except BncoreError as err:
+        if out is None:
+            raise
+        raise _named_out(err, "grad_input") from None
     return alloc.finish(dx_obj), alloc.finish(dw_obj), alloc.finish(db_obj)
 
 

@@ -15,9 +15,11 @@ import numpy as np
 
 from . import _keras
 from . import functional as F
-from ._arrays import Array, to_numpy
-from ._checks import (CONVENTIONS, check_choice, check_eps, check_groups_divide, check_positive_int, check_shape,
-                      check_state_count, check_state_dtype, check_state_float, check_state_shape)
+from ._arrays import Array, Call, to_numpy
+from ._checks import (CONVENTIONS, check_axis, check_channels, check_choice, check_eps, check_groups_divide,
+                      check_positive_int, check_shape, check_state_count, check_state_dtype, check_state_float,
+                      check_state_shape)
+from .errors import ShapeMismatchError
 from .state import RunningStats
 
 __all__ = ["BatchNorm", "GroupNorm", "InstanceNorm", "LayerNorm", "RMSNorm"]
@@ -94,6 +96,17 @@ class _Layer:
 
     def __call__(self, x: Array) -> Array:
         return self.forward(x)
+
+
+def _blame_input_channels(x: Array, axis: int, num_features: int) -> None:
+    """After a forward failed on a shape: raises the input's error (in place of the weight's or the
+    running statistics') when the input's channels are the cause."""
+    try:
+        with Call() as call:
+            t = call.need(x, "input")
+            check_channels(t.shape, check_axis(axis, t.ndim, "axis"), num_features)
+    except ShapeMismatchError as wrong:
+        raise wrong from None
 
 
 class _RunningStatsLayer(_Layer):
@@ -231,8 +244,12 @@ class BatchNorm(_RunningStatsLayer):
         """Normalizes ``x`` (any DLPack tensor); returns the caller's array type."""
         batch_stats = self._uses_batch_stats()
         # eval with tracking, or training with tracking: the state is read or updated
-        y, mean, invstd = F.batch_norm_forward(x, None, None, self.weight, self.bias, training=batch_stats,
-                                               eps=self.eps, axis=self.axis, stats=self.stats)
+        try:
+            y, mean, invstd = F.batch_norm_forward(x, None, None, self.weight, self.bias, training=batch_stats,
+                                                   eps=self.eps, axis=self.axis, stats=self.stats)
+        except ShapeMismatchError:
+            _blame_input_channels(x, self.axis, self.num_features)
+            raise
         self._saved = (x, mean, invstd, batch_stats)
         return y
 

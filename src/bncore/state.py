@@ -199,9 +199,9 @@ class Moments:
     def merge(self, other: Moments) -> Moments:
         """The moments of both parts' data together (Chan's formula, in C: ``bn_moments_merge``)."""
         if not isinstance(other, Moments):
-            raise TypeError(f"merge: expected a bncore.Moments, got {type(other).__name__}")
+            raise TypeError(f"other: expected a bncore.Moments, got {type(other).__name__}")
         if self.mean.shape != other.mean.shape:
-            raise ShapeMismatchError(f"merge: expected moments of {self.mean.shape[0]} channels, "
+            raise ShapeMismatchError(f"other: expected moments of {self.mean.shape[0]} channels, "
                                      f"got {other.mean.shape[0]}")
         count, mean, m2 = np.empty_like(self.count), np.empty_like(self.mean), np.empty_like(self.m2)
         with Call() as call:

@@ -28,6 +28,8 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from . import functional as _F
+from ._checks import check_channels
+from .errors import ShapeMismatchError
 
 __all__ = [
     "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "GroupNorm", "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d",
@@ -211,6 +213,15 @@ else:
     _BatchNormBase = _InstanceNormBase = object
 
 
+def _blame_input_channels(input: torch.Tensor, num_features: int) -> None:
+    """After a forward failed on a shape: raises the input's error (in place of the weight's or the
+    running statistics') when the input's channels are the cause."""
+    try:
+        check_channels(input.shape, 1, num_features)
+    except ShapeMismatchError as wrong:
+        raise wrong from None
+
+
 class _BatchNormForward(_BatchNormBase):
     """torch.nn's _BatchNorm.forward, with the batch counted only once bncore has succeeded."""
 
@@ -235,7 +246,11 @@ class _BatchNormForward(_BatchNormBase):
         pass_buffers = not self.training or self.track_running_stats
         variant = _Batch(self.running_mean if pass_buffers else None, self.running_var if pass_buffers else None,
                          bn_training, exponential_average_factor, self.eps)
-        output = _apply(variant, input, self.weight, self.bias)
+        try:
+            output = _apply(variant, input, self.weight, self.bias)
+        except ShapeMismatchError:
+            _blame_input_channels(input, self.num_features)
+            raise
         if counter is not None:
             counter.add_(1)
         return output

@@ -7,8 +7,8 @@ static bn_status_t start(bn_norm_desc_t *desc, int32_t ndim, int32_t min_ndim, d
   bn_clear_error();
   if (!desc) return bn_fail(BN_STATUS_INVALID_ARGUMENT, "desc: expected a description to fill, got NULL");
   if (ndim < min_ndim || ndim > BN_MAX_NDIM)
-    return bn_fail(BN_STATUS_INVALID_ARGUMENT, "%s: expected an input of %d to %d dimensions, got %d", variant,
-                   (int)min_ndim, BN_MAX_NDIM, (int)ndim);
+    return bn_fail(BN_STATUS_INVALID_ARGUMENT, "ndim: expected an input of %d to %d dimensions for %s, got %d",
+                   (int)min_ndim, BN_MAX_NDIM, variant, (int)ndim);
   if (!isfinite(eps) || eps < 0)
     return bn_fail(BN_STATUS_INVALID_ARGUMENT, "eps: expected a finite value >= 0, got %g", eps);
   bn_norm_desc_t zero = {.struct_size = sizeof zero, .split_axis = -1, .eps = eps};
