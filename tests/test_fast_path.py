@@ -116,3 +116,17 @@ def test_fast_path_bumps_the_running_statistics_versions():
     v = rm._version, rv._version
     bncore.batch_norm(x, rm, rv, training=True)
     assert rm._version > v[0] and rv._version > v[1]
+
+
+@pytest.mark.parametrize("torch_side", ["running_mean", "running_var"])
+def test_running_statistics_of_two_families(torch_side):
+    """Found by the fuzz harness: a torch running_mean with a NumPy running_var (or the reverse)
+    crashed the fast path's autograd test with AttributeError; the checked path takes the call."""
+    x = _data((8, 4), 5)
+    rm = torch.zeros(4) if torch_side == "running_mean" else np.zeros(4, np.float32)
+    rv = torch.ones(4) if torch_side == "running_var" else np.ones(4, np.float32)
+    y = bncore.batch_norm(x, rm, rv, training=True)
+    xd = x.double().numpy()
+    np.testing.assert_allclose(np.asarray(rm), 0.1 * xd.mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(rv), 0.9 + 0.1 * xd.var(0, ddof=1), rtol=1e-5)
+    np.testing.assert_allclose(y.numpy(), (xd - xd.mean(0)) / np.sqrt(xd.var(0) + 1e-5), rtol=1e-4, atol=1e-5)

@@ -258,7 +258,8 @@ def _batch_norm_small(input: Array, running_mean: Array | None, running_var: Arr
     if training and has_running:
         # the running statistics are written: autograd's rules are `Call`'s (the checked path), so
         # statistics that require grad go there; others get their version counters advanced
-        if is_torch(running_mean) and (running_mean.requires_grad or running_var.requires_grad):
+        if ((is_torch(running_mean) and running_mean.requires_grad)
+                or (is_torch(running_var) and running_var.requires_grad)):
             return None
         y = _core.exchange_forward(desc, empty_like, input, weight, bias, running_mean, running_var)
         if y is not None:
