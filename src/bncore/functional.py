@@ -255,7 +255,7 @@ def _batch_norm_small(input: Array, running_mean: Array | None, running_var: Arr
         desc = _small_desc(key, shape, training, has_running, momentum, eps, axis)
         if desc is None:
             return None
-    if training and has_running:
+    if training and running_mean is not None and running_var is not None:
         # the running statistics are written: autograd's rules are `Call`'s (the checked path), so
         # statistics that require grad go there; others get their version counters advanced
         if ((is_torch(running_mean) and running_mean.requires_grad)
