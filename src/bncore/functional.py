@@ -50,9 +50,12 @@ def _mask(axes: Sequence[int]) -> int:
 # ---------------------------------------------------------------- the one forward and backward
 
 
-def _named_out(err: BncoreError, c_name: str) -> BncoreError:
-    """The C core's error with the output argument it calls `c_name` named as the caller knows it, out
-    (the C core finds what only it can check, such as an out= whose elements overlap each other)."""
+def _named_out(err: BncoreError, out: Array | None, c_name: str) -> BncoreError:
+    """The C core's error, with the output argument it calls `c_name` named as the caller knows it, out,
+    when the caller passed one (the C core finds what only it can check, such as an out= whose
+    elements overlap each other)."""
+    if out is None:
+        return err
     return type(err)(re.sub(rf"(?<!\w){c_name}(?!\w)", "out", str(err)))
 
 
@@ -78,9 +81,7 @@ def _forward(call: Call, desc: _core.Desc, input: Array, x: Tensor, w: Tensor | 
         else:
             _core.norm_forward(desc, x, w, b, rm, rv, y, sm, sr)
     except BncoreError as err:
-        if out is None:
-            raise
-        raise _named_out(err, "y") from None
+        raise _named_out(err, out, "y") from None
     return alloc.finish(y_obj), alloc.finish(mean_obj), alloc.finish(rstd_obj)
 
 
@@ -106,9 +107,7 @@ def _backward(call: Call, desc: _core.Desc, input: Array, x: Tensor, grad_output
     try:
         _core.norm_backward(desc, x, dy, w, sm, sr, dx, dw, db)
     except BncoreError as err:
-        if out is None:
-            raise
-        raise _named_out(err, "grad_input") from None
+        raise _named_out(err, out, "grad_input") from None
     return alloc.finish(dx_obj), alloc.finish(dw_obj), alloc.finish(db_obj)
 
 
