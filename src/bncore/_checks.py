@@ -119,10 +119,14 @@ def check_state_dtype(dtype: Any, purpose: str = "") -> str:
     return str(dtype)
 
 
-def not_ints(value: Any, what: str) -> TypeError:
-    """The error for an axes or shape argument that is neither an int nor iterable (raised by the caller
-    where tuple() failed, so that the good path pays nothing for it)."""
-    return TypeError(f"{what}: expected an int or a sequence of ints, got {type(value).__name__} {value!r}")
+def as_tuple(value: Any, what: str) -> tuple:
+    """An axes or shape argument, one int or a sequence, as a tuple (its items unchecked); one that is
+    neither an int nor iterable raises a TypeError naming `what`."""
+    try:
+        return (value,) if isinstance(value, (int, np.integer)) else tuple(value)
+    except TypeError:
+        raise TypeError(f"{what}: expected an int or a sequence of ints, got {type(value).__name__} {value!r}") \
+            from None
 
 
 def check_axis(axis: Any, ndim: int, what: str) -> int:
@@ -139,10 +143,7 @@ def check_axis(axis: Any, ndim: int, what: str) -> int:
 
 def check_axes(axes: Any, ndim: int, what: str) -> tuple[int, ...]:
     """A sorted tuple of distinct axes; `axes` may be one int or a sequence."""
-    try:
-        seq = (axes,) if isinstance(axes, (int, np.integer)) else tuple(axes)
-    except TypeError:
-        raise not_ints(axes, what) from None
+    seq = as_tuple(axes, what)
     if not seq:
         raise InvalidArgumentError(f"{what}: expected at least one axis, got none")
     out = [check_axis(a, ndim, what) for a in seq]
@@ -154,10 +155,7 @@ def check_axes(axes: Any, ndim: int, what: str) -> tuple[int, ...]:
 
 def check_shape(shape: Any, what: str = "normalized_shape") -> tuple[int, ...]:
     """A layer's normalized_shape: one positive int or a non-empty sequence of them."""
-    try:
-        dims = (shape,) if isinstance(shape, (int, np.integer)) else tuple(shape)
-    except TypeError:
-        raise not_ints(shape, what) from None
+    dims = as_tuple(shape, what)
     if not dims:
         raise InvalidArgumentError(f"{what}: expected at least one dimension, got an empty shape")
     return tuple(check_positive_int(s, what) for s in dims)
@@ -236,10 +234,7 @@ def check_saved(t: TensorFacts | None, what: str, shape: Sequence[int]) -> None:
 
 def check_normalized_shape(normalized_shape: Any, x: TensorFacts, what: str = "normalized_shape") -> tuple[int, ...]:
     """Checks that normalized_shape is the input's trailing dims; returns it as a tuple."""
-    try:
-        shape = (normalized_shape,) if isinstance(normalized_shape, (int, np.integer)) else tuple(normalized_shape)
-    except TypeError:
-        raise not_ints(normalized_shape, what) from None
+    shape = as_tuple(normalized_shape, what)
     if not shape:
         raise InvalidArgumentError(f"{what}: expected at least one dimension, got an empty shape")
     k = len(shape)
