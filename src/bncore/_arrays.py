@@ -160,7 +160,7 @@ class Allocator:
         if fam == "numpy":
             if like_layout is not None and like_layout.dtype.name == dtype:
                 return np.empty_like(like_layout)
-            return np.empty(shape, dtype=np.dtype(dtype))
+            return np.empty(shape, dtype=numpy_dtype(dtype))
         if fam == "torch":
             torch = sys.modules["torch"]
             tdtype = getattr(torch, dtype)
@@ -200,6 +200,13 @@ class Allocator:
     def _to_numpy(self) -> bool:
         """Whether `finish` hands bncore's buffers back as NumPy arrays."""
         return self.family != "jax" and not (self.family == "other" and hasattr(self.like, "__array_namespace__"))
+
+
+def numpy_dtype(dtype: str) -> np.dtype:
+    """The NumPy dtype of a bncore dtype name; bfloat16 is ml_dtypes' (loaded: the input was one)."""
+    if dtype == "bfloat16":
+        return np.dtype(sys.modules["ml_dtypes"].bfloat16)
+    return np.dtype(dtype)
 
 
 def stat_dtype(dtype: str) -> str:

@@ -275,6 +275,10 @@ cdef object _export_refused(object obj, str what, BaseException exc):
     if getattr(device, "type", None) == "meta" or getattr(obj, "is_meta", False) is True:
         return UnsupportedDeviceError(f"{what}: expected a tensor with data in memory, got a {_kind(obj)} on the "
                                       f"meta device (shape only, no data)")
+    dtype = getattr(obj, "dtype", None)
+    if type(obj).__module__ == "numpy" and getattr(dtype, "kind", None) == "V":  # a dtype DLPack has no code for
+        return UnsupportedDtypeError(f"{what}: expected a floating dtype (float16, bfloat16, float32 or float64), "
+                                     f"got a numpy.ndarray of {dtype}")
     if layout is not None and str(layout) not in ("torch.strided", "strided"):
         return InvalidArgumentError(f"{what}: expected a dense (strided) tensor, got a {_kind(obj)} with layout "
                                     f"{layout}; convert it with .to_dense()")
@@ -293,12 +297,16 @@ cdef object _capsule_of(object obj, str what):
         except TypeError:
             return obj.__dlpack__()  # a producer older than DLPack 1.0 takes no max_version
     except BufferError as exc:
-        if str(getattr(obj, "dtype", "")) == "bfloat16" and type(obj).__module__ == "numpy":
-            raise TypeError(
-                f"{what}: NumPy cannot export bfloat16 (ml_dtypes) arrays through DLPack; pass a PyTorch or JAX "
-                f"tensor instead, e.g. torch.from_numpy(a.view(numpy.uint16)).view(torch.bfloat16), or "
-                f"jax.numpy.asarray(a)") from exc
         raise _export_refused(obj, what, exc) from exc
+
+
+cdef bint _is_numpy_bfloat16(object obj):
+    """Whether `obj` is a NumPy array of ml_dtypes' bfloat16 (a 2-byte dtype that ml_dtypes defines)."""
+    if type(obj).__module__ != "numpy":
+        return False
+    dtype = getattr(obj, "dtype", None)
+    return (dtype is not None and type(dtype).__module__ == "ml_dtypes" and dtype.name == "bfloat16"
+            and dtype.itemsize == 2)
 
 
 cdef dict _exchange_apis = {}  # tensor type -> address of its DLPackExchangeAPI table, or 0
@@ -343,7 +351,10 @@ def import_tensor(object obj, str what, bint writable=False):
         PyErr_Clear()  # the table declined (say, an unusual tensor): go through __dlpack__
     if getattr(obj, "requires_grad", False) and hasattr(obj, "detach"):
         obj = obj.detach()  # PyTorch exports the data of a tensor that requires grad only detached
-    capsule = _capsule_of(obj, what)
+    cdef bint bfloat16_bits = _is_numpy_bfloat16(obj)
+    # NumPy refuses to export ml_dtypes' bfloat16 through DLPack: export the same buffer as uint16
+    # (a view, no copy) and read it as bfloat16, the format ml_dtypes stores
+    capsule = _capsule_of(obj.view("uint16") if bfloat16_bits else obj, what)
     if PyCapsule_IsValid(capsule, b"dltensor_versioned"):
         mv = <DLManagedTensorVersioned *>PyCapsule_GetPointer(capsule, b"dltensor_versioned")
         if mv.version.major != DLPACK_MAJOR_VERSION:
@@ -369,6 +380,8 @@ def import_tensor(object obj, str what, bint writable=False):
                              f"once, so pass the tensor itself or a fresh capsule")
         raise TypeError(f"{what}: expected a DLPack capsule named 'dltensor' or 'dltensor_versioned', "
                         f"got {name!r}")
+    if bfloat16_bits:
+        t.t.dtype.code = 4  # kDLBfloat
     try:
         _check_dltensor(t.t, what)
     except BaseException:
