@@ -112,16 +112,31 @@ static bn_status_t begin(bn_context_t *ctx, const bn_norm_desc_t *desc_in, const
 
 /* ------------------------------------------------------------------ per-call host arrays */
 
-/* One allocation for every per-group and per-parameter array of a call. */
+/* One block for every per-group and per-parameter array of a call: on the stack up to
+ * SCRATCH_LOCAL doubles (a small call then allocates nothing), else from the heap. */
+#define SCRATCH_LOCAL 1024
+
 typedef struct scratch_t {
   double *mean, *rstd, *var, *s1, *s2, *weight, *bias, *pa, *pb, *pc, *run_mean, *run_var;
   int64_t *param_of_group;
-  void *block;
+  double *block; /* local or heap; NULL before scratch_alloc */
+  double local[SCRATCH_LOCAL];
 } scratch_t;
+
+static void scratch_free(scratch_t *s) {
+  if (s->block != s->local) free(s->block);
+  s->block = NULL;
+}
 
 static bn_status_t scratch_alloc(scratch_t *s, int64_t ng, int64_t np) {
   const size_t g = (size_t)(ng > 0 ? ng : 1), p = (size_t)(np > 0 ? np : 1);
-  s->block = calloc(5 * g + 7 * p + g, sizeof(double));
+  const size_t count = 5 * g + 7 * p + g;
+  if (count <= SCRATCH_LOCAL) {
+    s->block = s->local;
+    memset(s->local, 0, count * sizeof(double));
+  } else {
+    s->block = calloc(count, sizeof(double));
+  }
   if (!s->block) return bn_fail(BN_STATUS_OUT_OF_MEMORY, "statistics for %" PRId64 " groups", ng);
   double *d = s->block;
   s->mean = d, d += g;
@@ -273,7 +288,7 @@ static bn_status_t forward(bn_context_t *ctx, const bn_norm_desc_t *desc_in, con
     st = fold_running(&ex, &plan, &s, n, running_mean, running_var, up ? up : &plain);
   }
 done:
-  free(s.block);
+  scratch_free(&s);
   return st;
 }
 
@@ -341,7 +356,7 @@ bn_status_t bn_norm_stats(bn_context_t *ctx, const bn_norm_desc_t *desc_in, cons
   if (!(st = ex.backend->stats(&ex, &plan, &coef)) && !(st = scatter(&ex, mean, s.mean)) &&
       !(st = scatter(&ex, m2, s.var)) && count)
     *count = plan.group_size;
-  free(s.block);
+  scratch_free(&s);
   return st;
 }
 
@@ -519,7 +534,7 @@ bn_status_t bn_norm_backward(bn_context_t *ctx, const bn_norm_desc_t *desc, cons
   if ((st = scatter(&B.ex, dweight, B.s.pa))) goto done;
   st = scatter(&B.ex, dbias, B.s.pb);
 done:
-  free(B.s.block);
+  scratch_free(&B.s);
   return st;
 }
 
@@ -548,7 +563,7 @@ bn_status_t bn_norm_backward_reduce(bn_context_t *ctx, const bn_norm_desc_t *des
   if ((st = scatter(&B.ex, sum_dy_xhat, B.s.pa))) goto done;
   st = scatter(&B.ex, sum_dy, B.s.pb);
 done:
-  free(B.s.block);
+  scratch_free(&B.s);
   return st;
 }
 
@@ -601,6 +616,6 @@ bn_status_t bn_norm_backward_apply(bn_context_t *ctx, const bn_norm_desc_t *desc
   }
   st = B.ex.backend->backward_apply(&B.ex, &B.plan, &B.coef, B.training);
 done:
-  free(B.s.block);
+  scratch_free(&B.s);
   return st;
 }

@@ -61,6 +61,7 @@ typedef struct bn_arg_t {
   const DLTensor *t; /* may be NULL (absent) */
   const char *name;
 } bn_arg_t;
+#define BN_MAX_ARGS 16 /* outputs, and inputs, of one bn_check_no_overlap */
 /* Every output against itself (bn_check_own_memory), every input and every other output;
  * outs[i] may alias ins[alias[i]] exactly when alias[i] >= 0. */
 bn_status_t bn_check_no_overlap(const bn_arg_t *outs, int nouts, const int *alias, const bn_arg_t *ins, int nins);
