@@ -102,7 +102,8 @@ class Desc(ctypes.Structure):
     _fields_ = [("struct_size", ctypes.c_uint64), ("reduce_axes", ctypes.c_uint64), ("param_axes", ctypes.c_uint64),
                 ("split_axis", ctypes.c_int32), ("reserved", ctypes.c_int32), ("num_groups", ctypes.c_int64),
                 ("eps", ctypes.c_double), ("momentum", ctypes.c_double), ("flags", ctypes.c_uint32),
-                ("reserved2", ctypes.c_uint32)]
+                ("reserved2", ctypes.c_uint32), ("virtual_batch_size", ctypes.c_int64), ("rmax", ctypes.c_double),
+                ("dmax", ctypes.c_double), ("activation", ctypes.c_uint32), ("reserved3", ctypes.c_uint32)]
 
 
 FLAG_USE_RUNNING_STATS = 1 << 1

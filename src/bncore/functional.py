@@ -448,11 +448,12 @@ def batch_renorm_forward(input: Array, running_mean: Array | None, running_var: 
                                 "batch renormalization compares the batch with the running statistics: "
                                 "running_mean and running_var are required")
         flags, momentum_used = _batch_mode(x.shape, ax, bool(training), rm is not None, momentum, stats)
-        desc = _core.Desc.batch(x.ndim, ax, eps).with_options(flags, momentum_used)
         if not training:
+            desc = _core.Desc.batch(x.ndim, ax, eps).with_options(flags, momentum_used)
             y, mean, invstd = _forward(call, desc, input, x, w, b, rm, rv, out, (channels,), stats, _want_stats)
             return y, mean, invstd, None, None
-        desc = desc.with_options(_core.FLAG_RENORM).with_extensions(rmax=rmax, dmax=dmax)
+        desc = _core.Desc.batch(x.ndim, ax, eps).with_options(flags | _core.FLAG_RENORM, momentum_used)
+        desc = desc.with_extensions(rmax=rmax, dmax=dmax)
         return _forward_ex(call, desc, input, x, w, b, rm, rv, out, (channels,), stats, _want_stats,
                            renorm_shape=(channels,) if _want_stats else None)
 

@@ -43,6 +43,14 @@
  * bn_norm_moments became bn_norm_stats (the forward's own numbers); new are
  * bn_moments_merge, bn_norm_backward_reduce, bn_norm_backward_apply and the
  * bn_context_* functions. docs/c_api.md lists the details.
+ *
+ * What changed in 0.3 (an ABI break: bn_norm_desc_t grew, and the bn_norm_desc_init_*
+ * functions write the whole larger struct, so a 0.2 binary must not load this library;
+ * the soname says so): the V2 fields of bn_norm_desc_t (virtual_batch_size, rmax, dmax,
+ * activation); BN_FLAG_RENORM; bn_activation_t; bn_norm_forward_ex,
+ * bn_norm_forward_stats_ex and bn_norm_backward_ex (residual, renormalization factors,
+ * the activation's mask). A hand-filled struct of the 0.2 layout (struct_size 64) is
+ * still read, its V2 fields as 0.
  */
 #ifndef BNCORE_BNCORE_H
 #define BNCORE_BNCORE_H
