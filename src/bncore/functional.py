@@ -204,11 +204,14 @@ def _check_activation(activation: Any) -> int:
     raise InvalidArgumentError(f"activation: expected None or 'relu', got {activation!r}")
 
 
-def _check_virtual_batch(virtual_batch_size: Any, shape: tuple[int, ...], ax: int) -> int:
-    """The size of ghost batch norm's virtual batches along axis 0 (0: none); N must be a multiple."""
+def _check_virtual_batch(virtual_batch_size: Any, shape: tuple[int, ...], ax: int, used: bool = True) -> int:
+    """The size of ghost batch norm's virtual batches along axis 0 (0: none, or not `used`, as in eval,
+    where only its type is checked); N must be a multiple."""
     if virtual_batch_size is None:
         return 0
     v = check_positive_int(virtual_batch_size, "virtual_batch_size")
+    if not used:
+        return 0
     if ax == 0:
         raise InvalidArgumentError("virtual_batch_size: the batch axis 0 is the channel axis here (axis=0)")
     if shape[0] % v:
@@ -284,13 +287,12 @@ def batch_norm_forward(input: Array, running_mean: Array | None = None, running_
     with Call() as call:
         x, ax, channels = _batch_setup(call, input, axis)
         per = f"channel of axis {ax}"
-        v = _check_virtual_batch(virtual_batch_size, x.shape, ax)
         w, b = _affine(call, weight, bias, (channels,), per)
         res = _residual(call, residual, x)
         check_stats(stats, running_mean, channels)
         rm, rv = _running(call, running_mean, running_var, (channels,), per, writable=bool(training))
         batch_stats = bool(training) or (rm is None and stats is None)
-        v = v if batch_stats else 0  # eval ignores virtual batches
+        v = _check_virtual_batch(virtual_batch_size, x.shape, ax, used=batch_stats)  # eval ignores them
         flags, momentum_used = _batch_mode(_ghost_shape(x.shape, v), ax, bool(training), rm is not None, momentum,
                                            stats)
         desc = _core.Desc.batch(x.ndim, ax, eps).with_options(flags, momentum_used).with_extensions(
@@ -401,7 +403,7 @@ def batch_norm_backward(grad_output: Array, input: Array, weight: Array | None, 
     act = _check_activation(activation)
     with Call() as call:
         x, ax, channels = _batch_setup(call, input, axis)
-        v = _check_virtual_batch(virtual_batch_size, x.shape, ax) if training else 0
+        v = _check_virtual_batch(virtual_batch_size, x.shape, ax, used=bool(training))
         w = _weight(call, weight, (channels,), f"channel of axis {ax}")
         groups = (x.shape[0] // v, channels) if v else (channels,)
         sm, sr = _saved(call, save_mean, save_invstd, groups, "save_invstd")
