@@ -295,7 +295,8 @@ C_ROWS = [
 ]
 
 # expected status per C row (bn_status_t)
-C_STATUS = {"c_forward_virtual_batch_non_multiple": 2, "c_forward_y_shape_mismatch": 2, "c_forward_weight_wrong_size": 2, "c_forward_int_dtype": 3,
+C_STATUS = {"c_forward_virtual_batch_non_multiple": 2,
+            "c_forward_y_shape_mismatch": 2, "c_forward_weight_wrong_size": 2, "c_forward_int_dtype": 3,
             "c_forward_y_overlaps_running_mean": 5, "c_forward_stride0_y": 5}
 
 
