@@ -102,7 +102,8 @@ class Desc(ctypes.Structure):
     _fields_ = [("struct_size", ctypes.c_uint64), ("reduce_axes", ctypes.c_uint64), ("param_axes", ctypes.c_uint64),
                 ("split_axis", ctypes.c_int32), ("reserved", ctypes.c_int32), ("num_groups", ctypes.c_int64),
                 ("eps", ctypes.c_double), ("momentum", ctypes.c_double), ("flags", ctypes.c_uint32),
-                ("reserved2", ctypes.c_uint32)]
+                ("reserved2", ctypes.c_uint32), ("virtual_batch_size", ctypes.c_int64), ("rmax", ctypes.c_double),
+                ("dmax", ctypes.c_double), ("activation", ctypes.c_uint32), ("reserved3", ctypes.c_uint32)]
 
 
 FLAG_USE_RUNNING_STATS = 1 << 1
@@ -243,7 +244,33 @@ def _spoil_big_struct(c):
     c.desc_ptr.contents.struct_size = ctypes.sizeof(Desc) + 8
 
 
+FLAG_RENORM = 1 << 6
+
+
+def _spoil_v1_struct_renorm(c):
+    # a caller of the 0.2 layout: the V2 fields read as 0, so RENORM's rmax is 0
+    c.desc.struct_size = 64
+    c.desc.flags = FLAG_RENORM
+
+
 C_ROWS = [
+    ("c_forward_renorm_rmax_below_1", c_forward(lambda c: _set(c.desc, flags=FLAG_RENORM, rmax=0.5, dmax=1.0)),
+     "rmax"),
+    ("c_forward_renorm_dmax_negative", c_forward(lambda c: _set(c.desc, flags=FLAG_RENORM, rmax=2.0, dmax=-1.0)),
+     "dmax"),
+    ("c_forward_renorm_eval", c_forward(lambda c: _set(c.desc, flags=FLAG_RENORM | FLAG_USE_RUNNING_STATS, rmax=2.0,
+                                                        dmax=1.0)), "RENORM"),
+    ("c_forward_renorm_v1_struct", c_forward(_spoil_v1_struct_renorm), "rmax"),
+    ("c_forward_renorm_without_running", c_forward(lambda c: (_set(c.desc, flags=FLAG_RENORM, rmax=2.0, dmax=1.0),
+                                                              _set(c, running_mean=None, running_var=None))),
+     "running_mean"),
+    ("c_forward_bad_activation", c_forward(lambda c: _set(c.desc, activation=2)), "activation"),
+    ("c_forward_reserved3_nonzero", c_forward(lambda c: _set(c.desc, reserved3=1)), "reserved3"),
+    ("c_forward_virtual_batch_negative", c_forward(lambda c: _set(c.desc, virtual_batch_size=-2)),
+     "virtual_batch_size"),
+    ("c_forward_virtual_batch_non_multiple", c_forward(lambda c: _set(c.desc, virtual_batch_size=3,
+                                                                      flags=FLAG_UPDATE_RUNNING_STATS,
+                                                                      momentum=0.1)), "virtual_batch_size"),
     ("c_init_null_desc", c_init(desc_null=True), "desc"),
     ("c_init_ndim_0", c_init(ndim=0), "ndim"),
     ("c_init_axis_out_of_range", c_init(axis=7), "axis"),
@@ -268,7 +295,8 @@ C_ROWS = [
 ]
 
 # expected status per C row (bn_status_t)
-C_STATUS = {"c_forward_y_shape_mismatch": 2, "c_forward_weight_wrong_size": 2, "c_forward_int_dtype": 3,
+C_STATUS = {"c_forward_virtual_batch_non_multiple": 2,
+            "c_forward_y_shape_mismatch": 2, "c_forward_weight_wrong_size": 2, "c_forward_int_dtype": 3,
             "c_forward_y_overlaps_running_mean": 5, "c_forward_stride0_y": 5}
 
 
@@ -359,7 +387,45 @@ def f(name):
 
 
 # (id, maker, expected exception, substring naming the argument[, marks])
+def _residual_is_out():
+    x, rm, r = x3(), np.zeros(C, np.float32), x3(seed=1)
+    return (lambda: bncore.batch_norm(x, rm, np.ones(C, np.float32), training=True, residual=r, out=r)), [x, rm, r]
+
+
 PY_ROWS = [
+    # ------------------------------------------------------------ batch renorm, ghost batch norm, fused epilogues
+    ("renorm_rmax_below_1", call(f("batch_renorm"), X, RM, RV, training=True, rmax=0.5), IAE, "rmax"),
+    ("renorm_rmax_nan", call(f("batch_renorm"), X, RM, RV, training=True, rmax=float("nan")), IAE, "rmax"),
+    ("renorm_dmax_negative", call(f("batch_renorm"), X, RM, RV, training=True, dmax=-0.1), IAE, "dmax"),
+    ("renorm_dmax_str", call(f("batch_renorm"), X, RM, RV, training=True, dmax="5"), IAE, "dmax"),
+    ("renorm_without_running", call(f("batch_renorm"), X, None, None, training=True), MRS, "running_mean"),
+    ("renorm_running_var_shape", call(f("batch_renorm"), X, RM, Lazy(lambda: np.ones(4, np.float32)),
+                                      training=True), SME, "running_var"),
+    ("renorm_backward_r_missing", call(f("batch_renorm_backward"), X, X, None, Lazy(lambda: np.zeros(C, np.float32)),
+                                       Lazy(lambda: np.ones(C, np.float32)), None, RM), IAE, "r"),
+    ("renorm_layer_rmax", call(bn_layer, renorm=True, rmax=0.9), IAE, "rmax"),
+    ("renorm_layer_ghost", call(bn_layer, renorm=True, virtual_batch_size=2), IAE, "virtual_batch_size"),
+    ("ghost_non_multiple", call(f("batch_norm"), X, RM, RV, training=True, virtual_batch_size=3), SME,
+     "virtual_batch_size"),
+    ("ghost_zero", call(f("batch_norm"), X, RM, RV, training=True, virtual_batch_size=0), IAE, "virtual_batch_size"),
+    ("ghost_one_value_per_virtual_batch", call(f("batch_norm"), Lazy(lambda: x3((4, C))), RM, RV, training=True,
+                                               virtual_batch_size=1), IAE, "input"),
+    ("ghost_layer_non_multiple", on(lambda: bncore.BatchNorm(C, virtual_batch_size=3), lambda m: m.forward(x3())),
+     SME, "virtual_batch_size"),
+    ("fused_bad_activation", call(f("batch_norm"), X, RM, RV, training=True, activation="gelu"), IAE, "activation"),
+    ("fused_activation_not_str", call(f("batch_norm"), X, RM, RV, training=True, activation=1), IAE, "activation"),
+    ("fused_residual_shape", call(f("batch_norm"), X, RM, RV, training=True,
+                                  residual=Lazy(lambda: np.ones((4, C, 4), np.float32))), SME, "residual"),
+    ("fused_residual_dtype", call(f("batch_norm"), X, RM, RV, training=True,
+                                  residual=Lazy(lambda: np.ones((4, C, 5), np.float64))), UDE, "residual"),
+    ("fused_residual_is_out", _residual_is_out, OVL, "residual"),
+    ("fused_backward_relu_without_output", call(f("batch_norm_backward"), X, X, None,
+                                                Lazy(lambda: np.zeros(C, np.float32)),
+                                                Lazy(lambda: np.ones(C, np.float32)), activation="relu"),
+     IAE, "output"),
+    ("fold_var_shape", call(f("fold"), Lazy(lambda: np.ones((C, 2, 3, 3), np.float32)), None, RM,
+                            Lazy(lambda: np.ones(4, np.float32))), SME, "running_var"),
+    ("fold_axis", call(f("fold"), Lazy(lambda: np.ones((C, 2), np.float32)), None, RM, RV, axis=2), IAE, "axis"),
     # ------------------------------------------------------------ batch norm, functional
     ("bn_negative_eps", call(f("batch_norm"), X, RM, RV, training=True, eps=-1.0), IAE, "eps"),
     ("bn_nan_eps", call(f("batch_norm"), X, RM, RV, training=True, eps=float("nan")), IAE, "eps"),

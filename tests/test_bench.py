@@ -195,3 +195,12 @@ def test_bench_compare_flags_rows_slower_by_more_than_the_threshold():
     assert rows["batch_norm bwd"]["slower"] == ["bncore"]  # 10% slower
     assert math.isclose(rows["batch_norm bwd"]["b_over_a"]["bncore"], 1.1)
     assert result["only_in_a"] == result["only_in_b"] == []
+
+
+def test_fused_case_runs_checks_and_reports():
+    from bncore.bench import fused
+
+    r = fused.run((4, 8, 6, 6), quick=True, torch=None)
+    assert set(r["ms"]) == {"fused", "unfused"} and r["agrees"]
+    assert r["speedup_fused_vs_unfused"] == r["ms"]["unfused"] / r["ms"]["fused"]
+    assert "fused vs unfused" in fused.report(r)

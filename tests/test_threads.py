@@ -149,6 +149,41 @@ def _batch(layout, dtype, mode, seed=9, half=None):
     return run, arrays
 
 
+def _batch_extension(layout, kind, seed=10):
+    """Batch renormalization, ghost batch norm and the fused BN + add + ReLU, forward and backward."""
+    shape, axis = ((64, 16, 16, 16), -1 if layout == "nhwc-axis-1" else 1)
+    c = shape[axis]
+    arrays = _arrays(shape, "float32", (c,), seed)
+    res = np.random.default_rng(seed + 1).normal(size=shape).astype(np.float32)
+    if layout == "channels-last":
+        arrays = _torch_layout(arrays, "channels_last")
+        res = _torch_layout((res, res, arrays[2], arrays[3]), "channels_last")[0]
+
+    def run(a):
+        x, dy, w, b = a
+        if hasattr(x, "detach"):
+            import torch
+
+            rm, rv = torch.linspace(-1, 1, c, dtype=w.dtype), torch.linspace(0.5, 2, c, dtype=w.dtype)
+        else:
+            rm, rv = np.linspace(-1, 1, c).astype(w.dtype), np.linspace(0.5, 2, c).astype(w.dtype)
+        if kind == "renorm":
+            y, m, r, rr, dd = bncore.batch_renorm_forward(x, rm, rv, w, b, training=True, rmax=1.5, dmax=0.5,
+                                                          axis=axis)
+            dx, dw, db = bncore.batch_renorm_backward(dy, x, w, m, r, rr, dd, axis=axis)
+            return dict(y=y, mean=m, rstd=r, r=rr, d=dd, running_mean=rm, running_var=rv, dx=dx, dw=dw, db=db)
+        if kind == "ghost":
+            y, m, r = bncore.batch_norm_forward(x, rm, rv, w, b, training=True, axis=axis, virtual_batch_size=16)
+            dx, dw, db = bncore.batch_norm_backward(dy, x, w, m, r, axis=axis, virtual_batch_size=16)
+            return dict(y=y, mean=m, rstd=r, running_mean=rm, running_var=rv, dx=dx, dw=dw, db=db)
+        y, m, r = bncore.batch_norm_forward(x, rm, rv, w, b, training=True, axis=axis, activation="relu",
+                                            residual=res)
+        dx, dw, db, dres = bncore.batch_norm_backward(dy, x, w, m, r, axis=axis, activation="relu", output=y,
+                                                      residual=True)
+        return dict(y=y, mean=m, rstd=r, running_mean=rm, running_var=rv, dx=dx, dw=dw, db=db, dres=dres)
+    return run, arrays
+
+
 # name -> () -> (run, inputs): run(inputs) returns {result name: value}
 PROBLEMS = {
     # layer norm: one group larger than 1 MiB (two-phase), many small rows (fused), two trailing dims
@@ -191,6 +226,8 @@ PROBLEMS = {
     "batch-nchw-two-phase-train": lambda: _batch("two-phase", "float32", "train"),
     "batch-nchw-two-phase-eval": lambda: _batch("two-phase", "float32", "eval"),
     "batch-channels-last-bfloat16": lambda: _batch("channels-last", "float32", "train", half="bfloat16"),
+    **{f"batch-{kind}-{layout}": (lambda layout=layout, kind=kind: _batch_extension(layout, kind))
+       for kind in ("renorm", "ghost", "relu-residual") for layout in ("nchw", "channels-last", "nhwc-axis-1")},
 }
 
 

@@ -12,9 +12,10 @@ from . import _core
 from ._core import get_num_threads, set_num_threads
 from .errors import (BncoreError, InternalError, InvalidArgumentError, MissingRunningStatsError, OutOfMemoryError,
                      OverlapError, ShapeMismatchError, UnsupportedDeviceError, UnsupportedDtypeError)
-from .functional import (batch_norm, batch_norm_backward, batch_norm_forward, group_norm, group_norm_backward,
-                         group_norm_forward, instance_norm, instance_norm_backward, instance_norm_forward, layer_norm,
-                         layer_norm_backward, layer_norm_forward, normalize, normalize_backward, normalize_forward,
+from .functional import (batch_norm, batch_norm_backward, batch_norm_forward, batch_renorm, batch_renorm_backward,
+                         batch_renorm_forward, fold, group_norm, group_norm_backward, group_norm_forward,
+                         instance_norm, instance_norm_backward, instance_norm_forward, layer_norm, layer_norm_backward,
+                         layer_norm_forward, normalize, normalize_backward, normalize_forward, renorm_schedule,
                          rms_norm, rms_norm_backward, rms_norm_forward)
 from .layers import BatchNorm, GroupNorm, InstanceNorm, LayerNorm, RMSNorm
 from .state import Moments, RunningStats, precise_stats
@@ -26,11 +27,12 @@ __all__ = [
     "BatchNorm", "BncoreError", "GroupNorm", "InstanceNorm", "InternalError", "InvalidArgumentError", "LayerNorm",
     "MissingRunningStatsError", "Moments", "OutOfMemoryError", "OverlapError", "RMSNorm", "RunningStats",
     "ShapeMismatchError", "SyncBatchNorm", "UnsupportedDeviceError", "UnsupportedDtypeError", "__version__",
-    "batch_norm", "batch_norm_backward", "batch_norm_forward", "get_cmake_dir", "get_cython_include", "get_include",
+    "batch_norm", "batch_norm_backward", "batch_norm_forward", "batch_renorm", "batch_renorm_backward",
+    "batch_renorm_forward", "fold", "get_cmake_dir", "get_cython_include", "get_include",
     "get_library", "get_num_threads", "get_pkgconfig_dir", "group_norm", "group_norm_backward",
     "group_norm_forward", "instance_norm", "instance_norm_backward", "instance_norm_forward", "layer_norm",
     "layer_norm_backward", "layer_norm_forward", "normalize", "normalize_backward", "normalize_forward",
-    "precise_stats", "rms_norm", "rms_norm_backward", "rms_norm_forward", "set_num_threads",
+    "precise_stats", "renorm_schedule", "rms_norm", "rms_norm_backward", "rms_norm_forward", "set_num_threads",
 ]
 
 

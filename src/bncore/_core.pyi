@@ -32,6 +32,9 @@ FLAG_UPDATE_RUNNING_STATS: int
 FLAG_RUNNING_VAR_BIASED: int
 FLAG_GIVEN_STATS: int
 FLAG_SKIP_NONFINITE: int
+FLAG_RENORM: int
+ACTIVATION_NONE: int
+ACTIVATION_RELU: int
 STATS_BIASED_VAR: int
 STATS_CUMULATIVE: int
 STATS_SKIP_NONFINITE: int
@@ -106,6 +109,12 @@ class Desc:
     @staticmethod
     def axes(reduce_axes: int, param_axes: int, eps: float, flags: int = 0) -> Desc: ...
     def with_options(self, flags: int, momentum: float = 0.0) -> Desc: ...
+    def with_extensions(self, virtual_batch_size: int = 0, rmax: float = 0.0, dmax: float = 0.0,
+                        activation: int = 0) -> Desc: ...
+    @property
+    def virtual_batch_size(self) -> int: ...
+    @property
+    def activation(self) -> int: ...
     @property
     def reduce_axes(self) -> int: ...
     @property
@@ -119,9 +128,13 @@ class Desc:
 
 def norm_forward(desc: Desc, x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor | None,
                  running_var: Tensor | None, y: Tensor | None, save_mean: Tensor | None, save_rstd: Tensor | None,
-                 stats_mean: Tensor | None = None, stats_m2: Tensor | None = None, stats_count: int = 0) -> None: ...
+                 stats_mean: Tensor | None = None, stats_m2: Tensor | None = None, stats_count: int = 0,
+                 residual: Tensor | None = None, save_r: Tensor | None = None,
+                 save_d: Tensor | None = None) -> None: ...
 def norm_backward(desc: Desc, x: Tensor, dy: Tensor, weight: Tensor | None, save_mean: Tensor | None,
-                  save_rstd: Tensor | None, dx: Tensor, dweight: Tensor | None, dbias: Tensor | None) -> None: ...
+                  save_rstd: Tensor | None, dx: Tensor, dweight: Tensor | None, dbias: Tensor | None,
+                  y: Tensor | None = None, save_r: Tensor | None = None, save_d: Tensor | None = None,
+                  dresidual: Tensor | None = None) -> None: ...
 def norm_backward_reduce(desc: Desc, x: Tensor, dy: Tensor, save_mean: Tensor | None, save_rstd: Tensor | None,
                          sum_dy: Tensor | None, sum_dy_xhat: Tensor | None) -> None: ...
 def norm_backward_apply(desc: Desc, x: Tensor, dy: Tensor, weight: Tensor | None, save_mean: Tensor | None,
@@ -130,7 +143,8 @@ def norm_backward_apply(desc: Desc, x: Tensor, dy: Tensor, weight: Tensor | None
 def norm_forward_stats(desc: Desc, x: Tensor, weight: Tensor | None, bias: Tensor | None,
                        stats: RunningStatsHandle, y: Tensor | None, save_mean: Tensor | None, save_rstd: Tensor | None,
                        stats_mean: Tensor | None = None, stats_m2: Tensor | None = None,
-                       stats_count: int = 0) -> None: ...
+                       stats_count: int = 0, residual: Tensor | None = None, save_r: Tensor | None = None,
+                       save_d: Tensor | None = None) -> None: ...
 def norm_stats(desc: Desc, x: Tensor, mean: Tensor | None, m2: Tensor | None) -> int: ...
 def moments_merge(count_a: Tensor | None, mean_a: Tensor | None, m2_a: Tensor | None, count_b: Tensor | None,
                   mean_b: Tensor | None, m2_b: Tensor | None, count: Tensor | None, mean: Tensor | None,

@@ -78,6 +78,9 @@ FLAG_USE_RUNNING_STATS = BN_FLAG_USE_RUNNING_STATS
 FLAG_UPDATE_RUNNING_STATS = BN_FLAG_UPDATE_RUNNING_STATS
 FLAG_RUNNING_VAR_BIASED = BN_FLAG_RUNNING_VAR_BIASED
 FLAG_GIVEN_STATS = BN_FLAG_GIVEN_STATS
+FLAG_RENORM = BN_FLAG_RENORM
+ACTIVATION_NONE = BN_ACTIVATION_NONE
+ACTIVATION_RELU = BN_ACTIVATION_RELU
 
 # ---------------------------------------------------------------- DLPack import
 
@@ -660,6 +663,11 @@ cdef class Desc:
         s.d.momentum = 0.0
         s.d.flags = flags
         s.d.reserved2 = 0
+        s.d.virtual_batch_size = 0
+        s.d.rmax = 0.0
+        s.d.dmax = 0.0
+        s.d.activation = BN_ACTIVATION_NONE
+        s.d.reserved3 = 0
         return s
 
     def with_options(self, unsigned int flags, double momentum=0.0):
@@ -669,6 +677,25 @@ cdef class Desc:
         s.d.flags = self.d.flags | flags
         s.d.momentum = momentum
         return s
+
+    def with_extensions(self, int64_t virtual_batch_size=0, double rmax=0.0, double dmax=0.0,
+                        unsigned int activation=BN_ACTIVATION_NONE):
+        """A copy with the V2 fields set: virtual batches, renormalization bounds, the epilogue."""
+        cdef Desc s = Desc.__new__(Desc)
+        s.d = self.d
+        s.d.virtual_batch_size = virtual_batch_size
+        s.d.rmax = rmax
+        s.d.dmax = dmax
+        s.d.activation = activation
+        return s
+
+    @property
+    def virtual_batch_size(self):
+        return self.d.virtual_batch_size
+
+    @property
+    def activation(self):
+        return self.d.activation
 
     @property
     def reduce_axes(self):
@@ -689,7 +716,9 @@ cdef class Desc:
     def __repr__(self):
         return (f"Desc(reduce_axes={self.d.reduce_axes:#x}, param_axes={self.d.param_axes:#x}, "
                 f"split_axis={self.d.split_axis}, num_groups={self.d.num_groups}, eps={self.d.eps}, "
-                f"momentum={self.d.momentum}, flags={self.d.flags:#x})")
+                f"momentum={self.d.momentum}, flags={self.d.flags:#x}, "
+                f"virtual_batch_size={self.d.virtual_batch_size}, rmax={self.d.rmax}, dmax={self.d.dmax}, "
+                f"activation={self.d.activation})")
 
 
 # ---------------------------------------------------------------- calls
@@ -701,10 +730,14 @@ cdef inline DLTensor *_ptr(Tensor t):
 
 def norm_forward(Desc desc, Tensor x, Tensor weight, Tensor bias, Tensor running_mean,
                  Tensor running_var, Tensor y, Tensor save_mean, Tensor save_rstd,
-                 Tensor stats_mean=None, Tensor stats_m2=None, int64_t stats_count=0):
-    """bn_norm_forward over imported tensors (None for an absent one); the given statistics
-    (stats_mean, stats_m2, stats_count) go with FLAG_GIVEN_STATS."""
+                 Tensor stats_mean=None, Tensor stats_m2=None, int64_t stats_count=0, Tensor residual=None,
+                 Tensor save_r=None, Tensor save_d=None):
+    """bn_norm_forward_ex over imported tensors (None for an absent one); the given statistics
+    (stats_mean, stats_m2, stats_count) go with FLAG_GIVEN_STATS, save_r / save_d with FLAG_RENORM."""
     cdef bn_status_t st
+    cdef DLTensor *pres = _ptr(residual)
+    cdef DLTensor *pr = _ptr(save_r)
+    cdef DLTensor *pd = _ptr(save_d)
     cdef DLTensor *px = _ptr(x)
     cdef DLTensor *pw = _ptr(weight)
     cdef DLTensor *pb = _ptr(bias)
@@ -716,14 +749,20 @@ def norm_forward(Desc desc, Tensor x, Tensor weight, Tensor bias, Tensor running
     cdef DLTensor *psm = _ptr(save_mean)
     cdef DLTensor *psr = _ptr(save_rstd)
     with nogil:
-        st = bn_norm_forward(NULL, &desc.d, px, pw, pb, pgm, pgq, stats_count, prm, prv, py, psm, psr)
+        st = bn_norm_forward_ex(NULL, &desc.d, px, pw, pb, pres, pgm, pgq, stats_count, prm, prv, py, psm, psr,
+                                pr, pd)
     check(st)
 
 
 def norm_backward(Desc desc, Tensor x, Tensor dy, Tensor weight, Tensor save_mean, Tensor save_rstd,
-                  Tensor dx, Tensor dweight, Tensor dbias):
-    """bn_norm_backward over imported tensors (None for an absent one)."""
+                  Tensor dx, Tensor dweight, Tensor dbias, Tensor y=None, Tensor save_r=None,
+                  Tensor save_d=None, Tensor dresidual=None):
+    """bn_norm_backward_ex over imported tensors (None for an absent one)."""
     cdef bn_status_t st
+    cdef DLTensor *pyy = _ptr(y)
+    cdef DLTensor *pr = _ptr(save_r)
+    cdef DLTensor *pd = _ptr(save_d)
+    cdef DLTensor *pdres = _ptr(dresidual)
     cdef DLTensor *px = _ptr(x)
     cdef DLTensor *pdy = _ptr(dy)
     cdef DLTensor *pw = _ptr(weight)
@@ -733,7 +772,7 @@ def norm_backward(Desc desc, Tensor x, Tensor dy, Tensor weight, Tensor save_mea
     cdef DLTensor *pdw = _ptr(dweight)
     cdef DLTensor *pdb = _ptr(dbias)
     with nogil:
-        st = bn_norm_backward(NULL, &desc.d, px, pdy, pw, psm, psr, pdx, pdw, pdb)
+        st = bn_norm_backward_ex(NULL, &desc.d, px, pdy, pw, psm, psr, pyy, pr, pd, pdx, pdw, pdb, pdres)
     check(st)
 
 
@@ -771,9 +810,12 @@ def norm_backward_apply(Desc desc, Tensor x, Tensor dy, Tensor weight, Tensor sa
 
 def norm_forward_stats(Desc desc, Tensor x, Tensor weight, Tensor bias, RunningStatsHandle stats, Tensor y,
                        Tensor save_mean, Tensor save_rstd, Tensor stats_mean=None, Tensor stats_m2=None,
-                       int64_t stats_count=0):
-    """bn_norm_forward_stats: the forward with running statistics kept in a state."""
+                       int64_t stats_count=0, Tensor residual=None, Tensor save_r=None, Tensor save_d=None):
+    """bn_norm_forward_stats_ex: the forward with running statistics kept in a state."""
     cdef bn_status_t st
+    cdef DLTensor *pres = _ptr(residual)
+    cdef DLTensor *pr = _ptr(save_r)
+    cdef DLTensor *pd = _ptr(save_d)
     cdef DLTensor *px = _ptr(x)
     cdef DLTensor *pw = _ptr(weight)
     cdef DLTensor *pb = _ptr(bias)
@@ -783,7 +825,8 @@ def norm_forward_stats(Desc desc, Tensor x, Tensor weight, Tensor bias, RunningS
     cdef DLTensor *psm = _ptr(save_mean)
     cdef DLTensor *psr = _ptr(save_rstd)
     with nogil:
-        st = bn_norm_forward_stats(NULL, &desc.d, px, pw, pb, pgm, pgq, stats_count, stats.s, py, psm, psr)
+        st = bn_norm_forward_stats_ex(NULL, &desc.d, px, pw, pb, pres, pgm, pgq, stats_count, stats.s, py, psm,
+                                      psr, pr, pd)
     check(st)
 
 

@@ -95,6 +95,7 @@ cdef extern from "bncore/bncore.h" nogil:
     uint32_t BN_FLAG_RUNNING_VAR_BIASED
     uint32_t BN_FLAG_SKIP_NONFINITE
     uint32_t BN_FLAG_GIVEN_STATS
+    uint32_t BN_FLAG_RENORM
     uint32_t BN_FLAG_ALL
 
     ctypedef struct bn_norm_desc_t:
@@ -108,6 +109,11 @@ cdef extern from "bncore/bncore.h" nogil:
         double momentum
         uint32_t flags
         uint32_t reserved2
+        int64_t virtual_batch_size
+        double rmax
+        double dmax
+        uint32_t activation
+        uint32_t reserved3
 
     bn_status_t bn_norm_desc_init_batch(bn_norm_desc_t *desc, int32_t ndim, int32_t channel_axis, double eps)
     bn_status_t bn_norm_desc_init_layer(bn_norm_desc_t *desc, int32_t ndim, int32_t normalized_ndim, double eps)
@@ -119,6 +125,21 @@ cdef extern from "bncore/bncore.h" nogil:
                                 const DLTensor *weight, const DLTensor *bias, const DLTensor *stats_mean,
                                 const DLTensor *stats_m2, int64_t stats_count, DLTensor *running_mean,
                                 DLTensor *running_var, DLTensor *y, DLTensor *save_mean, DLTensor *save_rstd)
+    ctypedef enum bn_activation_t:
+        BN_ACTIVATION_NONE
+        BN_ACTIVATION_RELU
+        BN_ACTIVATION_COUNT
+    uint64_t BN_NORM_DESC_SIZE_V1
+    bn_status_t bn_norm_forward_ex(bn_context_t *ctx, const bn_norm_desc_t *desc, const DLTensor *x,
+                                   const DLTensor *weight, const DLTensor *bias, const DLTensor *residual,
+                                   const DLTensor *stats_mean, const DLTensor *stats_m2, int64_t stats_count,
+                                   DLTensor *running_mean, DLTensor *running_var, DLTensor *y,
+                                   DLTensor *save_mean, DLTensor *save_rstd, DLTensor *save_r, DLTensor *save_d)
+    bn_status_t bn_norm_backward_ex(bn_context_t *ctx, const bn_norm_desc_t *desc, const DLTensor *x,
+                                    const DLTensor *dy, const DLTensor *weight, const DLTensor *save_mean,
+                                    const DLTensor *save_rstd, const DLTensor *y, const DLTensor *save_r,
+                                    const DLTensor *save_d, DLTensor *dx, DLTensor *dweight, DLTensor *dbias,
+                                    DLTensor *dresidual)
     bn_status_t bn_norm_stats(bn_context_t *ctx, const bn_norm_desc_t *desc, const DLTensor *x, DLTensor *mean,
                               DLTensor *m2, int64_t *count)
     bn_status_t bn_moments_merge(bn_context_t *ctx, const DLTensor *count_a, const DLTensor *mean_a,
@@ -158,3 +179,9 @@ cdef extern from "bncore/bncore.h" nogil:
                                       const DLTensor *weight, const DLTensor *bias, const DLTensor *stats_mean,
                                       const DLTensor *stats_m2, int64_t stats_count, bn_running_stats_t *stats,
                                       DLTensor *y, DLTensor *save_mean, DLTensor *save_rstd)
+    bn_status_t bn_norm_forward_stats_ex(bn_context_t *ctx, const bn_norm_desc_t *desc, const DLTensor *x,
+                                         const DLTensor *weight, const DLTensor *bias, const DLTensor *residual,
+                                         const DLTensor *stats_mean, const DLTensor *stats_m2,
+                                         int64_t stats_count, bn_running_stats_t *stats, DLTensor *y,
+                                         DLTensor *save_mean, DLTensor *save_rstd, DLTensor *save_r,
+                                         DLTensor *save_d)

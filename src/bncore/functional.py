@@ -13,6 +13,7 @@ tensors borrowed without capsules and one C call (`_batch_norm_small`).
 from __future__ import annotations
 
 import re
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -20,18 +21,21 @@ import numpy as np
 
 from . import _core
 from ._core import Tensor
-from ._arrays import Allocator, Array, Call, bump_versions, empty_like_of, is_torch, stat_dtype
+from ._arrays import (Allocator, Array, Call, bump_versions, empty_like_of, family_of, is_torch, stat_dtype,
+                      to_numpy)
 from ._checks import (check_axes, check_axis, check_batch_values, check_eps, check_float, check_has_running_stats,
                       check_input, check_like_input, check_momentum, check_momentum_type, check_ndim,
-                      check_normalized_shape, check_not_scalar, check_num_groups, check_param, check_running_pair,
-                      check_same_device, check_saved, check_stats)
-from .errors import BncoreError, MissingRunningStatsError
+                      check_normalized_shape, check_not_scalar, check_num_groups, check_param, check_positive_int,
+                      check_running_pair, check_same_device, check_saved, check_stats)
+from .errors import (BncoreError, InvalidArgumentError, MissingRunningStatsError, ShapeMismatchError,
+                     UnsupportedDtypeError)
 
 __all__ = [
-    "MissingRunningStatsError", "batch_norm", "batch_norm_backward", "batch_norm_forward", "group_norm",
+    "MissingRunningStatsError", "batch_norm", "batch_norm_backward", "batch_norm_forward", "batch_renorm",
+    "batch_renorm_backward", "batch_renorm_forward", "fold", "group_norm",
     "group_norm_backward", "group_norm_forward", "instance_norm", "instance_norm_backward", "instance_norm_forward",
     "layer_norm", "layer_norm_backward", "layer_norm_forward", "normalize", "normalize_backward", "normalize_forward",
-    "rms_norm", "rms_norm_backward", "rms_norm_forward",
+    "renorm_schedule", "rms_norm", "rms_norm_backward", "rms_norm_forward",
 ]
 
 _F32_EPS = float(np.finfo(np.float32).eps)
@@ -61,10 +65,22 @@ def _named_out(err: BncoreError, out: Array | None, c_name: str) -> BncoreError:
 
 def _forward(call: Call, desc: _core.Desc, input: Array, x: Tensor, w: Tensor | None, b: Tensor | None,
              rm: Tensor | None, rv: Tensor | None, out: Array | None, group_shape: tuple[int, ...],
-             stats: Any = None, want_stats: bool = True) -> Outputs:
-    """Runs bn_norm_forward (bn_norm_forward_stats with a RunningStats); returns
+             stats: Any = None, want_stats: bool = True, residual: Tensor | None = None) -> Outputs:
+    """Runs bn_norm_forward_ex (bn_norm_forward_stats_ex with a RunningStats); returns
     (output, save_mean, save_rstd) in the caller's array type."""
-    check_same_device([("input", x), ("weight", w), ("bias", b), ("running_mean", rm), ("running_var", rv)])
+    y, mean, rstd, _, _ = _forward_ex(call, desc, input, x, w, b, rm, rv, out, group_shape, stats, want_stats,
+                                      residual)
+    return y, mean, rstd
+
+
+def _forward_ex(call: Call, desc: _core.Desc, input: Array, x: Tensor, w: Tensor | None, b: Tensor | None,
+                rm: Tensor | None, rv: Tensor | None, out: Array | None, group_shape: tuple[int, ...],
+                stats: Any = None, want_stats: bool = True, residual: Tensor | None = None,
+                renorm_shape: tuple[int, ...] | None = None) -> tuple[Any, Any, Any, Any, Any]:
+    """`_forward` with the renormalization factors: (output, save_mean, save_rstd, r, d), r and d
+    (of `renorm_shape`) None without it."""
+    check_same_device([("input", x), ("weight", w), ("bias", b), ("running_mean", rm), ("running_var", rv),
+                       ("residual", residual)])
     alloc = Allocator(input, x)
     y_obj = out if out is not None else alloc.empty(x.shape, x.dtype, like_layout=input)
     y = call.need(y_obj, "out", writable=True)
@@ -75,25 +91,41 @@ def _forward(call: Call, desc: _core.Desc, input: Array, x: Tensor, w: Tensor | 
     mean_obj = alloc.empty(group_shape, sdt) if want_stats else None
     rstd_obj = alloc.empty(group_shape, sdt) if want_stats else None
     sm, sr = call.add(mean_obj, "save_mean", True), call.add(rstd_obj, "save_rstd", True)
+    r_obj = alloc.empty(renorm_shape, sdt) if renorm_shape is not None else None
+    d_obj = alloc.empty(renorm_shape, sdt) if renorm_shape is not None else None
+    tr, td = call.add(r_obj, "save_r", True), call.add(d_obj, "save_d", True)
     try:
         if stats is not None:
-            _core.norm_forward_stats(desc, x, w, b, stats._handle, y, sm, sr)
+            _core.norm_forward_stats(desc, x, w, b, stats._handle, y, sm, sr, residual=residual, save_r=tr,
+                                     save_d=td)
         else:
-            _core.norm_forward(desc, x, w, b, rm, rv, y, sm, sr)
+            _core.norm_forward(desc, x, w, b, rm, rv, y, sm, sr, residual=residual, save_r=tr, save_d=td)
     except BncoreError as err:
         raise _named_out(err, out, "y") from None
-    return alloc.finish(y_obj), alloc.finish(mean_obj), alloc.finish(rstd_obj)
+    return (alloc.finish(y_obj), alloc.finish(mean_obj), alloc.finish(rstd_obj), alloc.finish(r_obj),
+            alloc.finish(d_obj))
 
 
 def _backward(call: Call, desc: _core.Desc, input: Array, x: Tensor, grad_output: Array, w: Tensor | None,
               sm: Tensor | None, sr: Tensor, param_shape: tuple[int, ...], want_bias_grad: bool = True,
               out: Array | None = None) -> Outputs:
-    """Runs bn_norm_backward; returns (grad_input, grad_weight, grad_bias), the last two None without weight.
+    """Runs bn_norm_backward_ex; returns (grad_input, grad_weight, grad_bias), the last two None without weight.
     `out` (optional) receives grad_input: any strides, it may be grad_output itself."""
+    dx, dw, db, _ = _backward_ex(call, desc, input, x, grad_output, w, sm, sr, param_shape, want_bias_grad, out)
+    return dx, dw, db
+
+
+def _backward_ex(call: Call, desc: _core.Desc, input: Array, x: Tensor, grad_output: Array, w: Tensor | None,
+                 sm: Tensor | None, sr: Tensor, param_shape: tuple[int, ...], want_bias_grad: bool = True,
+                 out: Array | None = None, y: Tensor | None = None, r: Tensor | None = None,
+                 d: Tensor | None = None, want_residual_grad: bool = False) -> tuple[Any, Any, Any, Any]:
+    """`_backward` with the forward's output `y` (its ReLU mask), renormalization's r and d, and the
+    residual's gradient: (grad_input, grad_weight, grad_bias, grad_residual or None)."""
     dy = call.need(grad_output, "grad_output")
     check_float(dy, "grad_output")
     check_like_input(dy, x, "grad_output")
-    check_same_device([("input", x), ("grad_output", dy), ("weight", w), ("save_mean", sm), ("save_rstd", sr)])
+    check_same_device([("input", x), ("grad_output", dy), ("weight", w), ("save_mean", sm), ("save_rstd", sr),
+                       ("output", y), ("r", r), ("d", d)])
     alloc = Allocator(input, x)
     dx_obj = out if out is not None else alloc.empty(x.shape, x.dtype, like_layout=input)
     dw_obj = db_obj = None
@@ -104,11 +136,13 @@ def _backward(call: Call, desc: _core.Desc, input: Array, x: Tensor, grad_output
     dx = call.need(dx_obj, "out", writable=True)
     check_like_input(dx, x, "out")
     dw, db = call.add(dw_obj, "grad_weight", True), call.add(db_obj, "grad_bias", True)
+    dres_obj = alloc.empty(x.shape, x.dtype, like_layout=input) if want_residual_grad else None
+    dres = call.add(dres_obj, "grad_residual", True)
     try:
-        _core.norm_backward(desc, x, dy, w, sm, sr, dx, dw, db)
+        _core.norm_backward(desc, x, dy, w, sm, sr, dx, dw, db, y=y, save_r=r, save_d=d, dresidual=dres)
     except BncoreError as err:
         raise _named_out(err, out, "grad_input") from None
-    return alloc.finish(dx_obj), alloc.finish(dw_obj), alloc.finish(db_obj)
+    return alloc.finish(dx_obj), alloc.finish(dw_obj), alloc.finish(db_obj), alloc.finish(dres_obj)
 
 
 def _weight(call: Call, weight: Array | None, shape: tuple[int, ...], per: str) -> Tensor | None:
@@ -158,6 +192,51 @@ def _batch_setup(call: Call, input: Array, axis: Any) -> tuple[Tensor, int, int]
     return x, ax, x.shape[ax]
 
 
+_ACTIVATIONS = {"relu": _core.ACTIVATION_RELU}
+
+
+def _check_activation(activation: Any) -> int:
+    """The C epilogue of `activation` (None or "relu")."""
+    if activation is None:
+        return _core.ACTIVATION_NONE
+    if isinstance(activation, str) and activation in _ACTIVATIONS:
+        return _ACTIVATIONS[activation]
+    raise InvalidArgumentError(f"activation: expected None or 'relu', got {activation!r}")
+
+
+def _check_virtual_batch(virtual_batch_size: Any, shape: tuple[int, ...], ax: int, used: bool = True) -> int:
+    """The size of ghost batch norm's virtual batches along axis 0 (0: none, or not `used`, as in eval,
+    where only its type is checked); N must be a multiple."""
+    if virtual_batch_size is None:
+        return 0
+    v = check_positive_int(virtual_batch_size, "virtual_batch_size")
+    if not used:
+        return 0
+    if ax == 0:
+        raise InvalidArgumentError("virtual_batch_size: the batch axis 0 is the channel axis here (axis=0)")
+    if shape[0] % v:
+        raise ShapeMismatchError(f"virtual_batch_size: the batch of {shape[0]} samples (axis 0) is not a multiple "
+                                 f"of the virtual batch size {v}")
+    return v
+
+
+def _check_bound(value: Any, what: str, low: float) -> float:
+    """A renormalization bound: a real number >= low (inf: unbounded)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise InvalidArgumentError(f"{what}: expected a real number >= {low:g}, got {value!r}")
+    v = float(value)
+    if not v >= low:
+        raise InvalidArgumentError(f"{what}: expected a value >= {low:g} (inf: unbounded), got {v!r}")
+    return v
+
+
+def _residual(call: Call, residual: Array | None, x: Tensor) -> Tensor | None:
+    r = call.add(residual, "residual")
+    if r is not None:
+        check_like_input(r, x, "residual")
+    return r
+
+
 def _batch_mode(shape: tuple[int, ...], ax: int, training: bool, has_running: bool, momentum: Any,
                 stats: Any) -> tuple[int, float]:
     """The flags and momentum of a batch-norm forward, by PyTorch's rules (or a RunningStats' own)."""
@@ -176,10 +255,16 @@ def _batch_mode(shape: tuple[int, ...], ax: int, training: bool, has_running: bo
     return 0, 0.0
 
 
+def _ghost_shape(shape: tuple[int, ...], v: int) -> tuple[int, ...]:
+    """The shape of one virtual batch (PyTorch's one-value check applies to each)."""
+    return (v,) + shape[1:] if v else shape
+
+
 def batch_norm_forward(input: Array, running_mean: Array | None = None, running_var: Array | None = None,
                        weight: Array | None = None, bias: Array | None = None, training: bool = False,
                        momentum: float = 0.1, eps: float = 1e-5, *, axis: int = 1, out: Array | None = None,
-                       stats: Any = None, _want_stats: bool = True) -> Outputs:
+                       stats: Any = None, virtual_batch_size: int | None = None, activation: str | None = None,
+                       residual: Array | None = None, _want_stats: bool = True) -> Outputs:
     """Batch norm forward; returns ``(output, save_mean, save_invstd)``.
 
     Training (or no running statistics): the batch's mean and biased variance over
@@ -189,17 +274,31 @@ def batch_norm_forward(input: Array, running_mean: Array | None = None, running_
     1/sqrt(var + eps) actually used, float32 for half inputs. ``stats`` (a
     ``bncore.RunningStats``) may hold the running statistics instead, updated by its
     own convention (momentum, variance, nan_policy).
+
+    ``virtual_batch_size`` (ghost batch norm, training only): axis 0 is split into
+    consecutive virtual batches of that size, each normalized by its own statistics;
+    ``save_mean`` / ``save_invstd`` then have shape (N / virtual_batch_size, C), and the
+    running statistics receive the mean over the virtual batches. ``residual`` (the
+    input's shape and dtype) is added and ``activation="relu"`` applied as the output is
+    written: ``y = relu(bn(x) + residual)`` in one pass (docs/fused.md).
     """
     eps = check_eps(eps)
+    act = _check_activation(activation)
     with Call() as call:
         x, ax, channels = _batch_setup(call, input, axis)
         per = f"channel of axis {ax}"
         w, b = _affine(call, weight, bias, (channels,), per)
+        res = _residual(call, residual, x)
         check_stats(stats, running_mean, channels)
         rm, rv = _running(call, running_mean, running_var, (channels,), per, writable=bool(training))
-        flags, momentum_used = _batch_mode(x.shape, ax, bool(training), rm is not None, momentum, stats)
-        desc = _core.Desc.batch(x.ndim, ax, eps).with_options(flags, momentum_used)
-        return _forward(call, desc, input, x, w, b, rm, rv, out, (channels,), stats, _want_stats)
+        batch_stats = bool(training) or (rm is None and stats is None)
+        v = _check_virtual_batch(virtual_batch_size, x.shape, ax, used=batch_stats)  # eval ignores them
+        flags, momentum_used = _batch_mode(_ghost_shape(x.shape, v), ax, bool(training), rm is not None, momentum,
+                                           stats)
+        desc = _core.Desc.batch(x.ndim, ax, eps).with_options(flags, momentum_used).with_extensions(
+            virtual_batch_size=v, activation=act)
+        groups = (x.shape[0] // v, channels) if v else (channels,)
+        return _forward(call, desc, input, x, w, b, rm, rv, out, groups, stats, _want_stats, res)
 
 
 # validated descriptions of `_batch_norm_small`, keyed by everything its checks read (the scalars with
@@ -269,37 +368,214 @@ def _batch_norm_small(input: Array, running_mean: Array | None, running_var: Arr
 
 def batch_norm(input: Array, running_mean: Array | None = None, running_var: Array | None = None,
                weight: Array | None = None, bias: Array | None = None, training: bool = False, momentum: float = 0.1,
-               eps: float = 1e-5, *, axis: int = 1, out: Array | None = None) -> Array:
+               eps: float = 1e-5, *, axis: int = 1, out: Array | None = None, virtual_batch_size: int | None = None,
+               activation: str | None = None, residual: Array | None = None) -> Array:
     """Batch norm, argument for argument as ``torch.nn.functional.batch_norm``; returns the output.
 
     ``axis`` is the channel axis (default 1, NCHW; -1 for channels-last data).
     ``out`` receives the output when given (any strides; it may be ``input`` itself).
+    ``virtual_batch_size``, ``activation`` and ``residual``: see ``batch_norm_forward``.
     """
-    if out is None:
+    if out is None and virtual_batch_size is None and activation is None and residual is None:
         y = _batch_norm_small(input, running_mean, running_var, weight, bias, training, momentum, eps, axis)
         if y is not None:
             return y
     return batch_norm_forward(input, running_mean, running_var, weight, bias, training, momentum, eps, axis=axis,
-                              out=out, _want_stats=False)[0]
+                              out=out, virtual_batch_size=virtual_batch_size, activation=activation,
+                              residual=residual, _want_stats=False)[0]
 
 
 def batch_norm_backward(grad_output: Array, input: Array, weight: Array | None, save_mean: Array,
-                        save_invstd: Array, *, training: bool = True, axis: int = 1,
-                        out: Array | None = None) -> Outputs:
-    """Backward of batch norm; returns ``(grad_input, grad_weight, grad_bias)``.
+                        save_invstd: Array, *, training: bool = True, axis: int = 1, out: Array | None = None,
+                        virtual_batch_size: int | None = None, activation: str | None = None,
+                        output: Array | None = None, residual: bool = False) -> tuple[Any, ...]:
+    """Backward of batch norm; returns ``(grad_input, grad_weight, grad_bias)``, and
+    ``grad_residual`` fourth when ``residual`` (the forward had one).
 
     ``save_mean`` / ``save_invstd`` are what ``batch_norm_forward`` returned. With
     ``training=False`` the statistics are constants (eval mode): grad_input =
     grad_output * weight * invstd. ``grad_weight`` and ``grad_bias`` are None when
     ``weight`` is None. ``out`` receives grad_input when given (any strides; it may be
-    ``grad_output`` itself).
+    ``grad_output`` itself). ``virtual_batch_size`` as in the forward (training only).
+    With ``activation="relu"``, ``output`` is the forward's output: grad_output is
+    masked where it is > 0; grad_residual is that masked gradient.
     """
+    act = _check_activation(activation)
     with Call() as call:
         x, ax, channels = _batch_setup(call, input, axis)
+        v = _check_virtual_batch(virtual_batch_size, x.shape, ax, used=bool(training))
         w = _weight(call, weight, (channels,), f"channel of axis {ax}")
-        sm, sr = _saved(call, save_mean, save_invstd, (channels,), "save_invstd")
+        groups = (x.shape[0] // v, channels) if v else (channels,)
+        sm, sr = _saved(call, save_mean, save_invstd, groups, "save_invstd")
+        y = call.add(output, "output")
+        if act != _core.ACTIVATION_NONE and y is None:
+            raise InvalidArgumentError("output: the forward's output is required with activation='relu', got None")
+        if y is not None:
+            check_like_input(y, x, "output")
         desc = _core.Desc.batch(x.ndim, ax, 0.0).with_options(0 if training else _core.FLAG_USE_RUNNING_STATS)
-        return _backward(call, desc, input, x, grad_output, w, sm, sr, (channels,), out=out)
+        desc = desc.with_extensions(virtual_batch_size=v, activation=act)
+        dx, dw, db, dres = _backward_ex(call, desc, input, x, grad_output, w, sm, sr, (channels,), out=out,
+                                        y=y if act != _core.ACTIVATION_NONE else None,
+                                        want_residual_grad=bool(residual))
+        return (dx, dw, db, dres) if residual else (dx, dw, db)
+
+
+# ---------------------------------------------------------------- batch renormalization
+
+
+def batch_renorm_forward(input: Array, running_mean: Array | None, running_var: Array | None,
+                         weight: Array | None = None, bias: Array | None = None, training: bool = False,
+                         momentum: float = 0.1, eps: float = 1e-5, *, rmax: float = 3.0, dmax: float = 5.0,
+                         axis: int = 1, out: Array | None = None, stats: Any = None,
+                         _want_stats: bool = True) -> tuple[Any, Any, Any, Any, Any]:
+    """Batch renormalization (Ioffe 2017); returns ``(output, save_mean, save_invstd, r, d)``.
+
+    Training: with the batch's mu_B, sigma_B = sqrt(var_B + eps) and the running
+    statistics' mu, sigma (before this call's update),
+    ``r = clip(sigma_B / sigma, 1/rmax, rmax)``, ``d = clip((mu_B - mu) / sigma, -dmax, dmax)``
+    and ``y = ((x - mu_B) / sigma_B * r + d) * weight + bias``; the running statistics are
+    then updated as batch norm's. ``r`` and ``d`` (one per channel) are what the backward
+    needs. Eval: batch norm's eval (``r`` and ``d`` are None).
+    """
+    eps = check_eps(eps)
+    rmax = _check_bound(rmax, "rmax", 1.0)
+    dmax = _check_bound(dmax, "dmax", 0.0)
+    with Call() as call:
+        x, ax, channels = _batch_setup(call, input, axis)
+        per = f"channel of axis {ax}"
+        w, b = _affine(call, weight, bias, (channels,), per)
+        check_stats(stats, running_mean, channels)
+        rm, rv = _running(call, running_mean, running_var, (channels,), per, writable=bool(training))
+        check_has_running_stats(rm is not None or stats is not None,
+                                "batch renormalization compares the batch with the running statistics: "
+                                "running_mean and running_var are required")
+        flags, momentum_used = _batch_mode(x.shape, ax, bool(training), rm is not None, momentum, stats)
+        if not training:
+            desc = _core.Desc.batch(x.ndim, ax, eps).with_options(flags, momentum_used)
+            y, mean, invstd = _forward(call, desc, input, x, w, b, rm, rv, out, (channels,), stats, _want_stats)
+            return y, mean, invstd, None, None
+        desc = _core.Desc.batch(x.ndim, ax, eps).with_options(flags | _core.FLAG_RENORM, momentum_used)
+        desc = desc.with_extensions(rmax=rmax, dmax=dmax)
+        return _forward_ex(call, desc, input, x, w, b, rm, rv, out, (channels,), stats, _want_stats,
+                           renorm_shape=(channels,) if _want_stats else None)
+
+
+def batch_renorm(input: Array, running_mean: Array | None, running_var: Array | None, weight: Array | None = None,
+                 bias: Array | None = None, training: bool = False, momentum: float = 0.1, eps: float = 1e-5, *,
+                 rmax: float = 3.0, dmax: float = 5.0, axis: int = 1, out: Array | None = None) -> Array:
+    """Batch renormalization; returns the output (see ``batch_renorm_forward``)."""
+    return batch_renorm_forward(input, running_mean, running_var, weight, bias, training, momentum, eps, rmax=rmax,
+                                dmax=dmax, axis=axis, out=out, _want_stats=False)[0]
+
+
+def batch_renorm_backward(grad_output: Array, input: Array, weight: Array | None, save_mean: Array,
+                          save_invstd: Array, r: Array | None, d: Array | None, *, training: bool = True,
+                          axis: int = 1, out: Array | None = None) -> Outputs:
+    """Backward of batch renormalization; returns ``(grad_input, grad_weight, grad_bias)``.
+
+    ``r`` and ``d`` (from the forward) are constants: grad_input is batch norm's with
+    weight * r, grad_weight = r * sum(dy * xhat) + d * sum(dy), grad_bias = sum(dy).
+    ``training=False``: batch norm's eval backward (``r``, ``d`` unused, may be None).
+    """
+    if not training:
+        dx, dw, db = batch_norm_backward(grad_output, input, weight, save_mean, save_invstd, training=False,
+                                         axis=axis, out=out)
+        return dx, dw, db
+    with Call() as call:
+        x, ax, channels = _batch_setup(call, input, axis)
+        per = f"channel of axis {ax}"
+        w = _weight(call, weight, (channels,), per)
+        sm, sr = _saved(call, save_mean, save_invstd, (channels,), "save_invstd")
+        tr, td = call.add(r, "r"), call.add(d, "d")
+        check_saved(tr, "r", (channels,))
+        check_saved(td, "d", (channels,))
+        # the bounds only shaped r and d in the forward: any valid pair describes the backward
+        desc = _core.Desc.batch(x.ndim, ax, 0.0).with_options(_core.FLAG_RENORM).with_extensions(rmax=1.0, dmax=0.0)
+        dx, dw, db, _ = _backward_ex(call, desc, input, x, grad_output, w, sm, sr, (channels,), out=out, r=tr, d=td)
+        return dx, dw, db
+
+
+def renorm_schedule(step: int, *, rmax: float = 3.0, dmax: float = 5.0, start: int = 5000,
+                    rmax_steps: int = 40000, dmax_steps: int = 25000) -> tuple[float, float]:
+    """The (rmax, dmax) of training step `step` by the paper's warm-up: plain batch norm
+    (1, 0) for the first `start` steps, then rmax rises linearly from 1 to its final value
+    over `rmax_steps` steps and dmax from 0 over `dmax_steps` steps."""
+    if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
+        raise InvalidArgumentError(f"step: expected an int >= 0, got {step!r}")
+    rmax = _check_bound(rmax, "rmax", 1.0)
+    dmax = _check_bound(dmax, "dmax", 0.0)
+    for value, what in ((start, "start"), (rmax_steps, "rmax_steps"), (dmax_steps, "dmax_steps")):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+            raise InvalidArgumentError(f"{what}: expected an int >= 0, got {value!r}")
+
+    def ramp(steps: int) -> float:
+        if steps == 0:
+            return 1.0 if step >= start else 0.0
+        return min(max((step - start) / steps, 0.0), 1.0)
+
+    return 1.0 + (rmax - 1.0) * ramp(rmax_steps), dmax * ramp(dmax_steps)
+
+
+# ---------------------------------------------------------------- folding into a preceding layer
+
+
+def _as_float64(value: Array, what: str) -> np.ndarray:
+    arr = to_numpy(value, what)
+    if arr.dtype.kind not in "fiu" and arr.dtype.name != "bfloat16":
+        raise UnsupportedDtypeError(f"{what}: expected a real array, got dtype {arr.dtype}")
+    return arr.astype(np.float64)
+
+
+def _like(ref: Array, values: np.ndarray) -> Any:
+    """`values` (float64) in the array type, dtype and device of `ref`."""
+    fam = family_of(ref)
+    if fam == "torch":
+        torch = sys.modules["torch"]
+        return torch.from_numpy(values).to(device=ref.device, dtype=ref.dtype)
+    if fam == "jax":
+        import jax.numpy as jnp
+
+        return jnp.asarray(values, dtype=ref.dtype)
+    if fam == "cupy":
+        return sys.modules["cupy"].asarray(values, dtype=ref.dtype)
+    dtype = getattr(ref, "dtype", None)
+    try:
+        return values.astype(np.dtype(dtype)) if dtype is not None else values
+    except TypeError:
+        return values
+
+
+def fold(weight: Array, bias: Array | None, running_mean: Array, running_var: Array, gamma: Array | None = None,
+         beta: Array | None = None, eps: float = 1e-5, *, axis: int = 0) -> tuple[Any, Any]:
+    """Folds an eval-mode batch norm into the layer before it; returns ``(weight, bias)``.
+
+    ``w' = w * gamma / sqrt(var + eps)`` along ``axis`` of ``weight`` (0: the output channels
+    of Conv / Linear weights; 1 for ConvTranspose), ``b' = (b - mean) * gamma / sqrt(var + eps)
+    + beta``. ``bias`` None is zeros, ``gamma`` / ``beta`` None are ones / zeros. Computed in
+    float64; the results have weight's array type and dtype (the bias too, when bias is None).
+    """
+    eps = check_eps(eps)
+    w = _as_float64(weight, "weight")
+    if w.ndim < 1:
+        raise InvalidArgumentError("weight: expected an array of at least 1 dimension, got a scalar")
+    ax = check_axis(axis, w.ndim, "axis")
+    channels = w.shape[ax]
+    vectors = {}
+    for value, what in ((running_mean, "running_mean"), (running_var, "running_var"), (gamma, "gamma"),
+                        (beta, "beta"), (bias, "bias")):
+        if value is None:
+            continue
+        arr = _as_float64(value, what)
+        if arr.shape != (channels,):
+            raise ShapeMismatchError(f"{what}: expected shape ({channels},) (weight's axis {ax}), got {arr.shape}")
+        vectors[what] = arr
+    scale = vectors.get("gamma", np.ones(channels)) / np.sqrt(vectors["running_var"] + eps)
+    shape = [1] * w.ndim
+    shape[ax] = channels
+    folded_w = w * scale.reshape(shape)
+    folded_b = (vectors.get("bias", np.zeros(channels)) - vectors["running_mean"]) * scale + vectors.get(
+        "beta", np.zeros(channels))
+    return _like(weight, folded_w), _like(bias if bias is not None else weight, folded_b)
 
 
 # ---------------------------------------------------------------- layer norm and RMS norm

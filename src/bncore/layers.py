@@ -19,7 +19,7 @@ from ._arrays import Array, Call, to_numpy
 from ._checks import (CONVENTIONS, check_axis, check_channels, check_choice, check_eps, check_groups_divide,
                       check_positive_int, check_shape, check_state_count, check_state_dtype, check_state_float,
                       check_state_shape)
-from .errors import ShapeMismatchError
+from .errors import InvalidArgumentError, ShapeMismatchError
 from .state import RunningStats
 
 __all__ = ["BatchNorm", "GroupNorm", "InstanceNorm", "LayerNorm", "RMSNorm"]
@@ -225,39 +225,68 @@ class BatchNorm(_RunningStatsLayer):
     ``center`` / ``scale`` for the bias / weight); see `keras_weights`.
     ``nan_policy="skip"`` leaves the running statistics untouched for a batch whose
     statistics are not finite and counts it in ``skipped_updates``.
+
+    ``renorm=True``: batch renormalization in training (``rmax``, ``dmax``: attributes
+    that may change between calls, e.g. from `bncore.renorm_schedule`); it needs
+    track_running_stats. ``virtual_batch_size``: ghost batch norm in training (not
+    together with renorm).
     """
 
     def __init__(self, num_features: int, eps: float = _DEFAULT, momentum: float | None = _DEFAULT,
                  affine: bool = True, track_running_stats: bool = True, *, axis: int = _DEFAULT,
                  dtype: str = "float32", convention: str = "torch", center: bool | None = None,
-                 scale: bool | None = None, nan_policy: str = "propagate") -> None:
+                 scale: bool | None = None, nan_policy: str = "propagate", renorm: bool = False,
+                 rmax: float = 3.0, dmax: float = 5.0, virtual_batch_size: int | None = None) -> None:
         defaults = _keras.LAYER_DEFAULTS[check_choice(convention, "convention", CONVENTIONS)]
         eps = defaults["eps"] if eps is _DEFAULT else eps
         momentum = defaults["momentum"] if momentum is _DEFAULT else momentum
         self.axis = defaults["axis"] if axis is _DEFAULT else axis
         scale = affine if scale is None else scale
         center = affine if center is None else center
+        self.renorm = bool(renorm)
+        self.rmax = F._check_bound(rmax, "rmax", 1.0)
+        self.dmax = F._check_bound(dmax, "dmax", 0.0)
+        self.virtual_batch_size = (None if virtual_batch_size is None
+                                   else check_positive_int(virtual_batch_size, "virtual_batch_size"))
+        if self.renorm and not track_running_stats:
+            raise InvalidArgumentError("renorm: batch renormalization needs the running statistics "
+                                       "(track_running_stats=True)")
+        if self.renorm and self.virtual_batch_size is not None:
+            raise InvalidArgumentError("renorm, virtual_batch_size: batch renormalization with virtual batches is "
+                                       "not supported")
         self._init_channels(num_features, eps, momentum, bool(scale), bool(center), track_running_stats, dtype,
                             convention, nan_policy)
 
     def forward(self, x: Array) -> Array:
         """Normalizes ``x`` (any DLPack tensor); returns the caller's array type."""
         batch_stats = self._uses_batch_stats()
+        r = d = None
         # eval with tracking, or training with tracking: the state is read or updated
         try:
-            y, mean, invstd = F.batch_norm_forward(x, None, None, self.weight, self.bias, training=batch_stats,
-                                                   eps=self.eps, axis=self.axis, stats=self.stats)
+            if self.renorm and batch_stats:
+                y, mean, invstd, r, d = F.batch_renorm_forward(x, None, None, self.weight, self.bias, training=True,
+                                                               eps=self.eps, rmax=self.rmax, dmax=self.dmax,
+                                                               axis=self.axis, stats=self.stats)
+            else:
+                y, mean, invstd = F.batch_norm_forward(
+                    x, None, None, self.weight, self.bias, training=batch_stats, eps=self.eps, axis=self.axis,
+                    stats=self.stats, virtual_batch_size=self.virtual_batch_size if batch_stats else None)
         except ShapeMismatchError:
             _blame_input_channels(x, self.axis, self.num_features)
             raise
-        self._saved = (x, mean, invstd, batch_stats)
+        self._saved = (x, mean, invstd, batch_stats, r, d)
         return y
 
     def backward(self, grad_output: Array) -> Array:
         """Gradient of the last forward: returns grad_input; sets weight_grad and bias_grad."""
-        x, mean, invstd, batch_stats = self._saved_or_raise()
-        dx, dw, db = F.batch_norm_backward(grad_output, x, self._weight_or_ones(), mean, invstd,
-                                           training=batch_stats, axis=self.axis)
+        x, mean, invstd, batch_stats, r, d = self._saved_or_raise()
+        if r is not None:
+            dx, dw, db = F.batch_renorm_backward(grad_output, x, self._weight_or_ones(), mean, invstd, r, d,
+                                                 axis=self.axis)
+        else:
+            dx, dw, db = F.batch_norm_backward(
+                grad_output, x, self._weight_or_ones(), mean, invstd, training=batch_stats, axis=self.axis,
+                virtual_batch_size=self.virtual_batch_size if batch_stats else None)
         self._store_grads(dw if self.weight is not None else None, db if self.bias is not None else None)
         return dx
 
@@ -283,7 +312,9 @@ class BatchNorm(_RunningStatsLayer):
     def __repr__(self) -> str:
         return (f"BatchNorm({self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
                 f"track_running_stats={self.track_running_stats}, axis={self.axis}, dtype={self.dtype!r}, "
-                f"convention={self.convention!r})")
+                f"convention={self.convention!r}" + (f", renorm=True, rmax={self.rmax}, dmax={self.dmax}"
+                                                     if self.renorm else "")
+                + (f", virtual_batch_size={self.virtual_batch_size}" if self.virtual_batch_size else "") + ")")
 
 
 class InstanceNorm(_RunningStatsLayer):

@@ -275,3 +275,108 @@ def group_norm_backward_ref(dy, x, num_groups, weight=None, eps=1e-5, *, dtype=n
     dx, dw, db = normalize_backward_ref(dyg, xg, tuple(range(2, xg.ndim)), (1, 2), w, eps, dtype=dtype, **stats)
     c = xg.shape[1] * xg.shape[2]
     return dx.reshape(np.shape(x)), dw.reshape(c), db.reshape(c)
+
+
+# ---------------------------------------------------------------- batch renormalization, ghost batch norm, fused
+
+
+def _channel_view(v, ndim, axis):
+    shape = [1] * ndim
+    shape[axis % ndim] = -1
+    return np.asarray(v, dtype=np.float64).reshape(shape)
+
+
+def batch_renorm_ref(x, running_mean, running_var, weight=None, bias=None, eps=1e-5, rmax=3.0, dmax=5.0, axis=1):
+    """Batch renormalization (Ioffe 2017) in training, in float64: returns ``(y, mean, rstd, r, d)``.
+
+    mu_B, var_B: the batch mean and biased variance per channel; sigma_B = sqrt(var_B + eps),
+    sigma = sqrt(running_var + eps); r = clip(sigma_B / sigma, 1/rmax, rmax),
+    d = clip((mu_B - running_mean) / sigma, -dmax, dmax);
+    y = ((x - mu_B) / sigma_B * r + d) * weight + bias."""
+    x = np.asarray(x, dtype=np.float64)
+    axes = all_but(x.ndim, axis)
+    mu_b = x.mean(axis=axes)
+    sigma_b = np.sqrt(x.var(axis=axes) + eps)
+    sigma = np.sqrt(np.asarray(running_var, dtype=np.float64) + eps)
+    r = np.clip(sigma_b / sigma, 1.0 / rmax, rmax)
+    d = np.clip((mu_b - np.asarray(running_mean, dtype=np.float64)) / sigma, -dmax, dmax)
+    view = lambda v: _channel_view(v, x.ndim, axis)  # noqa: E731
+    y = ((x - view(mu_b)) / view(sigma_b) * view(r) + view(d))
+    if weight is not None:
+        y = y * view(weight)
+    if bias is not None:
+        y = y + view(bias)
+    return y, mu_b, 1.0 / sigma_b, r, d
+
+
+def batch_renorm_backward_ref(dy, x, r, d, weight=None, eps=1e-5, axis=1):
+    """Backward of batch renormalization with r and d constants: ``(dx, dweight, dbias)``.
+    y = xhat * (weight * r) + (bias + weight * d): dx is batch norm's with weight * r,
+    dweight = sum(dy * (xhat * r + d)) = r * sum(dy * xhat) + d * sum(dy), dbias = sum(dy)."""
+    r = np.asarray(r, dtype=np.float64)
+    d = np.asarray(d, dtype=np.float64)
+    w = np.ones_like(r) if weight is None else np.asarray(weight, dtype=np.float64)
+    dx, _, _ = batch_norm_backward_ref(dy, x, w * r, eps, axis)
+    _, sum_dy_xhat, sum_dy = batch_norm_backward_ref(dy, x, None, eps, axis)
+    return dx, r * sum_dy_xhat + d * sum_dy, sum_dy
+
+
+def ghost_batch_norm_ref(x, virtual_batch_size, weight=None, bias=None, eps=1e-5, axis=1):
+    """Ghost batch norm in training: the concatenation along axis 0 of batch norm of each
+    consecutive chunk of `virtual_batch_size` samples. Returns ``(y, mean, rstd)``, mean and
+    rstd of shape (N / virtual_batch_size, C)."""
+    x = np.asarray(x, dtype=np.float64)
+    parts = [batch_norm_ref(x[i:i + virtual_batch_size], weight, bias, eps, axis)
+             for i in range(0, x.shape[0], virtual_batch_size)]
+    return (np.concatenate([p[0] for p in parts]), np.stack([p[1] for p in parts]),
+            np.stack([p[2] for p in parts]))
+
+
+def ghost_batch_norm_backward_ref(dy, x, virtual_batch_size, weight=None, eps=1e-5, axis=1):
+    """Backward of ghost batch norm: each chunk's batch-norm backward; dx concatenated, the
+    parameter gradients summed over chunks."""
+    v = virtual_batch_size
+    parts = [batch_norm_backward_ref(dy[i:i + v], x[i:i + v], weight, eps, axis) for i in range(0, x.shape[0], v)]
+    return np.concatenate([p[0] for p in parts]), sum(p[1] for p in parts), sum(p[2] for p in parts)
+
+
+def ghost_running_ref(x, virtual_batch_size, running_mean, running_var, momentum, axis=1):
+    """Running statistics after one ghost-batch-norm step: the mean over the virtual batches of
+    their means and of their unbiased variances, folded in with `momentum`."""
+    x = np.asarray(x, dtype=np.float64)
+    axes = all_but(x.ndim, axis)
+    chunks = [x[i:i + virtual_batch_size] for i in range(0, x.shape[0], virtual_batch_size)]
+    mean = np.mean([c.mean(axis=axes) for c in chunks], axis=0)
+    var = np.mean([c.var(axis=axes, ddof=1) for c in chunks], axis=0)
+    return ((1 - momentum) * np.asarray(running_mean, np.float64) + momentum * mean,
+            (1 - momentum) * np.asarray(running_var, np.float64) + momentum * var)
+
+
+def fused_batch_norm_ref(x, weight=None, bias=None, eps=1e-5, axis=1, residual=None, activation=None, **stats):
+    """y = act(bn(x) + residual): ``(y, mean, rstd)``; activation None or "relu"."""
+    y, mean, rstd = batch_norm_ref(x, weight, bias, eps, axis, **stats)
+    if residual is not None:
+        y = y + np.asarray(residual, dtype=np.float64)
+    if activation == "relu":
+        y = np.maximum(y, 0.0)
+    return y, mean, rstd
+
+
+def fused_batch_norm_backward_ref(dy, x, y, weight=None, eps=1e-5, axis=1, activation=None, **stats):
+    """Backward of the fused forward: g = dy masked where y > 0 (relu); ``(dx, dweight, dbias, dresidual)``
+    with dx, dweight, dbias batch norm's backward of g and dresidual = g."""
+    g = np.asarray(dy, dtype=np.float64)
+    if activation == "relu":
+        g = np.where(np.asarray(y, dtype=np.float64) > 0, g, 0.0)
+    dx, dw, db = batch_norm_backward_ref(g, x, weight, eps, axis, **stats)
+    return dx, dw, db, g
+
+
+def fold_ref(weight, bias, running_mean, running_var, gamma, beta, eps=1e-5, axis=0):
+    """Folding an eval-mode batch norm into the preceding layer, in float64:
+    w' = w * gamma / sqrt(var + eps) along `axis`, b' = (b - mean) * gamma / sqrt(var + eps) + beta."""
+    w = np.asarray(weight, dtype=np.float64)
+    scale = np.asarray(gamma, np.float64) / np.sqrt(np.asarray(running_var, np.float64) + eps)
+    b = np.zeros_like(scale) if bias is None else np.asarray(bias, np.float64)
+    return (w * _channel_view(scale, w.ndim, axis),
+            (b - np.asarray(running_mean, np.float64)) * scale + np.asarray(beta, np.float64))

@@ -33,7 +33,7 @@ from .errors import ShapeMismatchError
 
 __all__ = [
     "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "GroupNorm", "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d",
-    "LayerNorm", "RMSNorm", "SyncBatchNorm", "convert",
+    "LayerNorm", "RMSNorm", "SyncBatchNorm", "convert", "fold",
 ]
 
 
@@ -398,3 +398,4 @@ def convert(module: torch.nn.Module) -> torch.nn.Module:
 
 
 from ._torch_sync import SyncBatchNorm  # noqa: E402
+from ._torch_fold import fold  # noqa: E402

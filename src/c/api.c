@@ -62,6 +62,26 @@ static bn_status_t check_desc(const bn_norm_desc_t *desc, const DLTensor *x) {
   if ((desc->reduce_axes | desc->param_axes) & ~axes)
     return bn_fail(BN_STATUS_INVALID_ARGUMENT, "desc: reduce_axes 0x%llx / param_axes 0x%llx name axes beyond the %d of x",
                    (unsigned long long)desc->reduce_axes, (unsigned long long)desc->param_axes, (int)x->ndim);
+  if (desc->reserved3 != 0) return bn_fail(BN_STATUS_INVALID_ARGUMENT, "desc.reserved3: expected 0");
+  if (desc->activation >= BN_ACTIVATION_COUNT)
+    return bn_fail(BN_STATUS_INVALID_ARGUMENT, "activation: expected a bn_activation_t (0 to %d), got %u",
+                   (int)BN_ACTIVATION_COUNT - 1, (unsigned)desc->activation);
+  if (desc->virtual_batch_size < 0)
+    return bn_fail(BN_STATUS_INVALID_ARGUMENT, "virtual_batch_size: expected 0 (none) or a size >= 1, got %lld",
+                   (long long)desc->virtual_batch_size);
+  if (desc->virtual_batch_size > 0 && (!(desc->reduce_axes & 1u) || (desc->param_axes & 1u)))
+    return bn_fail(BN_STATUS_INVALID_ARGUMENT,
+                   "virtual_batch_size: axis 0 must be reduced and not index the parameters (batch norm's batch axis)");
+  if (desc->flags & BN_FLAG_RENORM) {
+    if (!(desc->rmax >= 1.0))
+      return bn_fail(BN_STATUS_INVALID_ARGUMENT, "rmax: expected a value >= 1 (inf: unbounded), got %g", desc->rmax);
+    if (!(desc->dmax >= 0.0))
+      return bn_fail(BN_STATUS_INVALID_ARGUMENT, "dmax: expected a value >= 0 (inf: unbounded), got %g", desc->dmax);
+    if (desc->flags & (BN_FLAG_USE_RUNNING_STATS | BN_FLAG_RMS))
+      return bn_fail(BN_STATUS_INVALID_ARGUMENT,
+                     "desc.flags: RENORM is a training forward (eval-mode renormalization is USE_RUNNING_STATS "
+                     "alone) and keeps running statistics (not RMS)");
+  }
   if (desc->split_axis != -1) {
     if (desc->split_axis < 0 || desc->split_axis >= x->ndim)
       return bn_fail(BN_STATUS_INVALID_ARGUMENT, "desc.split_axis: expected -1 or an axis of x (ndim %d), got %d",
@@ -117,7 +137,7 @@ static bn_status_t begin(bn_context_t *ctx, const bn_norm_desc_t *desc_in, const
 #define SCRATCH_LOCAL 1024
 
 typedef struct scratch_t {
-  double *mean, *rstd, *var, *s1, *s2, *weight, *bias, *pa, *pb, *pc, *run_mean, *run_var;
+  double *mean, *rstd, *var, *s1, *s2, *weight, *bias, *pa, *pb, *pc, *run_mean, *run_var, *r, *d, *weff, *beff;
   int64_t *param_of_group;
   double *block; /* local or heap; NULL before scratch_alloc */
   double local[SCRATCH_LOCAL];
@@ -130,7 +150,7 @@ static void scratch_free(scratch_t *s) {
 
 static bn_status_t scratch_alloc(scratch_t *s, int64_t ng, int64_t np) {
   const size_t g = (size_t)(ng > 0 ? ng : 1), p = (size_t)(np > 0 ? np : 1);
-  const size_t count = 5 * g + 7 * p + g;
+  const size_t count = 5 * g + 11 * p + g;
   if (count <= SCRATCH_LOCAL) {
     s->block = s->local;
     memset(s->local, 0, count * sizeof(double));
@@ -151,6 +171,10 @@ static bn_status_t scratch_alloc(scratch_t *s, int64_t ng, int64_t np) {
   s->pc = d, d += p;
   s->run_mean = d, d += p;
   s->run_var = d, d += p;
+  s->r = d, d += p;
+  s->d = d, d += p;
+  s->weff = d, d += p;
+  s->beff = d, d += p;
   s->param_of_group = (int64_t *)d;
   return BN_STATUS_SUCCESS;
 }
@@ -193,30 +217,56 @@ static bn_status_t fold_running(const bn_exec_t *ex, const bn_plan_t *plan, scra
 
 /* The forward behind bn_norm_forward and bn_norm_forward_stats. `up` is NULL for a plain call
  * (the rule then comes from desc). */
+/* Batch renormalization's r and d per parameter index (one group each: p = param_of_group[g]), from
+ * the batch statistics in c and the running statistics before the update, folded into the apply
+ * step's per-parameter scale and shift: weight_eff = w * r, bias_eff = b + w * d. */
+static void renorm_factors(const bn_norm_desc_t *desc, const bn_plan_t *plan, scratch_t *s, bn_coef_t *c) {
+  const double lo = 1.0 / desc->rmax;
+  for (int64_t g = 0; g < plan->ngroups; g++) {
+    const int64_t p = s->param_of_group[g];
+    const double sigma = sqrt(s->run_var[p] + desc->eps), sigma_b = sqrt(c->var[g] + desc->eps);
+    double r = sigma_b / sigma, d = (c->mean[g] - s->run_mean[p]) / sigma;
+    r = r < lo ? lo : r > desc->rmax ? desc->rmax : r; /* NaN stays NaN */
+    d = d < -desc->dmax ? -desc->dmax : d > desc->dmax ? desc->dmax : d;
+    const double w = c->weight ? c->weight[p] : 1.0, b = c->bias ? c->bias[p] : 0.0;
+    s->r[p] = r, s->d[p] = d;
+    s->weff[p] = w * r, s->beff[p] = b + w * d;
+  }
+  c->weight = s->weff, c->bias = s->beff;
+}
+
 static bn_status_t forward(bn_context_t *ctx, const bn_norm_desc_t *desc_in, const DLTensor *x,
-                           const DLTensor *weight, const DLTensor *bias, const DLTensor *stats_mean,
-                           const DLTensor *stats_m2, int64_t stats_count, DLTensor *running_mean,
-                           DLTensor *running_var, DLTensor *y, DLTensor *save_mean, DLTensor *save_rstd,
-                           update_t *up) {
+                           const DLTensor *weight, const DLTensor *bias, const DLTensor *residual,
+                           const DLTensor *stats_mean, const DLTensor *stats_m2, int64_t stats_count,
+                           DLTensor *running_mean, DLTensor *running_var, DLTensor *y, DLTensor *save_mean,
+                           DLTensor *save_rstd, DLTensor *save_r, DLTensor *save_d, update_t *up) {
   bn_norm_desc_t desc;
   bn_exec_t ex;
   bn_dtype_t dt;
   bn_status_t st;
   if ((st = begin(ctx, desc_in, x, &desc, &ex, &dt))) return st;
   if ((st = check_like_x(&ex, y, "y", x, dt))) return st;
+  if (residual && (st = check_like_x(&ex, residual, "residual", x, dt))) return st;
 
   bn_plan_t plan;
-  if ((st = bn_plan_build(&desc, x, NULL, y, dt, &plan))) return st;
+  if ((st = bn_plan_build(&desc, x, residual, y, dt, &plan))) return st;
   const int64_t ng = plan.ngroups, np = plan.nparams;
   const uint32_t flags = desc.flags;
   const int use_running = (flags & BN_FLAG_USE_RUNNING_STATS) != 0;
   const int update_running = (flags & BN_FLAG_UPDATE_RUNNING_STATS) != 0;
   const int given = (flags & BN_FLAG_GIVEN_STATS) != 0;
+  const int renorm = (flags & BN_FLAG_RENORM) != 0;
   if ((st = check_small(&ex, weight, "weight", np, PER_PARAM)) || (st = check_small(&ex, bias, "bias", np, PER_PARAM)))
     return st;
   if ((st = check_small(&ex, save_mean, "save_mean", ng, PER_GROUP)) ||
       (st = check_small(&ex, save_rstd, "save_rstd", ng, PER_GROUP)))
     return st;
+  if ((st = check_small(&ex, save_r, "save_r", np, PER_PARAM)) || (st = check_small(&ex, save_d, "save_d", np, PER_PARAM)))
+    return st;
+  if (renorm && (!plan.params_in_groups || ng != np))
+    return bn_fail(BN_STATUS_INVALID_ARGUMENT,
+                   "desc.flags: RENORM needs one statistic group per parameter index (batch norm without virtual "
+                   "batches); got %" PRId64 " groups and %" PRId64 " parameter indices", ng, np);
   if (given) {
     if (!stats_mean || !stats_m2)
       return bn_fail(BN_STATUS_INVALID_ARGUMENT, "%s: required with GIVEN_STATS, got NULL",
@@ -232,10 +282,11 @@ static bn_status_t forward(bn_context_t *ctx, const bn_norm_desc_t *desc_in, con
                    "stats_mean, stats_m2, stats_count: given without BN_FLAG_GIVEN_STATS (expected NULL, NULL, 0)");
   }
   const int64_t n = given ? stats_count : plan.group_size; /* elements behind each group's statistics */
-  if (use_running || update_running) {
+  if (use_running || update_running || renorm) {
     if (!running_mean || !running_var)
       return bn_fail(BN_STATUS_INVALID_ARGUMENT, "running_mean and running_var: both required %s",
-                     use_running ? "in evaluation mode (USE_RUNNING_STATS)" : "to update them (UPDATE_RUNNING_STATS)");
+                     use_running ? "in evaluation mode (USE_RUNNING_STATS)"
+                     : update_running ? "to update them (UPDATE_RUNNING_STATS)" : "for batch renormalization (RENORM)");
     if ((st = check_small(&ex, running_mean, "running_mean", np, PER_PARAM)) ||
         (st = check_small(&ex, running_var, "running_var", np, PER_PARAM)))
       return st;
@@ -251,14 +302,16 @@ static bn_status_t forward(bn_context_t *ctx, const bn_norm_desc_t *desc_in, con
   {
     /* y may be x itself; nothing else written may share memory with anything read or written.
      * Running statistics are written when updated, only read in evaluation mode. */
+    const int read_running = (use_running || renorm) && !update_running;
     const bn_arg_t ins[] = {{x, "x"}, {weight, "weight"}, {bias, "bias"}, {stats_mean, "stats_mean"},
-                            {stats_m2, "stats_m2"}, {use_running ? running_mean : NULL, "running_mean"},
-                            {use_running ? running_var : NULL, "running_var"}};
+                            {stats_m2, "stats_m2"}, {read_running ? running_mean : NULL, "running_mean"},
+                            {read_running ? running_var : NULL, "running_var"}, {residual, "residual"}};
     const bn_arg_t outs[] = {{y, "y"}, {save_mean, "save_mean"}, {save_rstd, "save_rstd"},
                              {update_running ? running_mean : NULL, "running_mean"},
-                             {update_running ? running_var : NULL, "running_var"}};
-    const int alias[] = {0, -1, -1, -1, -1};
-    if ((st = bn_check_no_overlap(outs, 5, alias, ins, 7))) return st;
+                             {update_running ? running_var : NULL, "running_var"}, {save_r, "save_r"},
+                             {save_d, "save_d"}};
+    const int alias[] = {0, -1, -1, -1, -1, -1, -1};
+    if ((st = bn_check_no_overlap(outs, 7, alias, ins, 8))) return st;
   }
 
   scratch_t s;
@@ -267,7 +320,8 @@ static bn_status_t forward(bn_context_t *ctx, const bn_norm_desc_t *desc_in, con
   if (plan.params_in_groups) bn_plan_group_params(&plan, s.param_of_group);
   bn_coef_t coef = {.mean = s.mean, .rstd = s.rstd, .var = s.var, .weight = weight ? s.weight : NULL,
                     .bias = bias ? s.bias : NULL, .param_of_group = plan.params_in_groups ? s.param_of_group : NULL,
-                    .eps = desc.eps, .rms = (flags & BN_FLAG_RMS) != 0};
+                    .eps = desc.eps, .rms = (flags & BN_FLAG_RMS) != 0,
+                    .relu = desc.activation == BN_ACTIVATION_RELU};
   if (use_running) {
     if ((st = gather(&ex, running_mean, s.run_mean)) || (st = gather(&ex, running_var, s.run_var))) goto done;
     for (int64_t g = 0; g < ng; g++) {
@@ -278,9 +332,18 @@ static bn_status_t forward(bn_context_t *ctx, const bn_norm_desc_t *desc_in, con
   } else if (given) {
     if ((st = gather(&ex, stats_mean, s.mean)) || (st = gather(&ex, stats_m2, s.var))) goto done;
     for (int64_t g = 0; g < ng; g++) bn_finish_stats(&coef, g, (double)n);
+  } else if (renorm) { /* r and d need the statistics before the apply: the stats step, then apply alone */
+    if ((st = ex.backend->stats(&ex, &plan, &coef))) goto done;
+    for (int64_t g = 0; g < ng; g++) bn_finish_stats(&coef, g, (double)n);
   }
-  if ((st = ex.backend->forward(&ex, &plan, &coef, !use_running && !given))) goto done;
+  for (int64_t p = 0; p < np; p++) s.r[p] = 1.0; /* s.d is zeroed: no renormalization */
+  if (renorm) {
+    if ((st = gather(&ex, running_mean, s.run_mean)) || (st = gather(&ex, running_var, s.run_var))) goto done;
+    renorm_factors(&desc, &plan, &s, &coef);
+  }
+  if ((st = ex.backend->forward(&ex, &plan, &coef, !use_running && !given && !renorm))) goto done;
   if ((st = scatter(&ex, save_mean, s.mean)) || (st = scatter(&ex, save_rstd, s.rstd))) goto done;
+  if ((st = scatter(&ex, save_r, s.r)) || (st = scatter(&ex, save_d, s.d))) goto done;
 
   if (update_running && n > 0 && ng > 0) { /* no groups (instance norm of N = 0): nothing to fold */
     update_t plain = {.rule = {desc.momentum, (flags & BN_FLAG_RUNNING_VAR_BIASED) != 0,
@@ -297,21 +360,31 @@ bn_status_t bn_norm_forward(bn_context_t *ctx, const bn_norm_desc_t *desc, const
                             int64_t stats_count, DLTensor *running_mean, DLTensor *running_var, DLTensor *y,
                             DLTensor *save_mean, DLTensor *save_rstd) {
   bn_clear_error();
-  return forward(ctx, desc, x, weight, bias, stats_mean, stats_m2, stats_count, running_mean, running_var, y,
-                 save_mean, save_rstd, NULL);
+  return forward(ctx, desc, x, weight, bias, NULL, stats_mean, stats_m2, stats_count, running_mean, running_var, y,
+                 save_mean, save_rstd, NULL, NULL, NULL);
 }
 
-bn_status_t bn_norm_forward_stats(bn_context_t *ctx, const bn_norm_desc_t *desc, const DLTensor *x,
-                                  const DLTensor *weight, const DLTensor *bias, const DLTensor *stats_mean,
-                                  const DLTensor *stats_m2, int64_t stats_count, bn_running_stats_t *state,
-                                  DLTensor *y, DLTensor *save_mean, DLTensor *save_rstd) {
+bn_status_t bn_norm_forward_ex(bn_context_t *ctx, const bn_norm_desc_t *desc, const DLTensor *x,
+                               const DLTensor *weight, const DLTensor *bias, const DLTensor *residual,
+                               const DLTensor *stats_mean, const DLTensor *stats_m2, int64_t stats_count,
+                               DLTensor *running_mean, DLTensor *running_var, DLTensor *y, DLTensor *save_mean,
+                               DLTensor *save_rstd, DLTensor *save_r, DLTensor *save_d) {
   bn_clear_error();
+  return forward(ctx, desc, x, weight, bias, residual, stats_mean, stats_m2, stats_count, running_mean, running_var,
+                 y, save_mean, save_rstd, save_r, save_d, NULL);
+}
+
+static bn_status_t forward_state(bn_context_t *ctx, const bn_norm_desc_t *desc, const DLTensor *x,
+                                 const DLTensor *weight, const DLTensor *bias, const DLTensor *residual,
+                                 const DLTensor *stats_mean, const DLTensor *stats_m2, int64_t stats_count,
+                                 bn_running_stats_t *state, DLTensor *y, DLTensor *save_mean, DLTensor *save_rstd,
+                                 DLTensor *save_r, DLTensor *save_d) {
   if (!state) return bn_fail(BN_STATUS_INVALID_ARGUMENT, "stats: expected a running-statistics state, got NULL");
   bn_norm_desc_t d;
   bn_status_t st = read_desc(desc, &d);
   if (st) return st;
   const int update = (d.flags & BN_FLAG_UPDATE_RUNNING_STATS) != 0;
-  const int uses = update || (d.flags & BN_FLAG_USE_RUNNING_STATS);
+  const int uses = update || (d.flags & (BN_FLAG_USE_RUNNING_STATS | BN_FLAG_RENORM));
   update_t up = {.skipped = 0};
   DLTensor tm, tv;
   bn_running_stats_lock(state); /* the whole call: readers never see half of another thread's update */
@@ -319,11 +392,30 @@ bn_status_t bn_norm_forward_stats(bn_context_t *ctx, const bn_norm_desc_t *desc,
   /* the state's rule replaces the description's: its factor, variance convention, non-finite policy */
   d.flags &= ~(BN_FLAG_RUNNING_VAR_BIASED | BN_FLAG_SKIP_NONFINITE);
   d.momentum = update ? up.rule.factor : 0.0;
-  st = forward(ctx, &d, x, weight, bias, stats_mean, stats_m2, stats_count, uses ? &tm : NULL, uses ? &tv : NULL, y,
-               save_mean, save_rstd, &up);
+  st = forward(ctx, &d, x, weight, bias, residual, stats_mean, stats_m2, stats_count, uses ? &tm : NULL,
+               uses ? &tv : NULL, y, save_mean, save_rstd, save_r, save_d, &up);
   if (!st && update) bn_running_stats_count(state, up.skipped);
   bn_running_stats_unlock(state);
   return st;
+}
+
+bn_status_t bn_norm_forward_stats(bn_context_t *ctx, const bn_norm_desc_t *desc, const DLTensor *x,
+                                  const DLTensor *weight, const DLTensor *bias, const DLTensor *stats_mean,
+                                  const DLTensor *stats_m2, int64_t stats_count, bn_running_stats_t *state,
+                                  DLTensor *y, DLTensor *save_mean, DLTensor *save_rstd) {
+  bn_clear_error();
+  return forward_state(ctx, desc, x, weight, bias, NULL, stats_mean, stats_m2, stats_count, state, y, save_mean,
+                       save_rstd, NULL, NULL);
+}
+
+bn_status_t bn_norm_forward_stats_ex(bn_context_t *ctx, const bn_norm_desc_t *desc, const DLTensor *x,
+                                     const DLTensor *weight, const DLTensor *bias, const DLTensor *residual,
+                                     const DLTensor *stats_mean, const DLTensor *stats_m2, int64_t stats_count,
+                                     bn_running_stats_t *state, DLTensor *y, DLTensor *save_mean,
+                                     DLTensor *save_rstd, DLTensor *save_r, DLTensor *save_d) {
+  bn_clear_error();
+  return forward_state(ctx, desc, x, weight, bias, residual, stats_mean, stats_m2, stats_count, state, y, save_mean,
+                       save_rstd, save_r, save_d);
 }
 
 /* ------------------------------------------------------------------ statistics and merges */
@@ -449,6 +541,7 @@ typedef struct backward_call_t {
   scratch_t s;
   bn_coef_t coef;
   int training;
+  int extended; /* in: called by bn_norm_backward_ex (RENORM and activations allowed) */
 } backward_call_t;
 
 static bn_status_t backward_begin(bn_context_t *ctx, const bn_norm_desc_t *desc_in, const DLTensor *x,
@@ -464,6 +557,9 @@ static bn_status_t backward_begin(bn_context_t *ctx, const bn_norm_desc_t *desc_
                      BN_FLAG_GIVEN_STATS);
   B->desc.momentum = 0.0;
   if ((st = check_desc(&B->desc, x))) return st;
+  if (!B->extended && ((B->desc.flags & BN_FLAG_RENORM) || B->desc.activation != BN_ACTIVATION_NONE))
+    return bn_fail(BN_STATUS_INVALID_ARGUMENT, "desc: the backward of RENORM or an activation is bn_norm_backward_ex "
+                   "(it needs the forward's r, d or y)");
   if ((st = bn_exec_resolve(ctx, x->device, "x", &B->ex)) || (st = bn_check_device(&B->ex, x, "x"))) return st;
   if ((st = check_like_x(&B->ex, dy, "grad_output", x, dt))) return st;
   if (dx && (st = check_like_x(&B->ex, dx, "grad_input", x, dt))) return st;
@@ -511,7 +607,7 @@ bn_status_t bn_norm_backward(bn_context_t *ctx, const bn_norm_desc_t *desc, cons
                              const DLTensor *weight, const DLTensor *save_mean, const DLTensor *save_rstd,
                              DLTensor *dx, DLTensor *dweight, DLTensor *dbias) {
   bn_clear_error();
-  backward_call_t B;
+  backward_call_t B = {.extended = 0};
   bn_status_t st;
   if ((st = backward_begin(ctx, desc, x, dy, weight, save_mean, save_rstd, dx, &B))) return st;
   const int64_t np = B.plan.nparams;
@@ -538,11 +634,84 @@ done:
   return st;
 }
 
+bn_status_t bn_norm_backward_ex(bn_context_t *ctx, const bn_norm_desc_t *desc, const DLTensor *x, const DLTensor *dy,
+                                const DLTensor *weight, const DLTensor *save_mean, const DLTensor *save_rstd,
+                                const DLTensor *y, const DLTensor *save_r, const DLTensor *save_d, DLTensor *dx,
+                                DLTensor *dweight, DLTensor *dbias, DLTensor *dresidual) {
+  bn_clear_error();
+  backward_call_t B = {.extended = 1};
+  bn_status_t st;
+  bn_dtype_t dt;
+  if ((st = backward_begin(ctx, desc, x, dy, weight, save_mean, save_rstd, dx, &B))) return st;
+  dt = B.plan.dtype;
+  const int64_t np = B.plan.nparams;
+  const int relu = B.desc.activation == BN_ACTIVATION_RELU, renorm = (B.desc.flags & BN_FLAG_RENORM) != 0;
+  if ((st = check_small(&B.ex, dweight, "grad_weight", np, PER_PARAM)) ||
+      (st = check_small(&B.ex, dbias, "grad_bias", np, PER_PARAM)))
+    return st;
+  if (relu && !y) return bn_fail(BN_STATUS_INVALID_ARGUMENT, "y: the forward's output is required with a ReLU, got NULL");
+  if (relu && (st = check_like_x(&B.ex, y, "y", x, dt))) return st;
+  if (dresidual && (st = check_like_x(&B.ex, dresidual, "grad_residual", x, dt))) return st;
+  if (renorm && (!save_r || !save_d))
+    return bn_fail(BN_STATUS_INVALID_ARGUMENT, "%s: required with RENORM (the forward's r and d), got NULL",
+                   save_r ? "save_d" : "save_r");
+  if (renorm && ((st = check_small(&B.ex, save_r, "save_r", np, PER_PARAM)) ||
+                 (st = check_small(&B.ex, save_d, "save_d", np, PER_PARAM))))
+    return st;
+  {
+    const bn_arg_t ins[] = {{x, "x"}, {dy, "grad_output"}, {weight, "weight"}, {save_mean, "save_mean"},
+                            {save_rstd, "save_rstd"}, {relu ? y : NULL, "y"}, {renorm ? save_r : NULL, "save_r"},
+                            {renorm ? save_d : NULL, "save_d"}};
+    const bn_arg_t outs[] = {{dx, "grad_input"}, {dweight, "grad_weight"}, {dbias, "grad_bias"},
+                             {dresidual, "grad_residual"}};
+    const int alias[] = {1, -1, -1, -1};
+    if ((st = bn_check_no_overlap(outs, 4, alias, ins, 8))) return st;
+  }
+  void *masked = NULL;
+  if ((st = backward_load(&B, weight, save_mean, save_rstd))) goto done;
+  if (relu || dresidual) { /* g = dy through the epilogue, into dresidual or a workspace */
+    DLTensor g = {0};
+    if (!dresidual) {
+      masked = bn_ws_alloc(&B.ex, (size_t)(B.plan.numel > 0 ? B.plan.numel : 1) * bn_dtype_size(dt));
+      if (!masked) {
+        st = bn_fail(BN_STATUS_OUT_OF_MEMORY, "the masked gradient of %" PRId64 " elements", B.plan.numel);
+        goto done;
+      }
+      g = (DLTensor){.data = masked, .device = x->device, .ndim = x->ndim, .dtype = x->dtype, .shape = x->shape};
+    }
+    const DLTensor *gt = dresidual ? dresidual : &g;
+    bn_plan_t mask_plan;
+    if ((st = bn_plan_build(&B.desc, relu ? y : dy, dy, (DLTensor *)gt, dt, &mask_plan)) ||
+        (st = B.ex.backend->mask_grad(&B.ex, &mask_plan, relu)))
+      goto done;
+    if (relu && (st = bn_plan_build(&B.desc, x, gt, dx, dt, &B.plan))) goto done;
+  }
+  if (renorm) { /* r and d are constants: batch norm's backward with weight * r */
+    scratch_t *s = &B.s;
+    if ((st = gather(&B.ex, save_r, s->r)) || (st = gather(&B.ex, save_d, s->d))) goto done;
+    for (int64_t p = 0; p < np; p++) s->weff[p] = (B.coef.weight ? B.coef.weight[p] : 1.0) * s->r[p];
+    B.coef.weight = s->weff;
+  }
+  one_element_groups(&B, B.plan.group_size);
+  /* renorm's dweight needs sum(g) too */
+  if ((st = B.ex.backend->backward(&B.ex, &B.plan, &B.coef, B.training, dweight ? B.s.pa : NULL,
+                                   (dbias || (renorm && dweight)) ? B.s.pb : NULL)))
+    goto done;
+  if (renorm && dweight) /* dweight = sum(g * (xhat * r + d)) */
+    for (int64_t p = 0; p < np; p++) B.s.pa[p] = B.s.r[p] * B.s.pa[p] + B.s.d[p] * B.s.pb[p];
+  if ((st = scatter(&B.ex, dweight, B.s.pa))) goto done;
+  st = scatter(&B.ex, dbias, B.s.pb);
+done:
+  bn_ws_free(&B.ex, masked);
+  free(B.s.block);
+  return st;
+}
+
 bn_status_t bn_norm_backward_reduce(bn_context_t *ctx, const bn_norm_desc_t *desc, const DLTensor *x,
                                     const DLTensor *dy, const DLTensor *save_mean, const DLTensor *save_rstd,
                                     DLTensor *sum_dy, DLTensor *sum_dy_xhat) {
   bn_clear_error();
-  backward_call_t B;
+  backward_call_t B = {.extended = 0};
   bn_status_t st;
   if ((st = backward_begin(ctx, desc, x, dy, NULL, save_mean, save_rstd, NULL, &B))) return st;
   const int64_t np = B.plan.nparams;
@@ -572,7 +741,7 @@ bn_status_t bn_norm_backward_apply(bn_context_t *ctx, const bn_norm_desc_t *desc
                                    const DLTensor *save_rstd, const DLTensor *sum_dy, const DLTensor *sum_dy_xhat,
                                    int64_t count, DLTensor *dx) {
   bn_clear_error();
-  backward_call_t B;
+  backward_call_t B = {.extended = 0};
   bn_status_t st;
   if (!dx) return bn_fail(BN_STATUS_INVALID_ARGUMENT, "grad_input: expected a tensor to write, got NULL");
   if ((st = backward_begin(ctx, desc, x, dy, weight, save_mean, save_rstd, dx, &B))) return st;

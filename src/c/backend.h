@@ -48,6 +48,9 @@ struct bn_backend_t {
   /* The whole backward: reduce then apply, fused per group where the plan says so. */
   bn_status_t (*backward)(const bn_exec_t *ex, const bn_plan_t *P, bn_coef_t *c, int training, double *dweight,
                           double *dbias);
+  /* The masked gradient of a forward epilogue: out = dy where x > 0 (relu), else 0; or out = dy.
+   * The plan's X operand is the forward's y, DY is dy, OUT receives the mask's result. */
+  bn_status_t (*mask_grad)(const bn_exec_t *ex, const bn_plan_t *P, int relu);
   /* Small per-channel tensors (parameters, statistics) to and from host doubles. */
   bn_status_t (*gather)(const bn_exec_t *ex, const DLTensor *t, double *dst);
   bn_status_t (*scatter)(const bn_exec_t *ex, DLTensor *t, const double *src);

@@ -100,11 +100,12 @@ void bn_running_stats_count(bn_running_stats_t *s, int skipped);
 
 /* ------------------------------------------------------------------ plan (plan.c) */
 
-/* Operand slots of a plan: forward uses X and OUT (y); backward X, DY and OUT (dx). */
+/* Operand slots of a plan: forward uses X, OUT (y) and DY for the residual (NULL: none); backward
+ * X, DY and OUT (dx). */
 enum { BN_OP_X = 0, BN_OP_DY = 1, BN_OP_OUT = 2, BN_NOPS = 3 };
 
-/* Canonical dimensions: BN_MAX_NDIM input axes plus one for the split axis. */
-#define BN_MAX_CANON (BN_MAX_NDIM + 1)
+/* Canonical dimensions: BN_MAX_NDIM input axes plus one each for the split axis and the virtual batches. */
+#define BN_MAX_CANON (BN_MAX_NDIM + 2)
 
 typedef struct bn_dim_t {
   int64_t n;              /* size (> 1 after canonicalization) */
@@ -168,6 +169,7 @@ typedef struct bn_coef_t {
   double eps;
   double inv_n;               /* 1 / count behind the backward sums (0 for empty groups) */
   int rms;                    /* no mean: BN_FLAG_RMS */
+  int relu;                   /* forward epilogue: y = max(y, 0) after the residual (the plan's DY operand) */
 } bn_coef_t;
 
 /* A group's statistics from its moments (n elements): var and rstd; RMS moves the mean into var. */

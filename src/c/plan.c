@@ -25,7 +25,17 @@ static bn_status_t expand_axes(const bn_norm_desc_t *desc, const DLTensor *x, co
     int64_t n = x->shape[d];
     int64_t s[BN_NOPS];
     for (int k = 0; k < BN_NOPS; k++) s[k] = ops[k] ? bn_stride(ops[k], d) : 0;
-    if (d == desc->split_axis) {
+    if (d == 0 && desc->virtual_batch_size > 0) { /* ghost batch norm: (N / v) groups of v reduced samples */
+      const int64_t v = desc->virtual_batch_size;
+      if (n % v != 0)
+        return bn_fail(BN_STATUS_SHAPE_MISMATCH,
+                       "virtual_batch_size: the batch of %" PRId64 " samples (axis 0) is not a multiple of the "
+                       "virtual batch size %" PRId64, n, v);
+      bn_dim_t outer = {.n = n / v}, inner = {.n = v};
+      for (int k = 0; k < BN_NOPS; k++) outer.s[k] = s[k] * v, inner.s[k] = s[k];
+      L->dim[L->ndim] = outer, L->grouped[L->ndim] = 1, L->param[L->ndim++] = 0;
+      L->dim[L->ndim] = inner, L->grouped[L->ndim] = 0, L->param[L->ndim++] = 0;
+    } else if (d == desc->split_axis) {
       int64_t G = desc->num_groups;
       if (G <= 0 || n % G != 0)
         return bn_fail(BN_STATUS_SHAPE_MISMATCH,

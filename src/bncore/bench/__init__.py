@@ -24,8 +24,9 @@ import time
 
 import bncore
 
-from . import report
+from . import fused, report
 from .cases import EPS, MIB, MOMENTUM, SUITES, Case, Suite, full_suite, tiny_suite
+from .fused import FUSED_SHAPE
 from .contenders import CONTENDERS, build, errors, overhead_contenders, tolerance
 from .timing import FULL, PER_BLOCK, QUICK, Repeats, measure_bandwidth, time_blocks, time_contenders
 
@@ -187,6 +188,11 @@ def main(args) -> int:
     t0 = time.perf_counter()
     result = run(SUITES[suite_name](), args.threads, args.quick, torch, echo=lambda s: print(s, flush=True))
     result["settings"]["suite"] = suite_name
+    # the fused epilogue: BN + ReLU in one pass against BN then a separate ReLU (bench/fused.py)
+    fused_shape = FUSED_SHAPE if suite_name == "full" else (4, 8, 6, 6)
+    result["fused"] = fused.run(fused_shape, args.quick, torch)
+    print("", flush=True)
+    print(fused.report(result["fused"]), flush=True)
     if suite_name == "full" and not getattr(args, "no_distributed", False):
         # the distributed case: 2 processes on this machine, synchronized vs local batch norm
         print("", flush=True)

@@ -70,6 +70,8 @@ typedef struct bn_kernels_t {
   /* parameter sums of a one-group row into compute-type slab partials, and their merge */
   void (*param_sums_ct)(const bn_row_t *row, const bn_cpu_coef_t *k, void *pa, void *pb);
   void (*add_to_double)(const void *src, int64_t n, double *dst);
+  /* the gradient through a forward epilogue: out = dy (where the forward's y > 0 with relu) */
+  void (*mask_grad)(const bn_row_t *tile, int relu);
   size_t ct_size; /* bytes of one compute-type value */
 } bn_kernels_t;
 

@@ -237,7 +237,10 @@ static bn_status_t run_reduction(const reduction_t *R, int64_t ntargets, double 
 
 /* ------------------------------------------------------------------ shared steps */
 
-static void apply_rows(const bn_exec_t *ex, const bn_plan_t *P, const bn_cpu_coef_t *c, int backward) {
+/* What apply_rows runs on each tile. */
+typedef enum apply_kind_t { APPLY_FORWARD, APPLY_BACKWARD, APPLY_MASK, APPLY_MASK_RELU } apply_kind_t;
+
+static void apply_rows(const bn_exec_t *ex, const bn_plan_t *P, const bn_cpu_coef_t *c, apply_kind_t kind) {
   const bn_kernels_t *K = bn_cpu_kernels(P->dtype);
   const int64_t nrows = row_count(P), run = P->ndim >= 2 ? P->dim[P->ndim - 2].n : 1;
   /* tiles: runs of the next-to-last dim cut into pieces of at most tile_rows() rows */
@@ -250,8 +253,9 @@ static void apply_rows(const bn_exec_t *ex, const bn_plan_t *P, const bn_cpu_coe
     bn_row_t tile;
     row_at(P, r, NULL, &tile);
     tile.m = run - (r % run) < step ? run - (r % run) : step;
-    if (backward) K->apply_backward(&tile, c);
-    else K->apply_forward(&tile, c);
+    if (kind == APPLY_BACKWARD) K->apply_backward(&tile, c);
+    else if (kind == APPLY_FORWARD) K->apply_forward(&tile, c);
+    else K->mask_grad(&tile, kind == APPLY_MASK_RELU);
   }
 }
 
@@ -525,7 +529,7 @@ static bn_status_t cpu_forward(const bn_exec_t *ex, const bn_plan_t *P, bn_coef_
       for (int64_t g = 0; g < P->ngroups; g++) bn_finish_stats(c, g, (double)n);
     }
     if ((st = prepare_ct(ex, P, c, 0, &k, &block))) return st;
-    apply_rows(ex, P, &k, 0);
+    apply_rows(ex, P, &k, APPLY_FORWARD);
   }
   bn_ws_free(ex, block);
   return BN_STATUS_SUCCESS;
@@ -597,7 +601,7 @@ static bn_status_t cpu_backward_apply(const bn_exec_t *ex, const bn_plan_t *P, c
   bn_cpu_coef_t k;
   void *block = NULL;
   bn_status_t st = prepare_ct(ex, P, &apply, 1, &k, &block);
-  if (!st) apply_rows(ex, P, &k, 1);
+  if (!st) apply_rows(ex, P, &k, APPLY_BACKWARD);
   bn_ws_free(ex, block);
   return st;
 }
@@ -615,6 +619,11 @@ static bn_status_t cpu_backward(const bn_exec_t *ex, const bn_plan_t *P, bn_coef
   if (!st) st = fused_backward(ex, P, &k, training, dweight, dbias);
   bn_ws_free(ex, block);
   return st;
+}
+
+static bn_status_t cpu_mask_grad(const bn_exec_t *ex, const bn_plan_t *P, int relu) {
+  if (P->numel > 0) apply_rows(ex, P, NULL, relu ? APPLY_MASK_RELU : APPLY_MASK);
+  return BN_STATUS_SUCCESS;
 }
 
 static bn_status_t cpu_gather(const bn_exec_t *ex, const DLTensor *t, double *dst) {
@@ -642,6 +651,7 @@ const bn_backend_t bn_cpu_backend = {
     .backward_reduce = cpu_backward_reduce,
     .backward_apply = cpu_backward_apply,
     .backward = cpu_backward,
+    .mask_grad = cpu_mask_grad,
     .gather = cpu_gather,
     .scatter = cpu_scatter,
 };

@@ -43,6 +43,14 @@
  * bn_norm_moments became bn_norm_stats (the forward's own numbers); new are
  * bn_moments_merge, bn_norm_backward_reduce, bn_norm_backward_apply and the
  * bn_context_* functions. docs/c_api.md lists the details.
+ *
+ * What changed in 0.3 (an ABI break: bn_norm_desc_t grew, and the bn_norm_desc_init_*
+ * functions write the whole larger struct, so a 0.2 binary must not load this library;
+ * the soname says so): the V2 fields of bn_norm_desc_t (virtual_batch_size, rmax, dmax,
+ * activation); BN_FLAG_RENORM; bn_activation_t; bn_norm_forward_ex,
+ * bn_norm_forward_stats_ex and bn_norm_backward_ex (residual, renormalization factors,
+ * the activation's mask). A hand-filled struct of the 0.2 layout (struct_size 64) is
+ * still read, its V2 fields as 0.
  */
 #ifndef BNCORE_BNCORE_H
 #define BNCORE_BNCORE_H
@@ -202,6 +210,20 @@ BN_API bn_status_t bn_context_set_allocator(bn_context_t *ctx, bn_alloc_fn alloc
  *             finite, the running statistics are left untouched (the output is still
  *             written); bn_norm_forward_stats counts such batches as skipped.
  *   backward: ignored.
+ * BN_FLAG_RENORM  (batch renormalization, Ioffe 2017; training only)
+ *   forward:  with the batch statistics mu_B, sigma_B = sqrt(var_B + eps) and the running
+ *             ones mu = running_mean, sigma = sqrt(running_var + eps) as they were before
+ *             the call, per parameter index
+ *               r = clip(sigma_B / sigma, 1 / desc.rmax, desc.rmax)
+ *               d = clip((mu_B - mu) / sigma, -desc.dmax, desc.dmax)
+ *               y = ((x - mu_B) / sigma_B * r + d) * weight + bias
+ *             (r and d folded into the apply step's scale and shift). Needs one statistic
+ *             group per parameter index (batch norm without virtual batches) and the
+ *             running statistics (read; updated as batch norm's with
+ *             BN_FLAG_UPDATE_RUNNING_STATS). Excludes BN_FLAG_USE_RUNNING_STATS: eval-mode
+ *             renormalization is eval-mode batch norm. bn_norm_forward_ex returns r and d.
+ *   backward: r and d are constants: bn_norm_backward_ex takes them (save_r, save_d) and
+ *             gives dx of batch norm with weight * r, dweight = r * sum(dy*xhat) + d * sum(dy).
  */
 #define BN_FLAG_RMS                  (1u << 0)
 #define BN_FLAG_USE_RUNNING_STATS    (1u << 1)
@@ -209,7 +231,21 @@ BN_API bn_status_t bn_context_set_allocator(bn_context_t *ctx, bn_alloc_fn alloc
 #define BN_FLAG_RUNNING_VAR_BIASED   (1u << 3)
 #define BN_FLAG_SKIP_NONFINITE       (1u << 4)
 #define BN_FLAG_GIVEN_STATS          (1u << 5)
-#define BN_FLAG_ALL                  (0x3fu)
+#define BN_FLAG_RENORM               (1u << 6)
+#define BN_FLAG_ALL                  (0x7fu)
+
+/*
+ * Epilogues of the forward's apply step (bn_norm_desc_t.activation), applied while y is
+ * written, after the residual of bn_norm_forward_ex is added: y = act(bn(x) + residual).
+ * BN_ACTIVATION_NONE  y = bn(x) (+ residual).
+ * BN_ACTIVATION_RELU  y = max(bn(x) (+ residual), 0); NaN stays NaN. The backward
+ *                     (bn_norm_backward_ex) takes the forward's y and masks dy where y > 0.
+ */
+typedef enum bn_activation_t {
+  BN_ACTIVATION_NONE = 0,
+  BN_ACTIVATION_RELU = 1,
+  BN_ACTIVATION_COUNT /* sentinel: number of activations */
+} bn_activation_t;
 
 /*
  * What to normalize: a plain struct the caller fills (or gets from one of the
@@ -222,6 +258,13 @@ BN_API bn_status_t bn_context_set_allocator(bn_context_t *ctx, bn_alloc_fn alloc
  * running_var are indexed by the axes in param_axes (row-major over them, in
  * axis order).
  *
+ * virtual_batch_size (ghost batch norm): 0 for none; otherwise axis 0 (which must be in
+ * reduce_axes and not in param_axes) of size N, a multiple of it, is read as
+ * (N / virtual_batch_size, virtual_batch_size): the outer part separates statistic groups
+ * (so batch norm's groups become (virtual batch, channel)), the inner part is reduced.
+ * Running statistics then receive the average over the virtual batches of their means and
+ * variances. SHAPE_MISMATCH when N is not a multiple.
+ *
  * split_axis (group norm): -1 for none; otherwise an axis of size C, not in
  * reduce_axes, that is read as (num_groups, C / num_groups): the outer part
  * separates groups, the inner part is reduced. If the axis is in param_axes,
@@ -233,6 +276,11 @@ BN_API bn_status_t bn_context_set_allocator(bn_context_t *ctx, bn_alloc_fn alloc
  * the end without breaking callers:
  * a library reads the fields the caller's size covers, treats missing ones as 0, and
  * refuses a larger struct whose extra bytes it does not know and are not zero.
+ * Layouts: BN_NORM_DESC_SIZE_V1 (64 bytes, through reserved2: the 0.2 struct) and
+ * BN_NORM_DESC_SIZE_V2 (the fields from virtual_batch_size on, added with batch
+ * renormalization, ghost batch norm and the fused epilogues). A V1 struct reads the V2
+ * fields as 0: no virtual batches, rmax = dmax = 0 (so BN_FLAG_RENORM is refused), no
+ * activation.
  */
 typedef struct bn_norm_desc_t {
   uint64_t struct_size;  /* sizeof(bn_norm_desc_t) of the caller */
@@ -245,7 +293,16 @@ typedef struct bn_norm_desc_t {
   double momentum;       /* running-statistics factor in [0, 1] (BN_FLAG_UPDATE_RUNNING_STATS) */
   uint32_t flags;        /* BN_FLAG_* bits */
   uint32_t reserved2;    /* must be 0 */
+  /* V2 fields */
+  int64_t virtual_batch_size; /* 0, or the size of the virtual batches that axis 0 is split into (>= 1) */
+  double rmax;           /* BN_FLAG_RENORM: bound of r, >= 1 (inf: unbounded); else ignored */
+  double dmax;           /* BN_FLAG_RENORM: bound of |d|, >= 0 (inf: unbounded); else ignored */
+  uint32_t activation;   /* a bn_activation_t: the forward's epilogue */
+  uint32_t reserved3;    /* must be 0 */
 } bn_norm_desc_t;
+
+#define BN_NORM_DESC_SIZE_V1 64u
+#define BN_NORM_DESC_SIZE_V2 ((uint64_t)sizeof(bn_norm_desc_t))
 
 /*
  * Variants as mappings onto bn_norm_desc_t. Each writes *desc (out, caller
@@ -310,6 +367,28 @@ BN_API bn_status_t bn_norm_forward(bn_context_t *ctx, const bn_norm_desc_t *desc
                                    const DLTensor *weight, const DLTensor *bias, const DLTensor *stats_mean,
                                    const DLTensor *stats_m2, int64_t stats_count, DLTensor *running_mean,
                                    DLTensor *running_var, DLTensor *y, DLTensor *save_mean, DLTensor *save_rstd);
+
+/*
+ * bn_norm_forward with the V2 operands: a residual added before the activation (fused
+ * BN + add + ReLU) and the renormalization factors of BN_FLAG_RENORM.
+ *   y = act((x - mean_g) * rstd_g * weight_eff[p] + bias_eff[p] + residual)
+ * where weight_eff = weight * r and bias_eff = bias + weight * d with BN_FLAG_RENORM,
+ * else weight and bias; act from desc.activation. One pass over memory: the add and the
+ * activation happen as y is written.
+ *
+ *  residual      in, borrowed, may be NULL: x's shape and dtype, any strides; must not
+ *                share memory with y (y may still be x itself).
+ *  save_r, save_d
+ *                out, borrowed, may be NULL: one value per parameter index, any float dtype:
+ *                r and d of BN_FLAG_RENORM (the cache bn_norm_backward_ex reads); without
+ *                the flag they receive 1 and 0.
+ * Other arguments as for bn_norm_forward. Returns what bn_norm_forward returns.
+ */
+BN_API bn_status_t bn_norm_forward_ex(bn_context_t *ctx, const bn_norm_desc_t *desc, const DLTensor *x,
+                                      const DLTensor *weight, const DLTensor *bias, const DLTensor *residual,
+                                      const DLTensor *stats_mean, const DLTensor *stats_m2, int64_t stats_count,
+                                      DLTensor *running_mean, DLTensor *running_var, DLTensor *y,
+                                      DLTensor *save_mean, DLTensor *save_rstd, DLTensor *save_r, DLTensor *save_d);
 
 /* ------------------------------------------------------------------ the forward's steps */
 
@@ -384,6 +463,29 @@ BN_API bn_status_t bn_moments_merge(bn_context_t *ctx, const DLTensor *count_a, 
 BN_API bn_status_t bn_norm_backward(bn_context_t *ctx, const bn_norm_desc_t *desc, const DLTensor *x,
                                     const DLTensor *dy, const DLTensor *weight, const DLTensor *save_mean,
                                     const DLTensor *save_rstd, DLTensor *dx, DLTensor *dweight, DLTensor *dbias);
+
+/*
+ * Backward of bn_norm_forward_ex. With g = dy masked by the activation (BN_ACTIVATION_RELU:
+ * g = dy where y > 0, else 0; otherwise g = dy):
+ *   dresidual = g
+ *   dx, dbias as bn_norm_backward of g, with weight * r for weight under BN_FLAG_RENORM
+ *   dweight   = sum(g * xhat), or r * sum(g * xhat) + d * sum(g) under BN_FLAG_RENORM
+ * The masked g is materialized once (into dresidual when given, else a workspace), then
+ * the batch-norm backward runs on it.
+ *
+ *  y             in, borrowed: the forward's output (x's shape and dtype), required with
+ *                BN_ACTIVATION_RELU, else unused and may be NULL.
+ *  save_r, save_d in, borrowed: as written by bn_norm_forward_ex, required with BN_FLAG_RENORM,
+ *                else unused and may be NULL.
+ *  dresidual     out, borrowed, may be NULL: x's shape and dtype; shares memory with nothing.
+ * Other arguments as for bn_norm_backward (dx may be dy itself).
+ * Returns what bn_norm_backward returns.
+ */
+BN_API bn_status_t bn_norm_backward_ex(bn_context_t *ctx, const bn_norm_desc_t *desc, const DLTensor *x,
+                                       const DLTensor *dy, const DLTensor *weight, const DLTensor *save_mean,
+                                       const DLTensor *save_rstd, const DLTensor *y, const DLTensor *save_r,
+                                       const DLTensor *save_d, DLTensor *dx, DLTensor *dweight, DLTensor *dbias,
+                                       DLTensor *dresidual);
 
 /* ------------------------------------------------------------------ the backward's steps */
 
@@ -523,6 +625,18 @@ BN_API bn_status_t bn_norm_forward_stats(bn_context_t *ctx, const bn_norm_desc_t
                                          const DLTensor *weight, const DLTensor *bias, const DLTensor *stats_mean,
                                          const DLTensor *stats_m2, int64_t stats_count, bn_running_stats_t *stats,
                                          DLTensor *y, DLTensor *save_mean, DLTensor *save_rstd);
+
+/*
+ * bn_norm_forward_stats with the operands of bn_norm_forward_ex (residual, save_r, save_d):
+ * the running statistics kept in a state. With BN_FLAG_RENORM, r and d use the state's
+ * statistics as they were before the call. Returns what bn_norm_forward_stats returns.
+ */
+BN_API bn_status_t bn_norm_forward_stats_ex(bn_context_t *ctx, const bn_norm_desc_t *desc, const DLTensor *x,
+                                            const DLTensor *weight, const DLTensor *bias, const DLTensor *residual,
+                                            const DLTensor *stats_mean, const DLTensor *stats_m2,
+                                            int64_t stats_count, bn_running_stats_t *stats, DLTensor *y,
+                                            DLTensor *save_mean, DLTensor *save_rstd, DLTensor *save_r,
+                                            DLTensor *save_d);
 
 #ifdef __cplusplus
 }
