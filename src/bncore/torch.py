@@ -25,9 +25,7 @@ import weakref
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch.autograd.function import once_differentiable
-
-from . import functional as _F
+from . import _torch_ops as _ops
 from ._checks import check_channels
 from .errors import ShapeMismatchError
 
@@ -37,108 +35,6 @@ __all__ = [
 ]
 
 
-# ---------------------------------------------------------------- one autograd Function for every variant
-#
-# Each variant is one bncore call described once: `output` (the plain function, no saved statistics),
-# `forward` (output and the statistics the backward needs) and `backward`.
-
-
-class _Batch:
-    """Batch norm's call: running statistics are written in place when ``training`` and given."""
-
-    def __init__(self, running_mean, running_var, training, momentum, eps):
-        self.running_mean, self.running_var = running_mean, running_var
-        self.training, self.momentum, self.eps = training, momentum, eps
-
-    def output(self, x, weight, bias):
-        y = _F.batch_norm(x, self.running_mean, self.running_var, weight, bias, training=self.training,
-                          momentum=self.momentum, eps=self.eps)
-        if self.training:
-            _bump_versions(self.running_mean, self.running_var)
-        return y
-
-    def forward(self, x, weight, bias):
-        y, mean, invstd = _F.batch_norm_forward(x, self.running_mean, self.running_var, weight, bias,
-                                                training=self.training, momentum=self.momentum, eps=self.eps)
-        if self.training:
-            _bump_versions(self.running_mean, self.running_var)
-        return y, (mean, invstd)
-
-    def backward(self, grad_output, x, weight, saved):
-        return _F.batch_norm_backward(grad_output, x, weight, *saved, training=self.training)
-
-
-class _Instance:
-    """Instance norm's call: running statistics are written in place when ``use_input_stats`` and given."""
-
-    def __init__(self, running_mean, running_var, use_input_stats, momentum, eps):
-        self.running_mean, self.running_var = running_mean, running_var
-        self.use_input_stats, self.momentum, self.eps = use_input_stats, momentum, eps
-
-    def output(self, x, weight, bias):
-        y = _F.instance_norm(x, self.running_mean, self.running_var, weight, bias,
-                             use_input_stats=self.use_input_stats, momentum=self.momentum, eps=self.eps)
-        if self.use_input_stats:
-            _bump_versions(self.running_mean, self.running_var)
-        return y
-
-    def forward(self, x, weight, bias):
-        y, mean, invstd = _F.instance_norm_forward(x, self.running_mean, self.running_var, weight, bias,
-                                                   use_input_stats=self.use_input_stats, momentum=self.momentum,
-                                                   eps=self.eps)
-        if self.use_input_stats:
-            _bump_versions(self.running_mean, self.running_var)
-        return y, (mean, invstd)
-
-    def backward(self, grad_output, x, weight, saved):
-        return _F.instance_norm_backward(grad_output, x, weight, *saved, use_input_stats=self.use_input_stats)
-
-
-class _Layer:
-    def __init__(self, normalized_shape, eps):
-        self.normalized_shape, self.eps = normalized_shape, eps
-
-    def output(self, x, weight, bias):
-        return _F.layer_norm(x, self.normalized_shape, weight, bias, self.eps)
-
-    def forward(self, x, weight, bias):
-        y, mean, rstd = _F.layer_norm_forward(x, self.normalized_shape, weight, bias, self.eps)
-        return y, (mean, rstd)
-
-    def backward(self, grad_output, x, weight, saved):
-        return _F.layer_norm_backward(grad_output, x, self.normalized_shape, weight, *saved)
-
-
-class _Group:
-    def __init__(self, num_groups, eps):
-        self.num_groups, self.eps = num_groups, eps
-
-    def output(self, x, weight, bias):
-        return _F.group_norm(x, self.num_groups, weight, bias, self.eps)
-
-    def forward(self, x, weight, bias):
-        y, mean, rstd = _F.group_norm_forward(x, self.num_groups, weight, bias, self.eps)
-        return y, (mean, rstd)
-
-    def backward(self, grad_output, x, weight, saved):
-        return _F.group_norm_backward(grad_output, x, self.num_groups, weight, *saved)
-
-
-class _RMS:
-    def __init__(self, normalized_shape, eps):
-        self.normalized_shape, self.eps = normalized_shape, eps
-
-    def output(self, x, weight, bias):
-        return _F.rms_norm(x, self.normalized_shape, weight, self.eps)
-
-    def forward(self, x, weight, bias):
-        y, rstd = _F.rms_norm_forward(x, self.normalized_shape, weight, self.eps)
-        return y, (rstd,)
-
-    def backward(self, grad_output, x, weight, saved):
-        return _F.rms_norm_backward(grad_output, x, self.normalized_shape, weight, *saved)
-
-
 def _bump_versions(*tensors):
     """bncore writes buffers through DLPack, which autograd cannot see: tell it, as an in-place op would."""
     for t in tensors:
@@ -146,33 +42,14 @@ def _bump_versions(*tensors):
             torch.autograd.graph.increment_version(t)
 
 
-class _NormFunction(torch.autograd.Function):
-    """y = variant(x; weight, bias). The forward saves what bncore's backward needs (the input and the
-    statistics bncore returned); the backward returns one gradient per input of ``apply``, each in its
-    input's dtype (bncore's), None where none is needed."""
+class _NotScriptable:
+    """torch.jit.script cannot compile a forward that calls into bncore through Python: refuse it with
+    the way that works (torch.jit.script calls this hook on every module before it compiles)."""
 
-    @staticmethod
-    def forward(ctx, variant, x, weight, bias):
-        ctx.variant = variant
-        # bncore gives grad_bias only alongside grad_weight: a bias without a weight gets a weight of ones,
-        # which leaves y (xhat * 1 + bias) exactly as it is
-        ctx.weight_given = weight is not None
-        if weight is None and bias is not None:
-            weight = torch.ones_like(bias)
-        y, saved = variant.forward(x, weight, bias)
-        ctx.save_for_backward(x, weight, *saved)
-        return y
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_output):
-        x, weight, *saved = ctx.saved_tensors
-        grad_input, grad_weight, grad_bias = ctx.variant.backward(grad_output, x, weight, saved)
-        _, need_input, need_weight, need_bias = ctx.needs_input_grad
-        return (None,
-                grad_input if need_input else None,
-                grad_weight if need_weight and ctx.weight_given else None,
-                grad_bias if need_bias else None)
+    def __prepare_scriptable__(self):
+        raise TypeError(f"torch.jit.script: {type(self).__module__}.{type(self).__qualname__} calls bncore's "
+                        "custom operators from Python, which TorchScript cannot compile; use torch.compile, "
+                        "torch.export.export or torch.jit.trace instead")
 
 
 # module -> the lock that serializes its buffer updates; kept outside the module so that it still
@@ -186,21 +63,13 @@ def _buffers_lock(module: Any, writes: bool) -> Any:
     read, updated by bncore, counted), so that two threads calling one module update them one after
     the other as the C state's lock does for bncore's own layers; a no-op context otherwise, so that
     evaluation still runs in parallel."""
-    if not writes:
+    if not writes or torch.compiler.is_compiling():  # a compiled graph holds no Python lock
         return contextlib.nullcontext()
     with _LOCKS_GUARD:
         lock = _LOCKS.get(module)
         if lock is None:
             lock = _LOCKS[module] = threading.Lock()
     return lock
-
-
-def _apply(variant, input, weight, bias):
-    """The output, through the autograd Function when a gradient may be asked for; otherwise (no_grad,
-    inference_mode, nothing requiring grad) by the plain function, which saves no statistics."""
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, weight, bias)):
-        return _NormFunction.apply(variant, input, weight, bias)
-    return variant.output(input, weight, bias)
 
 
 # ---------------------------------------------------------------- batch norm
@@ -222,7 +91,7 @@ def _blame_input_channels(input: torch.Tensor, num_features: int) -> None:
         raise wrong from None
 
 
-class _BatchNormForward(_BatchNormBase):
+class _BatchNormForward(_NotScriptable, _BatchNormBase):
     """torch.nn's _BatchNorm.forward, with the batch counted only once bncore has succeeded."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
@@ -244,10 +113,10 @@ class _BatchNormForward(_BatchNormBase):
             raise ValueError(f"batch_norm eps must be non-negative, but got {self.eps}")
         # the buffers are passed when they are updated (training, tracked) or used (eval)
         pass_buffers = not self.training or self.track_running_stats
-        variant = _Batch(self.running_mean if pass_buffers else None, self.running_var if pass_buffers else None,
-                         bn_training, exponential_average_factor, self.eps)
         try:
-            output = _apply(variant, input, self.weight, self.bias)
+            output = _ops.batch_norm(input, self.running_mean if pass_buffers else None,
+                                     self.running_var if pass_buffers else None, self.weight, self.bias, bn_training,
+                                     exponential_average_factor, self.eps)
         except ShapeMismatchError:
             _blame_input_channels(input, self.num_features)
             raise
@@ -271,7 +140,7 @@ class BatchNorm3d(_BatchNormForward, torch.nn.BatchNorm3d):
 # ---------------------------------------------------------------- instance norm
 
 
-class _InstanceNormForward(_InstanceNormBase):
+class _InstanceNormForward(_NotScriptable, _InstanceNormBase):
     """torch.nn's _InstanceNorm.forward: unbatched inputs get a batch dim of 1; running statistics, when
     tracked, are updated in training mode and normalize in eval mode; momentum None updates nothing."""
 
@@ -295,9 +164,9 @@ class _InstanceNormForward(_InstanceNormBase):
             return self._instance_norm_locked(input)
 
     def _instance_norm_locked(self, input):
-        variant = _Instance(self.running_mean, self.running_var, self.training or not self.track_running_stats,
-                            self.momentum if self.momentum is not None else 0.0, self.eps)
-        return _apply(variant, input, self.weight, self.bias)
+        return _ops.instance_norm(input, self.running_mean, self.running_var, self.weight, self.bias,
+                                  self.training or not self.track_running_stats,
+                                  self.momentum if self.momentum is not None else 0.0, self.eps)
 
 
 class InstanceNorm1d(_InstanceNormForward, torch.nn.InstanceNorm1d):
@@ -315,14 +184,14 @@ class InstanceNorm3d(_InstanceNormForward, torch.nn.InstanceNorm3d):
 # ---------------------------------------------------------------- layer, group and RMS norm
 
 
-class LayerNorm(torch.nn.LayerNorm):
+class LayerNorm(_NotScriptable, torch.nn.LayerNorm):
     """torch.nn.LayerNorm computed by bncore."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return _apply(_Layer(self.normalized_shape, self.eps), input, self.weight, self.bias)
+        return _ops.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
 
 
-class GroupNorm(torch.nn.GroupNorm):
+class GroupNorm(_NotScriptable, torch.nn.GroupNorm):
     """torch.nn.GroupNorm computed by bncore, with torch.nn.functional.group_norm's input checks."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
@@ -331,7 +200,7 @@ class GroupNorm(torch.nn.GroupNorm):
         size = [input.size(0) * input.size(1) // self.num_groups, self.num_groups] + list(input.size()[2:])
         if size[0] * _product(size[2:]) == 1:
             raise ValueError(f"Expected more than 1 value per channel when training, got input size {size}")
-        return _apply(_Group(self.num_groups, self.eps), input, self.weight, self.bias)
+        return _ops.group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
 
 
 def _product(sizes) -> int:
@@ -341,12 +210,12 @@ def _product(sizes) -> int:
     return n
 
 
-class RMSNorm(torch.nn.RMSNorm):
+class RMSNorm(_NotScriptable, torch.nn.RMSNorm):
     """torch.nn.RMSNorm computed by bncore (eps=None: the machine epsilon of the compute type, float32's
     for half inputs, as PyTorch)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _apply(_RMS(self.normalized_shape, self.eps), x, self.weight, None)
+        return _ops.rms_norm(x, self.normalized_shape, self.weight, self.eps)
 
 
 # ---------------------------------------------------------------- convert
