@@ -363,7 +363,14 @@ def test_convert_small_cnn_trains_like_the_original():
 
 
 class CustomBatchNorm(torch.nn.BatchNorm2d):
+    """A subclass with torch's forward: convert gives it bncore's."""
+
+
+class OwnForwardBatchNorm(torch.nn.BatchNorm2d):
     """A subclass may change the forward: convert leaves it alone."""
+
+    def forward(self, input):
+        return super().forward(input) * 2
 
 
 def test_convert_keeps_parameters_buffers_modes_and_dtypes():
@@ -373,7 +380,7 @@ def test_convert_keeps_parameters_buffers_modes_and_dtypes():
         nn.ModuleDict({"gn": nn.GroupNorm(2, 4, affine=False), "inorm": nn.InstanceNorm2d(4, affine=True)}),
         nn.ModuleList([nn.LayerNorm(4, bias=False).double(), nn.RMSNorm(4, eps=1e-3)]),
         nn.BatchNorm1d(4, track_running_stats=False), nn.InstanceNorm3d(2, track_running_stats=True),
-        nn.SyncBatchNorm(4), CustomBatchNorm(4), nn.Linear(4, 4))
+        nn.SyncBatchNorm(4), CustomBatchNorm(4), OwnForwardBatchNorm(4), nn.Linear(4, 4))
     model[1].eval()
     model[3][1].eval()
     randomize(model[1], torch.Generator().manual_seed(9))
@@ -388,7 +395,8 @@ def test_convert_keeps_parameters_buffers_modes_and_dtypes():
     assert kinds["1"] is bt.BatchNorm2d and kinds["2.gn"] is bt.GroupNorm and kinds["2.inorm"] is bt.InstanceNorm2d
     assert kinds["3.0"] is bt.LayerNorm and kinds["3.1"] is bt.RMSNorm and kinds["4"] is bt.BatchNorm1d
     assert kinds["5"] is bt.InstanceNorm3d
-    assert kinds["6"] is nn.SyncBatchNorm and kinds["7"] is CustomBatchNorm  # not exact norm classes
+    assert kinds["6"] is nn.SyncBatchNorm and kinds["8"] is OwnForwardBatchNorm  # left alone
+    assert isinstance(model[7], CustomBatchNorm) and isinstance(model[7], bt._BatchNormForward)
     assert {n: m.training for n, m in model.named_modules()} == modes
     assert list(dict(model.named_parameters())) == list(params)
     for name, p in model.named_parameters():
@@ -401,7 +409,7 @@ def test_convert_keeps_parameters_buffers_modes_and_dtypes():
     assert model[3][0].weight.dtype == torch.float64 and model[3][0].bias is None
     assert model[1].momentum is None and model[3][1].eps == 1e-3 and model[2]["gn"].weight is None
     assert model[4].running_mean is None and model[4].track_running_stats is False
-    assert repr(model) == text  # every hyperparameter, by class name
+    assert repr(model) != text and repr(model).replace("bncore.", "") == text  # every hyperparameter
 
 
 def test_convert_norm_layer_itself_and_devices():
