@@ -5,7 +5,8 @@
 Two models: a small ResNet-style CNN (batch norm) and a small transformers BertModel built from a
 config (layer norm; skipped without transformers). Each runs forward + backward + SGD step on fixed
 inputs; the first steps (compilation, warm-up) are not timed and the median of the timed steps is
-reported, for torch.nn's own layers and for bncore's, eager and compiled (fullgraph=True).
+reported, for torch.nn's own layers and for bncore's, eager and compiled (fullgraph=True). The four
+variants take turns step by step, so that a shared machine's changing load slows them alike.
 """
 from __future__ import annotations
 
@@ -63,17 +64,28 @@ def bert_case() -> tuple[torch.nn.Module, tuple, object] | None:
     return model, (ids,), lambda out: out.last_hidden_state.pow(2).mean()
 
 
-def step_times(model: torch.nn.Module, inputs: tuple, loss_of, steps: int, warmup: int) -> list[float]:
+def make_step(model: torch.nn.Module, inputs: tuple, loss_of):
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
-    times = []
-    for i in range(warmup + steps):
+
+    def step() -> float:
         start = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         loss_of(model(*inputs)).backward()
         opt.step()
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return times
+        return time.perf_counter() - start
+    return step
+
+
+def interleaved_medians(steps: dict[str, object], rounds: int, warmup: int) -> dict[str, float]:
+    """Median step time of each variant, the variants taking turns step by step, so that a machine
+    whose load changes (shared cores) slows them alike."""
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for r in range(warmup + rounds):
+        for name, step in steps.items():
+            t = step()
+            if r >= warmup:
+                times[name].append(t)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def main() -> None:
@@ -93,7 +105,7 @@ def main() -> None:
             print(f"{name}: skipped (transformers is not installed)")
             continue
         original, inputs, loss_of = case
-        rows = {}
+        steps = {}
         for label, convert in (("torch", False), ("bncore", True)):
             for compiled in (False, True):
                 model = copy.deepcopy(original)
@@ -101,13 +113,12 @@ def main() -> None:
                     model = bt.convert(model)
                 if compiled:
                     model = torch.compile(model, fullgraph=True, backend=args.backend)
-                times = step_times(model, inputs, loss_of, args.steps, args.warmup)
-                rows[(label, compiled)] = statistics.median(times)
+                steps[(label, compiled)] = make_step(model, inputs, loss_of)
+        rows = interleaved_medians(steps, args.steps, args.warmup)
         for label in ("torch", "bncore"):
             eager, comp = rows[(label, False)], rows[(label, True)]
             print(f"{name:6s} {label:6s} eager {eager * 1e3:8.2f} ms   compiled {comp * 1e3:8.2f} ms   "
                   f"compiled/eager {comp / eager:5.3f}")
-
 
 if __name__ == "__main__":
     main()

@@ -383,6 +383,9 @@ def _class_name(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
+_NORM_BASES = (torch.nn.modules.batchnorm._NormBase, torch.nn.LocalResponseNorm, torch.nn.CrossMapLRN2d)
+
+
 def _convert_one(module: torch.nn.Module) -> tuple[torch.nn.Module | None, str | None]:
     """(replacement, None), (None, why it is skipped), or (None, None) for a module that is no norm."""
     cls = type(module)
@@ -396,10 +399,12 @@ def _convert_one(module: torch.nn.Module) -> tuple[torch.nn.Module | None, str |
             return None, f"its registered factory raised {type(exc).__name__}: {exc}"
         why = _probe_mismatch(module, replacement, probe)
         return (None, why) if why else (replacement, None)
+    if isinstance(module, torch.nn.modules.lazy.LazyModuleMixin) and isinstance(module, _NORM_BASES):
+        become = getattr(module, "cls_to_become", None)
+        return None, ("a lazy module: convert it after its first forward, which makes it a "
+                      f"{getattr(become, '__name__', 'torch.nn norm')}")
     base = _torch_base(cls)
     if base is not None:
-        if isinstance(module, torch.nn.modules.lazy.LazyModuleMixin):
-            return None, "a lazy module: convert it after its first forward, which makes it a " + base.__name__
         if cls.forward is not base.forward:
             return None, (f"it overrides forward ({cls.__qualname__}.forward), so bncore cannot know what it "
                           "computes; teach convert with bncore.torch.register")
@@ -410,8 +415,7 @@ def _convert_one(module: torch.nn.Module) -> tuple[torch.nn.Module | None, str |
         replacement = as_bncore(module, _Float32RMSNormForward)
         why = _probe_mismatch(module, replacement, None)
         return (None, why) if why else (replacement, None)
-    if isinstance(module, (torch.nn.modules.batchnorm._NormBase, torch.nn.LocalResponseNorm,
-                           torch.nn.CrossMapLRN2d)) or "Norm" in cls.__name__:
+    if isinstance(module, _NORM_BASES) or "Norm" in cls.__name__:
         return None, "bncore knows no equivalent; teach convert with bncore.torch.register"
     return None, None
 
