@@ -9,7 +9,6 @@ import copy
 import pytest
 
 torch = pytest.importorskip("torch")
-import torch._dynamo  # noqa: E402
 import torch.nn.functional as TF  # noqa: E402
 from torch.func import functional_call, grad, vmap  # noqa: E402
 

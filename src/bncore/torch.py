@@ -85,9 +85,13 @@ def _buffers_lock(module: Any, writes: bool) -> Any:
 
 if TYPE_CHECKING:  # the mixins below are only ever combined with these torch.nn bases
     _BatchNormBase = torch.nn.modules.batchnorm._BatchNorm
+    _LayerNormBase = torch.nn.LayerNorm
+    _GroupNormBase = torch.nn.GroupNorm
+    _RMSNormBase = torch.nn.RMSNorm
+    _ModuleBase = torch.nn.Module
     _InstanceNormBase = torch.nn.modules.instancenorm._InstanceNorm
 else:
-    _BatchNormBase = _InstanceNormBase = object
+    _BatchNormBase = _InstanceNormBase = _LayerNormBase = _GroupNormBase = _RMSNormBase = _ModuleBase = object
 
 
 def _blame_input_channels(input: torch.Tensor, num_features: int) -> None:
@@ -192,12 +196,12 @@ class InstanceNorm3d(_InstanceNormForward, torch.nn.InstanceNorm3d):
 # ---------------------------------------------------------------- layer, group and RMS norm
 
 
-class _LayerNormForward(_BncoreModule):
+class _LayerNormForward(_BncoreModule, _LayerNormBase):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         return _ops.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
 
 
-class _GroupNormForward(_BncoreModule):
+class _GroupNormForward(_BncoreModule, _GroupNormBase):
     """torch.nn.GroupNorm's forward, with torch.nn.functional.group_norm's input checks."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
@@ -216,7 +220,7 @@ def _product(sizes) -> int:
     return n
 
 
-class _RMSNormForward(_BncoreModule):
+class _RMSNormForward(_BncoreModule, _RMSNormBase):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _ops.rms_norm(x, self.normalized_shape, self.weight, self.eps)
 
@@ -234,7 +238,7 @@ class RMSNorm(_RMSNormForward, torch.nn.RMSNorm):
     for half inputs, as PyTorch)."""
 
 
-class _Float32RMSNormForward(_BncoreModule):
+class _Float32RMSNormForward(_BncoreModule, _ModuleBase):
     """The forward of the RMS norms of Llama, Mistral, Qwen and most transformers models:
     ``weight * (x.float() * rsqrt(mean(x.float()**2, -1) + eps)).to(x.dtype)``, with the epsilon in
     ``variance_epsilon`` (transformers) or ``eps``. bncore accumulates half inputs in float32 and
@@ -245,8 +249,8 @@ class _Float32RMSNormForward(_BncoreModule):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         eps = getattr(self, "variance_epsilon", None)
         if eps is None:
-            eps = self.eps
-        weight = self.weight
+            eps = getattr(self, "eps")  # noqa: B009  (one of the two is there: convert checked it)
+        weight: torch.Tensor = getattr(self, "weight")  # noqa: B009
         if hidden_states.dtype == weight.dtype and hidden_states.dtype in (torch.float32, torch.float64):
             return _ops.rms_norm(hidden_states, (hidden_states.shape[-1],), weight, float(eps))
         normalized = _ops.rms_norm(hidden_states, (hidden_states.shape[-1],), None, float(eps))
@@ -311,7 +315,7 @@ def as_bncore(module: torch.nn.Module, forward: type) -> torch.nn.Module:
     Parameter and buffer objects, attributes, training mode and hooks (forward, forward-pre,
     backward, state_dict); the original is left as it was."""
     twin = _twin(type(module), forward)
-    replacement = twin.__new__(twin)
+    replacement: torch.nn.Module = object.__new__(twin)  # torch.nn.Module has no __new__ of its own
     state = dict(module.__dict__)
     for key in ("_parameters", "_buffers", "_modules"):
         state[key] = dict(state[key])
@@ -405,7 +409,7 @@ def _convert_one(module: torch.nn.Module) -> tuple[torch.nn.Module | None, str |
                       f"{getattr(become, '__name__', 'torch.nn norm')}")
     base = _torch_base(cls)
     if base is not None:
-        if cls.forward is not base.forward:
+        if getattr(cls, "forward") is not getattr(base, "forward"):  # noqa: B009
             return None, (f"it overrides forward ({cls.__qualname__}.forward), so bncore cannot know what it "
                           "computes; teach convert with bncore.torch.register")
         return as_bncore(module, _TORCH_NORMS[base][1]), None
