@@ -4,11 +4,13 @@
     >>> model = bncore.torch.convert(model)      # every torch.nn norm layer now runs on bncore
 
 Each class here subclasses its torch.nn namesake, so constructor arguments,
-attributes, parameters, buffers, ``state_dict`` keys, ``repr`` and ``isinstance``
-checks are PyTorch's own. Only ``forward`` differs: it follows the torch.nn
-module's logic for the running statistics, then hands the tensors to bncore
-through DLPack inside a ``torch.autograd.Function`` whose backward calls bncore's
-``*_backward``. No number is computed here.
+attributes, parameters, buffers, ``state_dict`` keys and ``isinstance`` checks are
+PyTorch's own (the repr's class name says ``bncore.``). Only ``forward`` differs: it
+follows the torch.nn module's logic for the running statistics, then calls bncore's
+custom operators (`bncore._torch_ops`: ``torch.ops.bncore.*``, with fake kernels,
+autograd and vmap rules, so torch.compile, torch.export, torch.func and jit.trace
+see one op), whose kernels hand the tensors to bncore through DLPack. No number is
+computed here. `convert` swaps bncore's modules into a model and reports what it did.
 
 One deliberate difference: PyTorch counts a batch (``num_batches_tracked``)
 before it normalizes; here the count moves only after bncore has succeeded, so a
