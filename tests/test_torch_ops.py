@@ -291,6 +291,7 @@ def test_vmap_refuses_one_running_buffer_for_many_samples():
     assert torch.equal(rm, torch.zeros(3, dtype=D))
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit is deprecated; it must still work
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
 def test_jit_trace_records_the_ops(training):
     x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
@@ -302,6 +303,7 @@ def test_jit_trace_records_the_ops(training):
     torch.testing.assert_close(y, reference(rand(2, 3, 8, 8, seed=5, dtype=torch.float32)))
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_jit_script_is_refused_with_what_to_use():
     with pytest.raises(TypeError, match="torch.compile"):
         torch.jit.script(bt.convert(every()))
