@@ -58,9 +58,12 @@ def test_torch_in_torch_out(fmt, dtype):
 def test_torch_requires_grad_input_is_accepted():
     torch = pytest.importorskip("torch", reason="torch is needed for this case")
     x = torch.from_numpy(data(2)).requires_grad_()
-    y = bncore.batch_norm(x, training=True)
-    assert isinstance(y, torch.Tensor) and not y.requires_grad  # bncore is not an autograd function
+    y = bncore.batch_norm_forward(x, training=True)[0]  # read through DLPack, detached
+    assert isinstance(y, torch.Tensor) and not y.requires_grad  # the *_forward functions record no autograd
     assert_close(y, batch_norm_ref(data(2))[0], "float64")
+    y = bncore.batch_norm(x, training=True)  # the plain function goes through bncore's torch op: differentiable
+    assert y.requires_grad
+    assert_close(y.detach(), batch_norm_ref(data(2))[0], "float64")
 
 
 def test_jax_in_jax_out():

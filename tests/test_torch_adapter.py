@@ -18,6 +18,7 @@ import pytest
 from tolerances import Tol, assert_close
 
 torch = pytest.importorskip("torch", reason="torch is needed for the PyTorch adapter")
+import bncore.functional  # noqa: E402
 import bncore.torch as bt  # noqa: E402  (after the skip: importing it imports torch)
 
 
@@ -186,13 +187,13 @@ def test_parameter_gradients_have_parameter_dtype_and_none_where_not_needed():
     ours = bt.BatchNorm2d(3)
     ours.weight.requires_grad_(False)
     y = ours(x)
-    grads = y.grad_fn.apply(torch.ones_like(y))  # the Function's own return value
-    assert grads[0] is None  # the variant description
-    assert grads[1].dtype == torch.float16 and grads[1].shape == x.shape
-    assert grads[2] is None  # weight: no grad needed
-    assert grads[3].dtype == torch.float32
+    grads = y.grad_fn.apply(torch.ones_like(y))  # the op's autograd formula's own return value
+    assert grads[0].dtype == torch.float16 and grads[0].shape == x.shape
+    assert grads[1] is None  # weight: no grad needed
+    assert grads[2].dtype == torch.float32
+    assert all(g is None for g in grads[3:])  # running statistics and scalars
     y = ours(x.detach())
-    assert y.grad_fn.apply(torch.ones_like(y))[1] is None  # input: no grad needed
+    assert y.grad_fn.apply(torch.ones_like(y))[0] is None  # input: no grad needed
 
 
 def test_bias_without_weight_gets_its_gradient():
@@ -362,7 +363,14 @@ def test_convert_small_cnn_trains_like_the_original():
 
 
 class CustomBatchNorm(torch.nn.BatchNorm2d):
+    """A subclass with torch's forward: convert gives it bncore's."""
+
+
+class OwnForwardBatchNorm(torch.nn.BatchNorm2d):
     """A subclass may change the forward: convert leaves it alone."""
+
+    def forward(self, input):
+        return super().forward(input) * 2
 
 
 def test_convert_keeps_parameters_buffers_modes_and_dtypes():
@@ -372,7 +380,7 @@ def test_convert_keeps_parameters_buffers_modes_and_dtypes():
         nn.ModuleDict({"gn": nn.GroupNorm(2, 4, affine=False), "inorm": nn.InstanceNorm2d(4, affine=True)}),
         nn.ModuleList([nn.LayerNorm(4, bias=False).double(), nn.RMSNorm(4, eps=1e-3)]),
         nn.BatchNorm1d(4, track_running_stats=False), nn.InstanceNorm3d(2, track_running_stats=True),
-        nn.SyncBatchNorm(4), CustomBatchNorm(4), nn.Linear(4, 4))
+        nn.SyncBatchNorm(4), CustomBatchNorm(4), OwnForwardBatchNorm(4), nn.Linear(4, 4))
     model[1].eval()
     model[3][1].eval()
     randomize(model[1], torch.Generator().manual_seed(9))
@@ -387,7 +395,8 @@ def test_convert_keeps_parameters_buffers_modes_and_dtypes():
     assert kinds["1"] is bt.BatchNorm2d and kinds["2.gn"] is bt.GroupNorm and kinds["2.inorm"] is bt.InstanceNorm2d
     assert kinds["3.0"] is bt.LayerNorm and kinds["3.1"] is bt.RMSNorm and kinds["4"] is bt.BatchNorm1d
     assert kinds["5"] is bt.InstanceNorm3d
-    assert kinds["6"] is nn.SyncBatchNorm and kinds["7"] is CustomBatchNorm  # not exact norm classes
+    assert kinds["6"] is nn.SyncBatchNorm and kinds["8"] is OwnForwardBatchNorm  # left alone
+    assert isinstance(model[7], CustomBatchNorm) and isinstance(model[7], bt._BatchNormForward)
     assert {n: m.training for n, m in model.named_modules()} == modes
     assert list(dict(model.named_parameters())) == list(params)
     for name, p in model.named_parameters():
@@ -400,7 +409,7 @@ def test_convert_keeps_parameters_buffers_modes_and_dtypes():
     assert model[3][0].weight.dtype == torch.float64 and model[3][0].bias is None
     assert model[1].momentum is None and model[3][1].eps == 1e-3 and model[2]["gn"].weight is None
     assert model[4].running_mean is None and model[4].track_running_stats is False
-    assert repr(model) == text  # every hyperparameter, by class name
+    assert repr(model) != text and repr(model).replace("bncore.", "") == text  # every hyperparameter
 
 
 def test_convert_norm_layer_itself_and_devices():
@@ -468,13 +477,13 @@ def test_failing_forward_inside_bncore_changes_no_buffer(monkeypatch):
     ours.momentum = 0.1
 
     def failing_call(*args):
-        raise bt._F._core.InternalError("injected failure")
+        raise bncore.functional._core.InternalError("injected failure")
 
-    monkeypatch.setattr(bt._F._core, "norm_forward", failing_call)
+    monkeypatch.setattr(bncore.functional._core, "norm_forward", failing_call)
     for module in (ours, randomize(bt.InstanceNorm2d(3, track_running_stats=True),
                                    torch.Generator().manual_seed(12))):
         before = _snapshot(module)
-        with pytest.raises(bt._F._core.InternalError, match="injected"):
+        with pytest.raises(bncore.functional._core.InternalError, match="injected"):
             module(torch.randn(4, 3, 2, 2))
         _assert_bitwise_unchanged(module, before)
 

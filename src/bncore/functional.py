@@ -6,6 +6,11 @@ and makes one call into the C core through `_forward` / `_backward`. Nothing her
 computes a number: each variant is only a different description of statistic groups
 and parameter axes, and `normalize` takes that description directly.
 
+Given PyTorch tensors, the plain functions (`batch_norm`, `layer_norm`, ..., `normalize`) are
+differentiable: a call that torch must see (a gradient may be asked for; torch.compile, export,
+jit.trace, torch.func, meta tensors) goes through bncore's registered custom ops
+(`bncore._torch_ops`, imported only then, so importing bncore never imports torch).
+
 `batch_norm` has a small-call fast path for tensors whose library publishes a DLPack
 C exchange table (PyTorch): the same checks and the same description, with the
 tensors borrowed without capsules and one C call (`_batch_norm_small`).
@@ -42,6 +47,19 @@ _F32_EPS = float(np.finfo(np.float32).eps)
 _F64_EPS = float(np.finfo(np.float64).eps)
 
 Outputs = tuple[Any, Any, Any]
+
+
+_TORCH_OPS: Any = None
+
+
+def _torch_ops() -> Any:
+    """bncore._torch_ops, imported on the first PyTorch tensor (torch is then imported already)."""
+    global _TORCH_OPS
+    if _TORCH_OPS is None:
+        from . import _torch_ops
+
+        _TORCH_OPS = _torch_ops
+    return _TORCH_OPS
 
 
 def _mask(axes: Sequence[int]) -> int:
@@ -377,12 +395,23 @@ def batch_norm(input: Array, running_mean: Array | None = None, running_var: Arr
     ``virtual_batch_size``, ``activation`` and ``residual``: see ``batch_norm_forward``.
     """
     if out is None and virtual_batch_size is None and activation is None and residual is None:
-        y = _batch_norm_small(input, running_mean, running_var, weight, bias, training, momentum, eps, axis)
-        if y is not None:
-            return y
+        if is_torch(input):
+            return _torch_ops().batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                                           axis)
+        return _batch_norm_plain(input, running_mean, running_var, weight, bias, training, momentum, eps, axis)
     return batch_norm_forward(input, running_mean, running_var, weight, bias, training, momentum, eps, axis=axis,
                               out=out, virtual_batch_size=virtual_batch_size, activation=activation,
                               residual=residual, _want_stats=False)[0]
+
+
+def _batch_norm_plain(input: Array, running_mean: Array | None, running_var: Array | None, weight: Array | None,
+                      bias: Array | None, training: bool, momentum: Any, eps: Any, axis: Any) -> Array:
+    """`batch_norm` without autograd: the fast path, else the checked path."""
+    y = _batch_norm_small(input, running_mean, running_var, weight, bias, training, momentum, eps, axis)
+    if y is not None:
+        return y
+    return batch_norm_forward(input, running_mean, running_var, weight, bias, training, momentum, eps, axis=axis,
+                              _want_stats=False)[0]
 
 
 def batch_norm_backward(grad_output: Array, input: Array, weight: Array | None, save_mean: Array,
@@ -604,7 +633,14 @@ def layer_norm_forward(input: Array, normalized_shape: int | Sequence[int], weig
 def layer_norm(input: Array, normalized_shape: int | Sequence[int], weight: Array | None = None,
                bias: Array | None = None, eps: float = 1e-5, *, out: Array | None = None) -> Array:
     """Layer norm, as ``torch.nn.functional.layer_norm``; returns the output."""
+    if out is None and is_torch(input):
+        return _torch_ops().layer_norm(input, normalized_shape, weight, bias, eps)
     return layer_norm_forward(input, normalized_shape, weight, bias, eps, out=out, _want_stats=False)[0]
+
+
+def _layer_norm_plain(input: Array, normalized_shape: Any, weight: Array | None, bias: Array | None,
+                      eps: Any) -> Array:
+    return layer_norm_forward(input, normalized_shape, weight, bias, eps, _want_stats=False)[0]
 
 
 def layer_norm_backward(grad_output: Array, input: Array, normalized_shape: int | Sequence[int],
@@ -641,7 +677,13 @@ def rms_norm_forward(input: Array, normalized_shape: int | Sequence[int], weight
 def rms_norm(input: Array, normalized_shape: int | Sequence[int], weight: Array | None = None,
              eps: float | None = None, *, out: Array | None = None) -> Array:
     """RMS norm, as ``torch.nn.functional.rms_norm``; returns the output."""
+    if out is None and is_torch(input):
+        return _torch_ops().rms_norm(input, normalized_shape, weight, eps)
     return rms_norm_forward(input, normalized_shape, weight, eps, out=out, _want_stats=False)[0]
+
+
+def _rms_norm_plain(input: Array, normalized_shape: Any, weight: Array | None, eps: Any) -> Array:
+    return rms_norm_forward(input, normalized_shape, weight, eps, _want_stats=False)[0]
 
 
 def rms_norm_backward(grad_output: Array, input: Array, normalized_shape: int | Sequence[int], weight: Array | None,
@@ -705,8 +747,17 @@ def instance_norm(input: Array, running_mean: Array | None = None, running_var: 
                   weight: Array | None = None, bias: Array | None = None, use_input_stats: bool = True,
                   momentum: float = 0.1, eps: float = 1e-5, *, out: Array | None = None) -> Array:
     """Instance norm, as ``torch.nn.functional.instance_norm``; returns the output."""
+    if out is None and is_torch(input):
+        return _torch_ops().instance_norm(input, running_mean, running_var, weight, bias, use_input_stats, momentum,
+                                          eps)
     return instance_norm_forward(input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps,
                                  out=out, _want_stats=False)[0]
+
+
+def _instance_norm_plain(input: Array, running_mean: Array | None, running_var: Array | None, weight: Array | None,
+                         bias: Array | None, use_input_stats: bool, momentum: Any, eps: Any) -> Array:
+    return instance_norm_forward(input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps,
+                                 _want_stats=False)[0]
 
 
 def instance_norm_backward(grad_output: Array, input: Array, weight: Array | None, save_mean: Array,
@@ -746,7 +797,13 @@ def group_norm_forward(input: Array, num_groups: int, weight: Array | None = Non
 def group_norm(input: Array, num_groups: int, weight: Array | None = None, bias: Array | None = None,
                eps: float = 1e-5, *, out: Array | None = None) -> Array:
     """Group norm, as ``torch.nn.functional.group_norm``; returns the output."""
+    if out is None and is_torch(input):
+        return _torch_ops().group_norm(input, num_groups, weight, bias, eps)
     return group_norm_forward(input, num_groups, weight, bias, eps, out=out, _want_stats=False)[0]
+
+
+def _group_norm_plain(input: Array, num_groups: Any, weight: Array | None, bias: Array | None, eps: Any) -> Array:
+    return group_norm_forward(input, num_groups, weight, bias, eps, _want_stats=False)[0]
 
 
 def group_norm_backward(grad_output: Array, input: Array, num_groups: int, weight: Array | None, save_mean: Array,
@@ -795,7 +852,15 @@ def normalize(input: Array, axes: int | Sequence[int], weight: Array | None = No
               out: Array | None = None) -> Array:
     """The general entry point every variant is a case of; returns the output.
     ``normalize(x, axes=(1,))`` is layer norm over the channels of an NCHW tensor."""
+    if out is None and is_torch(input):
+        return _torch_ops().normalize(input, axes, weight, bias, affine_axes, eps, rms)
     return normalize_forward(input, axes, weight, bias, affine_axes=affine_axes, eps=eps, rms=rms, out=out,
+                             _want_stats=False)[0]
+
+
+def _normalize_plain(input: Array, axes: Any, weight: Array | None, bias: Array | None, affine_axes: Any, eps: Any,
+                     rms: bool) -> Array:
+    return normalize_forward(input, axes, weight, bias, affine_axes=affine_axes, eps=eps, rms=rms,
                              _want_stats=False)[0]
 
 

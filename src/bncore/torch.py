@@ -4,11 +4,13 @@
     >>> model = bncore.torch.convert(model)      # every torch.nn norm layer now runs on bncore
 
 Each class here subclasses its torch.nn namesake, so constructor arguments,
-attributes, parameters, buffers, ``state_dict`` keys, ``repr`` and ``isinstance``
-checks are PyTorch's own. Only ``forward`` differs: it follows the torch.nn
-module's logic for the running statistics, then hands the tensors to bncore
-through DLPack inside a ``torch.autograd.Function`` whose backward calls bncore's
-``*_backward``. No number is computed here.
+attributes, parameters, buffers, ``state_dict`` keys and ``isinstance`` checks are
+PyTorch's own (the repr's class name says ``bncore.``). Only ``forward`` differs: it
+follows the torch.nn module's logic for the running statistics, then calls bncore's
+custom operators (`bncore._torch_ops`: ``torch.ops.bncore.*``, with fake kernels,
+autograd and vmap rules, so torch.compile, torch.export, torch.func and jit.trace
+see one op), whose kernels hand the tensors to bncore through DLPack. No number is
+computed here. `convert` swaps bncore's modules into a model and reports what it did.
 
 One deliberate difference: PyTorch counts a batch (``num_batches_tracked``)
 before it normalizes; here the count moves only after bncore has succeeded, so a
@@ -19,124 +21,23 @@ Importing ``bncore`` never imports torch; importing ``bncore.torch`` does.
 from __future__ import annotations
 
 import contextlib
+import copy
+import logging
 import threading
 import warnings
 import weakref
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch.autograd.function import once_differentiable
-
-from . import functional as _F
+from . import _torch_ops as _ops
 from ._checks import check_channels
 from .errors import ShapeMismatchError
 
 __all__ = [
     "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "GroupNorm", "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d",
-    "LayerNorm", "RMSNorm", "SyncBatchNorm", "convert", "fold",
+    "ConvertReport", "LayerNorm", "RMSNorm", "SyncBatchNorm", "as_bncore", "convert", "fold", "register",
 ]
-
-
-# ---------------------------------------------------------------- one autograd Function for every variant
-#
-# Each variant is one bncore call described once: `output` (the plain function, no saved statistics),
-# `forward` (output and the statistics the backward needs) and `backward`.
-
-
-class _Batch:
-    """Batch norm's call: running statistics are written in place when ``training`` and given."""
-
-    def __init__(self, running_mean, running_var, training, momentum, eps):
-        self.running_mean, self.running_var = running_mean, running_var
-        self.training, self.momentum, self.eps = training, momentum, eps
-
-    def output(self, x, weight, bias):
-        y = _F.batch_norm(x, self.running_mean, self.running_var, weight, bias, training=self.training,
-                          momentum=self.momentum, eps=self.eps)
-        if self.training:
-            _bump_versions(self.running_mean, self.running_var)
-        return y
-
-    def forward(self, x, weight, bias):
-        y, mean, invstd = _F.batch_norm_forward(x, self.running_mean, self.running_var, weight, bias,
-                                                training=self.training, momentum=self.momentum, eps=self.eps)
-        if self.training:
-            _bump_versions(self.running_mean, self.running_var)
-        return y, (mean, invstd)
-
-    def backward(self, grad_output, x, weight, saved):
-        return _F.batch_norm_backward(grad_output, x, weight, *saved, training=self.training)
-
-
-class _Instance:
-    """Instance norm's call: running statistics are written in place when ``use_input_stats`` and given."""
-
-    def __init__(self, running_mean, running_var, use_input_stats, momentum, eps):
-        self.running_mean, self.running_var = running_mean, running_var
-        self.use_input_stats, self.momentum, self.eps = use_input_stats, momentum, eps
-
-    def output(self, x, weight, bias):
-        y = _F.instance_norm(x, self.running_mean, self.running_var, weight, bias,
-                             use_input_stats=self.use_input_stats, momentum=self.momentum, eps=self.eps)
-        if self.use_input_stats:
-            _bump_versions(self.running_mean, self.running_var)
-        return y
-
-    def forward(self, x, weight, bias):
-        y, mean, invstd = _F.instance_norm_forward(x, self.running_mean, self.running_var, weight, bias,
-                                                   use_input_stats=self.use_input_stats, momentum=self.momentum,
-                                                   eps=self.eps)
-        if self.use_input_stats:
-            _bump_versions(self.running_mean, self.running_var)
-        return y, (mean, invstd)
-
-    def backward(self, grad_output, x, weight, saved):
-        return _F.instance_norm_backward(grad_output, x, weight, *saved, use_input_stats=self.use_input_stats)
-
-
-class _Layer:
-    def __init__(self, normalized_shape, eps):
-        self.normalized_shape, self.eps = normalized_shape, eps
-
-    def output(self, x, weight, bias):
-        return _F.layer_norm(x, self.normalized_shape, weight, bias, self.eps)
-
-    def forward(self, x, weight, bias):
-        y, mean, rstd = _F.layer_norm_forward(x, self.normalized_shape, weight, bias, self.eps)
-        return y, (mean, rstd)
-
-    def backward(self, grad_output, x, weight, saved):
-        return _F.layer_norm_backward(grad_output, x, self.normalized_shape, weight, *saved)
-
-
-class _Group:
-    def __init__(self, num_groups, eps):
-        self.num_groups, self.eps = num_groups, eps
-
-    def output(self, x, weight, bias):
-        return _F.group_norm(x, self.num_groups, weight, bias, self.eps)
-
-    def forward(self, x, weight, bias):
-        y, mean, rstd = _F.group_norm_forward(x, self.num_groups, weight, bias, self.eps)
-        return y, (mean, rstd)
-
-    def backward(self, grad_output, x, weight, saved):
-        return _F.group_norm_backward(grad_output, x, self.num_groups, weight, *saved)
-
-
-class _RMS:
-    def __init__(self, normalized_shape, eps):
-        self.normalized_shape, self.eps = normalized_shape, eps
-
-    def output(self, x, weight, bias):
-        return _F.rms_norm(x, self.normalized_shape, weight, self.eps)
-
-    def forward(self, x, weight, bias):
-        y, rstd = _F.rms_norm_forward(x, self.normalized_shape, weight, self.eps)
-        return y, (rstd,)
-
-    def backward(self, grad_output, x, weight, saved):
-        return _F.rms_norm_backward(grad_output, x, self.normalized_shape, weight, *saved)
 
 
 def _bump_versions(*tensors):
@@ -146,33 +47,19 @@ def _bump_versions(*tensors):
             torch.autograd.graph.increment_version(t)
 
 
-class _NormFunction(torch.autograd.Function):
-    """y = variant(x; weight, bias). The forward saves what bncore's backward needs (the input and the
-    statistics bncore returned); the backward returns one gradient per input of ``apply``, each in its
-    input's dtype (bncore's), None where none is needed."""
+class _BncoreModule:
+    """What every bncore module adds to its torch.nn base: a repr that says it is bncore's
+    (``bncore.BatchNorm2d(16, eps=1e-05, ...)``), and a clear refusal of torch.jit.script, which cannot
+    compile a forward that calls into bncore through Python (torch.jit.script calls
+    ``__prepare_scriptable__`` on every module before it compiles)."""
 
-    @staticmethod
-    def forward(ctx, variant, x, weight, bias):
-        ctx.variant = variant
-        # bncore gives grad_bias only alongside grad_weight: a bias without a weight gets a weight of ones,
-        # which leaves y (xhat * 1 + bias) exactly as it is
-        ctx.weight_given = weight is not None
-        if weight is None and bias is not None:
-            weight = torch.ones_like(bias)
-        y, saved = variant.forward(x, weight, bias)
-        ctx.save_for_backward(x, weight, *saved)
-        return y
+    def _get_name(self):
+        return f"bncore.{type(self).__name__}"
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_output):
-        x, weight, *saved = ctx.saved_tensors
-        grad_input, grad_weight, grad_bias = ctx.variant.backward(grad_output, x, weight, saved)
-        _, need_input, need_weight, need_bias = ctx.needs_input_grad
-        return (None,
-                grad_input if need_input else None,
-                grad_weight if need_weight and ctx.weight_given else None,
-                grad_bias if need_bias else None)
+    def __prepare_scriptable__(self):
+        raise TypeError(f"torch.jit.script: {type(self).__module__}.{type(self).__qualname__} calls bncore's "
+                        "custom operators from Python, which TorchScript cannot compile; use torch.compile, "
+                        "torch.export.export or torch.jit.trace instead")
 
 
 # module -> the lock that serializes its buffer updates; kept outside the module so that it still
@@ -186,7 +73,7 @@ def _buffers_lock(module: Any, writes: bool) -> Any:
     read, updated by bncore, counted), so that two threads calling one module update them one after
     the other as the C state's lock does for bncore's own layers; a no-op context otherwise, so that
     evaluation still runs in parallel."""
-    if not writes:
+    if not writes or torch.compiler.is_compiling():  # a compiled graph holds no Python lock
         return contextlib.nullcontext()
     with _LOCKS_GUARD:
         lock = _LOCKS.get(module)
@@ -195,22 +82,18 @@ def _buffers_lock(module: Any, writes: bool) -> Any:
     return lock
 
 
-def _apply(variant, input, weight, bias):
-    """The output, through the autograd Function when a gradient may be asked for; otherwise (no_grad,
-    inference_mode, nothing requiring grad) by the plain function, which saves no statistics."""
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, weight, bias)):
-        return _NormFunction.apply(variant, input, weight, bias)
-    return variant.output(input, weight, bias)
-
-
 # ---------------------------------------------------------------- batch norm
 
 
 if TYPE_CHECKING:  # the mixins below are only ever combined with these torch.nn bases
     _BatchNormBase = torch.nn.modules.batchnorm._BatchNorm
+    _LayerNormBase = torch.nn.LayerNorm
+    _GroupNormBase = torch.nn.GroupNorm
+    _RMSNormBase = torch.nn.RMSNorm
+    _ModuleBase = torch.nn.Module
     _InstanceNormBase = torch.nn.modules.instancenorm._InstanceNorm
 else:
-    _BatchNormBase = _InstanceNormBase = object
+    _BatchNormBase = _InstanceNormBase = _LayerNormBase = _GroupNormBase = _RMSNormBase = _ModuleBase = object
 
 
 def _blame_input_channels(input: torch.Tensor, num_features: int) -> None:
@@ -222,7 +105,7 @@ def _blame_input_channels(input: torch.Tensor, num_features: int) -> None:
         raise wrong from None
 
 
-class _BatchNormForward(_BatchNormBase):
+class _BatchNormForward(_BncoreModule, _BatchNormBase):
     """torch.nn's _BatchNorm.forward, with the batch counted only once bncore has succeeded."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
@@ -244,10 +127,10 @@ class _BatchNormForward(_BatchNormBase):
             raise ValueError(f"batch_norm eps must be non-negative, but got {self.eps}")
         # the buffers are passed when they are updated (training, tracked) or used (eval)
         pass_buffers = not self.training or self.track_running_stats
-        variant = _Batch(self.running_mean if pass_buffers else None, self.running_var if pass_buffers else None,
-                         bn_training, exponential_average_factor, self.eps)
         try:
-            output = _apply(variant, input, self.weight, self.bias)
+            output = _ops.batch_norm(input, self.running_mean if pass_buffers else None,
+                                     self.running_var if pass_buffers else None, self.weight, self.bias, bn_training,
+                                     exponential_average_factor, self.eps)
         except ShapeMismatchError:
             _blame_input_channels(input, self.num_features)
             raise
@@ -271,7 +154,7 @@ class BatchNorm3d(_BatchNormForward, torch.nn.BatchNorm3d):
 # ---------------------------------------------------------------- instance norm
 
 
-class _InstanceNormForward(_InstanceNormBase):
+class _InstanceNormForward(_BncoreModule, _InstanceNormBase):
     """torch.nn's _InstanceNorm.forward: unbatched inputs get a batch dim of 1; running statistics, when
     tracked, are updated in training mode and normalize in eval mode; momentum None updates nothing."""
 
@@ -295,9 +178,9 @@ class _InstanceNormForward(_InstanceNormBase):
             return self._instance_norm_locked(input)
 
     def _instance_norm_locked(self, input):
-        variant = _Instance(self.running_mean, self.running_var, self.training or not self.track_running_stats,
-                            self.momentum if self.momentum is not None else 0.0, self.eps)
-        return _apply(variant, input, self.weight, self.bias)
+        return _ops.instance_norm(input, self.running_mean, self.running_var, self.weight, self.bias,
+                                  self.training or not self.track_running_stats,
+                                  self.momentum if self.momentum is not None else 0.0, self.eps)
 
 
 class InstanceNorm1d(_InstanceNormForward, torch.nn.InstanceNorm1d):
@@ -315,15 +198,13 @@ class InstanceNorm3d(_InstanceNormForward, torch.nn.InstanceNorm3d):
 # ---------------------------------------------------------------- layer, group and RMS norm
 
 
-class LayerNorm(torch.nn.LayerNorm):
-    """torch.nn.LayerNorm computed by bncore."""
-
+class _LayerNormForward(_BncoreModule, _LayerNormBase):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return _apply(_Layer(self.normalized_shape, self.eps), input, self.weight, self.bias)
+        return _ops.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
 
 
-class GroupNorm(torch.nn.GroupNorm):
-    """torch.nn.GroupNorm computed by bncore, with torch.nn.functional.group_norm's input checks."""
+class _GroupNormForward(_BncoreModule, _GroupNormBase):
+    """torch.nn.GroupNorm's forward, with torch.nn.functional.group_norm's input checks."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if input.dim() < 2:
@@ -331,7 +212,7 @@ class GroupNorm(torch.nn.GroupNorm):
         size = [input.size(0) * input.size(1) // self.num_groups, self.num_groups] + list(input.size()[2:])
         if size[0] * _product(size[2:]) == 1:
             raise ValueError(f"Expected more than 1 value per channel when training, got input size {size}")
-        return _apply(_Group(self.num_groups, self.eps), input, self.weight, self.bias)
+        return _ops.group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
 
 
 def _product(sizes) -> int:
@@ -341,60 +222,246 @@ def _product(sizes) -> int:
     return n
 
 
-class RMSNorm(torch.nn.RMSNorm):
+class _RMSNormForward(_BncoreModule, _RMSNormBase):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _ops.rms_norm(x, self.normalized_shape, self.weight, self.eps)
+
+
+class LayerNorm(_LayerNormForward, torch.nn.LayerNorm):
+    """torch.nn.LayerNorm computed by bncore."""
+
+
+class GroupNorm(_GroupNormForward, torch.nn.GroupNorm):
+    """torch.nn.GroupNorm computed by bncore, with torch.nn.functional.group_norm's input checks."""
+
+
+class RMSNorm(_RMSNormForward, torch.nn.RMSNorm):
     """torch.nn.RMSNorm computed by bncore (eps=None: the machine epsilon of the compute type, float32's
     for half inputs, as PyTorch)."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _apply(_RMS(self.normalized_shape, self.eps), x, self.weight, None)
+
+class _Float32RMSNormForward(_BncoreModule, _ModuleBase):
+    """The forward of the RMS norms of Llama, Mistral, Qwen and most transformers models:
+    ``weight * (x.float() * rsqrt(mean(x.float()**2, -1) + eps)).to(x.dtype)``, with the epsilon in
+    ``variance_epsilon`` (transformers) or ``eps``. bncore accumulates half inputs in float32 and
+    rounds once to the input's dtype, which is that cast back; the weight then multiplies in the
+    promoted dtype, as the original does. Where the cast back is exact (the weight's dtype is the
+    input's, float32 or float64), bncore applies the weight in the same pass."""
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        eps = getattr(self, "variance_epsilon", None)
+        if eps is None:
+            eps = getattr(self, "eps")  # noqa: B009  (one of the two is there: convert checked it)
+        weight: torch.Tensor = getattr(self, "weight")  # noqa: B009
+        if hidden_states.dtype == weight.dtype and hidden_states.dtype in (torch.float32, torch.float64):
+            return _ops.rms_norm(hidden_states, (hidden_states.shape[-1],), weight, float(eps))
+        normalized = _ops.rms_norm(hidden_states, (hidden_states.shape[-1],), None, float(eps))
+        return weight * normalized
 
 
 # ---------------------------------------------------------------- convert
 
+_log = logging.getLogger("bncore.torch")
 
-def _hyperparameters(module):
-    """The constructor arguments that rebuild `module` (its tensors are moved over separately)."""
-    if isinstance(module, torch.nn.modules.batchnorm._NormBase):  # batch and instance norm
-        return (module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats)
-    if isinstance(module, torch.nn.GroupNorm):
-        return (module.num_groups, module.num_channels, module.eps, module.affine)
-    return (module.normalized_shape, module.eps, module.elementwise_affine)  # LayerNorm, RMSNorm
-
-
-_REPLACEMENTS = {
-    torch.nn.BatchNorm1d: BatchNorm1d, torch.nn.BatchNorm2d: BatchNorm2d, torch.nn.BatchNorm3d: BatchNorm3d,
-    torch.nn.InstanceNorm1d: InstanceNorm1d, torch.nn.InstanceNorm2d: InstanceNorm2d,
-    torch.nn.InstanceNorm3d: InstanceNorm3d, torch.nn.LayerNorm: LayerNorm, torch.nn.GroupNorm: GroupNorm,
-    torch.nn.RMSNorm: RMSNorm,
+# torch.nn's norm classes: bncore's class for each, and the forward that bncore's twin of a subclass takes
+_TORCH_NORMS: dict[type, tuple[type, type]] = {
+    torch.nn.BatchNorm1d: (BatchNorm1d, _BatchNormForward), torch.nn.BatchNorm2d: (BatchNorm2d, _BatchNormForward),
+    torch.nn.BatchNorm3d: (BatchNorm3d, _BatchNormForward),
+    torch.nn.InstanceNorm1d: (InstanceNorm1d, _InstanceNormForward),
+    torch.nn.InstanceNorm2d: (InstanceNorm2d, _InstanceNormForward),
+    torch.nn.InstanceNorm3d: (InstanceNorm3d, _InstanceNormForward),
+    torch.nn.LayerNorm: (LayerNorm, _LayerNormForward), torch.nn.GroupNorm: (GroupNorm, _GroupNormForward),
+    torch.nn.RMSNorm: (RMSNorm, _RMSNormForward),
 }
 
+Factory = Callable[[torch.nn.Module], torch.nn.Module]
+Probe = Callable[[torch.nn.Module], torch.Tensor]
+_REGISTRY: dict[type, tuple[Factory, Probe | None]] = {}
 
-def _replace(module):
-    # built on the meta device (no allocation), then given the original's own tensors
-    replacement = _REPLACEMENTS[type(module)](*_hyperparameters(module), device="meta")
-    replacement._parameters.update(module._parameters)
-    replacement._buffers.update(module._buffers)
-    replacement._non_persistent_buffers_set = set(module._non_persistent_buffers_set)
-    replacement.training = module.training
-    if hasattr(module, "qconfig"):
-        replacement.qconfig = module.qconfig
+
+def register(cls: type, factory: Factory, *, probe: Probe | None = None) -> None:
+    """Teaches `convert` a normalization class of your own (or of a library): each module of exactly
+    `cls` is replaced by ``factory(module)``, once the replacement has given the original's output on a
+    probe input: ``probe(module)`` when given, else a random (2, 3, *weight.shape) input in the
+    weight's dtype. A replacement that differs, or raises, is not swapped in, and the report says why.
+    `as_bncore(module, forward)` makes the usual replacement: the module itself, under a subclass of
+    its class whose forward is `forward`'s. A later registration of `cls` replaces the earlier one."""
+    if not isinstance(cls, type) or not issubclass(cls, torch.nn.Module):
+        raise TypeError(f"cls: expected a torch.nn.Module subclass, got {cls!r}")
+    if not callable(factory):
+        raise TypeError(f"factory: expected a callable (module -> replacement module), got {type(factory).__name__}")
+    if probe is not None and not callable(probe):
+        raise TypeError(f"probe: expected a callable (module -> input tensor) or None, got {type(probe).__name__}")
+    _REGISTRY[cls] = (factory, probe)
+
+
+_TWINS: dict[tuple[type, type], type] = {}
+
+
+def _twin(cls: type, forward: type) -> type:
+    """`cls` with bncore's forward (the mixin `forward` first in its MRO): bncore's class for torch.nn's
+    own, else one made once per class, named as `cls` (the repr shows bncore.<name>)."""
+    for torch_cls, (ours, mixin) in _TORCH_NORMS.items():
+        if cls is torch_cls and forward is mixin:
+            return ours
+    twin = _TWINS.get((cls, forward))
+    if twin is None:
+        twin = _TWINS[(cls, forward)] = type(cls.__name__, (forward, cls), {
+            "__module__": cls.__module__, "__qualname__": cls.__qualname__,
+            "__doc__": f"{cls.__module__}.{cls.__qualname__} computed by bncore."})
+    return twin
+
+
+def as_bncore(module: torch.nn.Module, forward: type) -> torch.nn.Module:
+    """`module` as an instance of its class with `forward`'s forward (a bncore mixin): the same
+    Parameter and buffer objects, attributes, training mode and hooks (forward, forward-pre,
+    backward, state_dict); the original is left as it was."""
+    twin = _twin(type(module), forward)
+    replacement: torch.nn.Module = object.__new__(twin)  # torch.nn.Module has no __new__ of its own
+    state = dict(module.__dict__)
+    for key in ("_parameters", "_buffers", "_modules"):
+        state[key] = dict(state[key])
+    state["_non_persistent_buffers_set"] = set(state["_non_persistent_buffers_set"])
+    replacement.__dict__.update(state)  # the hook dictionaries are shared, so the handles still remove them
     return replacement
 
 
-def convert(module: torch.nn.Module) -> torch.nn.Module:
-    """Replaces every torch.nn normalization layer in `module` (BatchNorm1d/2d/3d, InstanceNorm1d/2d/3d,
-    LayerNorm, GroupNorm, RMSNorm: those exact classes, not subclasses such as SyncBatchNorm or the lazy
-    ones), recursively, with bncore's, as ``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` does.
+def _torch_base(cls: type) -> type | None:
+    for base in cls.__mro__:
+        if base in _TORCH_NORMS:
+            return base
+    return None
 
-    The new layers hold the same Parameter objects and buffers (so devices, dtypes and optimizer state
-    carry over) and the same training mode. Containers are changed in place; returns `module`, or its
-    replacement when `module` is itself a normalization layer. Hooks on a replaced layer are not carried
-    over (as with convert_sync_batchnorm).
-    """
-    output = _replace(module) if type(module) in _REPLACEMENTS else module
-    for name, child in module.named_children():
-        output.add_module(name, convert(child))
+
+def _looks_like_float32_rms(module: torch.nn.Module) -> bool:
+    """transformers' LlamaRMSNorm and its many copies (Mistral, Qwen2, ...): a class named *RMSNorm
+    with a 1-D ``weight`` and a float ``variance_epsilon`` or ``eps``. The probe decides the rest."""
+    weight = getattr(module, "weight", None)
+    eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
+    return (type(module).__name__.endswith("RMSNorm") and isinstance(weight, torch.nn.Parameter)
+            and weight.dim() == 1 and isinstance(eps, float))
+
+
+def _default_probe(module: torch.nn.Module) -> torch.Tensor:
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError("it has no weight to shape a probe input from; pass probe= to bncore.torch.register")
+    gen = torch.Generator(device=weight.device).manual_seed(0)
+    return torch.randn((2, 3, *weight.shape), generator=gen, device=weight.device, dtype=weight.dtype)
+
+
+def _probe_mismatch(original: torch.nn.Module, replacement: torch.nn.Module, probe: Probe | None) -> str | None:
+    """Why `replacement` may not stand in for `original` (None: their outputs agree on a probe input,
+    within torch.testing's tolerance for the dtype). Deep copies run it, with no hooks, so that no
+    state moves."""
+    if any(t.device.type == "meta" for t in original.parameters()):
+        return "its parameters are on the meta device, so no probe input can check the replacement"
+    try:
+        x = (probe or _default_probe)(original)
+        with torch.no_grad():
+            expected = copy.deepcopy(original).forward(x)
+            got = copy.deepcopy(replacement).forward(x)
+        torch.testing.assert_close(got, expected)
+    except Exception as exc:  # noqa: BLE001  (any failure means: do not swap; the report says which)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return f"its bncore replacement does not match it on a probe input ({first})"
+    return None
+
+
+class ConvertReport:
+    """What `convert` did: ``replaced`` lists (module name, original class, bncore class), ``skipped``
+    lists (module name, class, reason) for every normalization it found and left alone."""
+
+    def __init__(self) -> None:
+        self.replaced: list[tuple[str, str, str]] = []
+        self.skipped: list[tuple[str, str, str]] = []
+
+    def __str__(self) -> str:
+        lines = [f"bncore.torch.convert: {len(self.replaced)} replaced, {len(self.skipped)} skipped"]
+        lines += [f"  replaced {name}: {old} -> {new}" for name, old, new in self.replaced]
+        lines += [f"  skipped  {name}: {cls}: {why}" for name, cls, why in self.skipped]
+        return "\n".join(lines)
+
+    __repr__ = __str__
+
+
+def _class_name(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+_NORM_BASES = (torch.nn.modules.batchnorm._NormBase, torch.nn.LocalResponseNorm, torch.nn.CrossMapLRN2d)
+
+
+def _convert_one(module: torch.nn.Module) -> tuple[torch.nn.Module | None, str | None]:
+    """(replacement, None), (None, why it is skipped), or (None, None) for a module that is no norm."""
+    cls = type(module)
+    if isinstance(module, _BncoreModule):
+        return None, "already bncore's"
+    if cls in _REGISTRY:
+        factory, probe = _REGISTRY[cls]
+        try:
+            replacement = factory(module)
+        except Exception as exc:  # noqa: BLE001  (the registered factory refused: report it, change nothing)
+            return None, f"its registered factory raised {type(exc).__name__}: {exc}"
+        why = _probe_mismatch(module, replacement, probe)
+        return (None, why) if why else (replacement, None)
+    if isinstance(module, torch.nn.modules.lazy.LazyModuleMixin) and isinstance(module, _NORM_BASES):
+        become = getattr(module, "cls_to_become", None)
+        return None, ("a lazy module: convert it after its first forward, which makes it a "
+                      f"{getattr(become, '__name__', 'torch.nn norm')}")
+    base = _torch_base(cls)
+    if base is not None:
+        if getattr(cls, "forward") is not getattr(base, "forward"):  # noqa: B009
+            return None, (f"it overrides forward ({cls.__qualname__}.forward), so bncore cannot know what it "
+                          "computes; teach convert with bncore.torch.register")
+        return as_bncore(module, _TORCH_NORMS[base][1]), None
+    if isinstance(module, torch.nn.SyncBatchNorm):
+        return None, "torch.nn.SyncBatchNorm: bncore.torch.SyncBatchNorm.convert_sync_batchnorm converts it"
+    if _looks_like_float32_rms(module):
+        replacement = as_bncore(module, _Float32RMSNormForward)
+        why = _probe_mismatch(module, replacement, None)
+        return (None, why) if why else (replacement, None)
+    if isinstance(module, _NORM_BASES) or "Norm" in cls.__name__:
+        return None, "bncore knows no equivalent; teach convert with bncore.torch.register"
+    return None, None
+
+
+def _walk(module: torch.nn.Module, name: str, report: ConvertReport) -> torch.nn.Module:
+    replacement, why = _convert_one(module)
+    label = name or "(the model itself)"
+    if replacement is not None:
+        report.replaced.append((label, _class_name(type(module)), f"bncore.{type(replacement).__name__}"))
+        output = replacement
+    else:
+        if why is not None:
+            report.skipped.append((label, _class_name(type(module)), why))
+        output = module
+    for child_name, child in module.named_children():
+        output.add_module(child_name, _walk(child, f"{name}.{child_name}" if name else child_name, report))
     return output
+
+
+def convert(module: torch.nn.Module, *, report: bool = False) -> Any:
+    """Replaces every normalization layer in `module`, recursively, with bncore's, and says what it did.
+
+    Converted: torch.nn's BatchNorm1d/2d/3d, InstanceNorm1d/2d/3d, LayerNorm, GroupNorm and RMSNorm,
+    and their subclasses whose forward is torch's own (each becomes a subclass of its own class with
+    bncore's forward); the RMS norms of transformers models (LlamaRMSNorm and the like: a class named
+    *RMSNorm with ``weight`` and ``variance_epsilon`` or ``eps``, computing in float32 and casting
+    back), once a probe input gives the same output; classes taught with `register`. Skipped, with
+    the reason: subclasses that override forward, lazy modules, torch's SyncBatchNorm, other
+    norms bncore does not know.
+
+    A replacement holds the same Parameter and buffer objects (devices, dtypes and optimizer state
+    carry over), attributes, training mode and hooks (forward, forward-pre, backward). Containers are
+    changed in place. Returns `module` (or its replacement when it is itself a norm); with
+    ``report=True``, ``(module, ConvertReport)``. Every replacement and skip is logged at INFO on the
+    ``bncore.torch`` logger.
+    """
+    found = ConvertReport()
+    output = _walk(module, "", found)
+    _log.info("%s", found)
+    return (output, found) if report else output
 
 
 from ._torch_sync import SyncBatchNorm  # noqa: E402

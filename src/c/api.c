@@ -703,7 +703,7 @@ bn_status_t bn_norm_backward_ex(bn_context_t *ctx, const bn_norm_desc_t *desc, c
   st = scatter(&B.ex, dbias, B.s.pb);
 done:
   bn_ws_free(&B.ex, masked);
-  free(B.s.block);
+  scratch_free(&B.s);
   return st;
 }
 
