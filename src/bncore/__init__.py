@@ -17,6 +17,7 @@ from .functional import (batch_norm, batch_norm_backward, batch_norm_forward, gr
                          layer_norm_backward, layer_norm_forward, normalize, normalize_backward, normalize_forward,
                          rms_norm, rms_norm_backward, rms_norm_forward)
 from .layers import BatchNorm, GroupNorm, InstanceNorm, LayerNorm, RMSNorm
+from .pool import empty_cache, pool_stats, set_pool
 from .state import Moments, RunningStats, precise_stats
 from .sync import SyncBatchNorm  # synchronized across processes: bncore.sync
 
@@ -26,11 +27,11 @@ __all__ = [
     "BatchNorm", "BncoreError", "GroupNorm", "InstanceNorm", "InternalError", "InvalidArgumentError", "LayerNorm",
     "MissingRunningStatsError", "Moments", "OutOfMemoryError", "OverlapError", "RMSNorm", "RunningStats",
     "ShapeMismatchError", "SyncBatchNorm", "UnsupportedDeviceError", "UnsupportedDtypeError", "__version__",
-    "batch_norm", "batch_norm_backward", "batch_norm_forward", "get_cmake_dir", "get_cython_include", "get_include",
+    "batch_norm", "batch_norm_backward", "batch_norm_forward", "empty_cache", "get_cmake_dir", "get_cython_include", "get_include",
     "get_library", "get_num_threads", "get_pkgconfig_dir", "group_norm", "group_norm_backward",
     "group_norm_forward", "instance_norm", "instance_norm_backward", "instance_norm_forward", "layer_norm",
     "layer_norm_backward", "layer_norm_forward", "normalize", "normalize_backward", "normalize_forward",
-    "precise_stats", "rms_norm", "rms_norm_backward", "rms_norm_forward", "set_num_threads",
+    "pool_stats", "precise_stats", "rms_norm", "rms_norm_backward", "rms_norm_forward", "set_num_threads", "set_pool",
 ]
 
 
