@@ -130,6 +130,10 @@ def run(suite: Suite, threads=None, quick=False, torch=None, echo=print) -> dict
         echo(f"{n} thread(s) for bncore" + (" and PyTorch" if torch is not None else "") + "; NumPy single-threaded"
              + (" (quick: fewer repeats)" if quick else ""))
         echo("versions: " + ", ".join(f"{k} {v}" for k, v in info["versions"].items()))
+        runtimes = info["openmp_runtimes"]
+        if len(runtimes) > 1:
+            echo(f"! {len(runtimes)} OpenMP runtimes loaded ({', '.join(runtimes)}): their thread pools compete "
+                 "for the cores (docs/performance.md, 'One OpenMP runtime')")
         load = info["loadavg_start"]
         if load is not None:
             echo(f"load average: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"

@@ -127,6 +127,27 @@ def loadavg():
         return None
 
 
+OPENMP_RUNTIMES = ("libgomp", "libiomp", "libomp")  # GNU, Intel, LLVM
+
+
+def openmp_runtimes() -> list:
+    """The OpenMP runtime libraries mapped into this process (Linux /proc/self/maps; [] elsewhere).
+    One is what bncore wants: libraries linked against the same soname (libgomp.so.1: bncore,
+    PyTorch's bundled copy) share the first one loaded, and with it one pool of threads. Two pools
+    on the same cores spin against each other after every parallel region (docs/performance.md)."""
+    found: list = []
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                fields = line.split()
+                path = fields[5] if len(fields) >= 6 else ""
+                if os.path.basename(path).startswith(OPENMP_RUNTIMES) and path not in found:
+                    found.append(path)
+    except OSError:
+        pass
+    return found
+
+
 def machine_info(threads: int, torch) -> dict:
     model = platform.processor() or ""
     try:
@@ -152,9 +173,11 @@ def machine_info(threads: int, torch) -> dict:
     except ImportError:
         pass
     return {"cpu": model, "cpu_count": os.cpu_count(), "usable_cpus": usable, "threads": threads,
-            "llc_bytes": llc_bytes(), "loadavg_start": loadavg(),
+            "llc_bytes": llc_bytes(), "loadavg_start": loadavg(), "openmp_runtimes": openmp_runtimes(),
             "platform": platform.platform(), "machine": platform.machine(), "versions": versions,
-            "env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "OMP_PROC_BIND", "OMP_PLACES") if k in os.environ}}
+            "env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "OMP_PROC_BIND", "OMP_PLACES", "OMP_WAIT_POLICY",
+                                               "GOMP_SPINCOUNT", "BNCORE_POOL", "BNCORE_POOL_MAX_BYTES")
+                    if k in os.environ}}
 
 
 # ----------------------------------------------------------------------------- files
