@@ -201,6 +201,8 @@ class Allocator:
         library allocates). `like_layout` keeps its strides as empty_like would: only the input
         itself (whose strides the imported tensor holds) of the same dtype; other layouts go to
         the library."""
+        if self.family == "numpy" and dtype not in ("float16", "float32", "float64"):
+            return None  # NumPy imports no bfloat16 through DLPack: ml_dtypes' arrays are numpy.empty's
         strides = None
         if like_layout is not None:
             if like_layout is not self.like or self.like_tensor.dtype != dtype:
