@@ -48,7 +48,7 @@ def _check_report(report, with_torch, threads):
         assert c["repeats"] >= bench.QUICK.least
         assert c["bytes"] == math.prod(c["shape"]) * (2 if c["dtype"] == "bfloat16" else 4) * \
             (3 if c["pass"] == "bwd" else 2)
-        present = {"bncore"} | ({"bncore_alloc"} if c["pass"] != "bwd" else set()) | \
+        present = {"bncore", "bncore_alloc"} | \
             ({"torch"} if with_torch else set()) | ({"numpy"} if c["dtype"] == "float32" else set())
         for name in bench.CONTENDERS:
             if name in present:
@@ -59,6 +59,7 @@ def _check_report(report, with_torch, threads):
                 assert 0 < c["ms_min"][name] <= c["ms"][name] <= max(c["samples_ms"][name]) + 1e-5
             else:
                 assert c["ms"][name] is None and c["gbps"][name] is None
+        assert c["alloc_over_out"] == pytest.approx(c["ms"]["bncore_alloc"] / c["ms"]["bncore"])
         if with_torch:
             assert _positive(c["speedup_vs_torch"]) and _positive(c["speedup_vs_torch_allocating"])
             assert c["torch_call"]
@@ -79,7 +80,7 @@ def _check_table(out, report):
     lines = out.splitlines()
     head = next(i for i, line in enumerate(lines) if line.startswith("op "))
     assert "ms per call" in lines[head - 1] and "speed-up" in lines[head - 1]
-    for col in ("bncore", "alloc", "torch", "numpy", "out=", "GB/s", "% copy"):
+    for col in ("bncore", "alloc", "torch", "numpy", "a/out", "out=", "GB/s", "% copy"):
         assert col in lines[head]
     assert set(lines[head + 1]) == {"-"}
     rows = lines[head + 2: head + 2 + len(report["cases"])]

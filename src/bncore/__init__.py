@@ -18,6 +18,7 @@ from .functional import (batch_norm, batch_norm_backward, batch_norm_forward, ba
                          layer_norm_forward, normalize, normalize_backward, normalize_forward, renorm_schedule,
                          rms_norm, rms_norm_backward, rms_norm_forward)
 from .layers import BatchNorm, GroupNorm, InstanceNorm, LayerNorm, RMSNorm
+from .pool import empty_cache, pool_stats, set_pool
 from .state import Moments, RunningStats, precise_stats
 from .sync import SyncBatchNorm  # synchronized across processes: bncore.sync
 
@@ -28,11 +29,12 @@ __all__ = [
     "MissingRunningStatsError", "Moments", "OutOfMemoryError", "OverlapError", "RMSNorm", "RunningStats",
     "ShapeMismatchError", "SyncBatchNorm", "UnsupportedDeviceError", "UnsupportedDtypeError", "__version__",
     "batch_norm", "batch_norm_backward", "batch_norm_forward", "batch_renorm", "batch_renorm_backward",
-    "batch_renorm_forward", "fold", "get_cmake_dir", "get_cython_include", "get_include",
+    "batch_renorm_forward", "empty_cache", "fold", "get_cmake_dir", "get_cython_include", "get_include",
     "get_library", "get_num_threads", "get_pkgconfig_dir", "group_norm", "group_norm_backward",
     "group_norm_forward", "instance_norm", "instance_norm_backward", "instance_norm_forward", "layer_norm",
     "layer_norm_backward", "layer_norm_forward", "normalize", "normalize_backward", "normalize_forward",
-    "precise_stats", "renorm_schedule", "rms_norm", "rms_norm_backward", "rms_norm_forward", "set_num_threads",
+    "pool_stats", "precise_stats", "renorm_schedule", "rms_norm", "rms_norm_backward", "rms_norm_forward",
+    "set_num_threads", "set_pool",
 ]
 
 

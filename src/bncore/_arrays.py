@@ -136,12 +136,16 @@ _EMPTY_LIKE: dict[type, Callable[[Any], Any] | None] = {}  # tensor type -> its 
 
 def empty_like_of(obj: Any) -> Callable[[Any], Any] | None:
     """The `empty_like` of the library that made `obj` (it keeps strides, so channels-last stays
-    channels-last), or None for a library without one."""
+    channels-last), or None for a library without one. For PyTorch it takes large CPU outputs from
+    bncore's buffer cache (`bncore.pool`) and calls torch.empty_like for the rest."""
     tp = type(obj)
     if tp not in _EMPTY_LIKE:
         fam = family_of(obj)
         module = sys.modules.get(fam) if fam in ("numpy", "torch", "cupy") else None
-        _EMPTY_LIKE[tp] = getattr(module, "empty_like", None)
+        empty_like = getattr(module, "empty_like", None)
+        if fam == "torch" and empty_like is not None:
+            empty_like = _core.PooledEmptyLike(empty_like, module.from_dlpack)  # type: ignore[union-attr]
+        _EMPTY_LIKE[tp] = empty_like
     return _EMPTY_LIKE[tp]
 
 
@@ -150,13 +154,20 @@ class Allocator:
 
     def __init__(self, like: Any, like_tensor: _core.Tensor) -> None:
         self.like = like
+        self.like_tensor = like_tensor
         self.family = family_of(like)
         self.device = like_tensor.device
         self._pending: list[_core.Buffer] = []  # bncore Buffers to hand over to a framework at the end
 
     def empty(self, shape: Sequence[int], dtype: str, like_layout: Any = None) -> Any:
-        """A writable tensor of `shape` and `dtype`; `like_layout` (an input) gives its strides."""
+        """A writable tensor of `shape` and `dtype`; `like_layout` (an input) gives its strides.
+        Large NumPy and PyTorch CPU outputs come from bncore's buffer cache (`bncore.pool`): the
+        same type, layout and behaviour as the library's own empty / empty_like."""
         fam = self.family
+        if fam in ("numpy", "torch") and self.device == (1, 0):
+            pooled = self._pooled(shape, dtype, like_layout)
+            if pooled is not None:
+                return pooled
         if fam == "numpy":
             if like_layout is not None and like_layout.dtype.name == dtype:
                 return np.empty_like(like_layout)
@@ -184,6 +195,21 @@ class Allocator:
         buf = _core.Buffer(shape, dtype)
         self._pending.append(buf)
         return buf
+
+    def _pooled(self, shape: Sequence[int], dtype: str, like_layout: Any) -> Any:
+        """The output from the buffer cache, or None where the cache does not take it (then the
+        library allocates). `like_layout` keeps its strides as empty_like would: only the input
+        itself (whose strides the imported tensor holds) of the same dtype; other layouts go to
+        the library."""
+        if self.family == "numpy" and dtype not in ("float16", "float32", "float64"):
+            return None  # NumPy imports no bfloat16 through DLPack: ml_dtypes' arrays are numpy.empty's
+        strides = None
+        if like_layout is not None:
+            if like_layout is not self.like or self.like_tensor.dtype != dtype:
+                return None
+            strides = self.like_tensor.strides
+        consumer = np.from_dlpack if self.family == "numpy" else sys.modules["torch"].from_dlpack
+        return _core.pool_array(tuple(shape), strides, dtype, consumer)
 
     def finish(self, obj: Any) -> Any:
         """The caller-facing form of a tensor made by `empty`."""

@@ -525,6 +525,164 @@ cdef class Buffer:
         return _export(self, self.data, self.shape, self.dl_dtype, max_version)
 
 
+# ---------------------------------------------------------------- the buffer cache (_pool.h)
+
+
+cdef extern from "_pool.h" nogil:
+    ctypedef struct bnpool_stats_t:
+        int enabled
+        size_t max_bytes
+        size_t max_buffers
+        size_t min_bytes
+        size_t held_bytes
+        size_t held_buffers
+        size_t live_bytes
+        size_t live_buffers
+        uint64_t hits
+        uint64_t misses
+    ctypedef struct bnpool_tensor_t:
+        DLManagedTensorVersioned versioned
+        DLManagedTensor unversioned
+    int BNPOOL_MAX_NDIM
+    int BNPOOL_MAX_SLOTS
+    int bnpool_wants(size_t nbytes)
+    void bnpool_empty()
+    void bnpool_configure(int enabled, int64_t max_bytes, int64_t max_buffers, int64_t min_bytes)
+    void bnpool_get_stats(bnpool_stats_t *out)
+    bnpool_tensor_t *bnpool_tensor_new(int32_t ndim, const int64_t *shape, const int64_t *strides, DLDataType dtype,
+                                       size_t nbytes)
+    void bnpool_tensor_free(bnpool_tensor_t *t)
+
+
+POOL_MAX_BUFFERS = BNPOOL_MAX_SLOTS
+
+
+def pool_configure(int enabled=-1, int64_t max_bytes=-1, int64_t max_buffers=-1, int64_t min_bytes=-1):
+    """Sets the buffer cache's limits (-1 keeps one); what no longer fits is unmapped now."""
+    with nogil:
+        bnpool_configure(enabled, max_bytes, max_buffers, min_bytes)
+
+
+def pool_empty():
+    """Unmaps every buffer the cache holds; buffers in use stay valid."""
+    with nogil:
+        bnpool_empty()
+
+
+def pool_stats():
+    cdef bnpool_stats_t s
+    with nogil:
+        bnpool_get_stats(&s)
+    return {"enabled": bool(s.enabled), "max_bytes": s.max_bytes, "max_buffers": s.max_buffers,
+            "min_bytes": s.min_bytes, "held_bytes": s.held_bytes, "held_buffers": s.held_buffers,
+            "live_bytes": s.live_bytes, "live_buffers": s.live_buffers, "hits": s.hits, "misses": s.misses}
+
+
+cdef class PoolBuffer:
+    """Memory from the buffer cache, exported once through DLPack: from then on the consumer's
+    array owns it, and that array's DLPack deleter (plain C, no GIL) gives it back to the cache.
+    Not exported, it goes back when this object is collected."""
+    cdef bnpool_tensor_t *t
+
+    def __dealloc__(self):
+        bnpool_tensor_free(self.t)
+
+    def __dlpack_device__(self):
+        return (<int>kDLCPU, 0)
+
+    def __dlpack__(self, *, stream=None, max_version=None, dl_device=None, copy=None):
+        if copy:
+            raise BufferError("PoolBuffer: copy=True is not supported")
+        if self.t is NULL:
+            raise BufferError("PoolBuffer: already exported; its memory belongs to the array made from it")
+        if max_version is not None and max_version[0] >= 1:
+            capsule = PyCapsule_New(&self.t.versioned, b"dltensor_versioned", _buffer_capsule_deleter)
+        else:
+            capsule = PyCapsule_New(&self.t.unversioned, b"dltensor", _buffer_capsule_deleter)
+        self.t = NULL  # the capsule (then its consumer) owns the memory
+        return capsule
+
+
+cdef object _pool_array(int32_t ndim, const int64_t *shape, const int64_t *strides, DLDataType dtype,
+                        object consumer):
+    """consumer(a PoolBuffer of this layout), or None when the cache does not take it: disabled, fewer
+    than min_bytes, strides that are not a dense non-overlapping layout, more than BNPOOL_MAX_NDIM
+    dimensions, or no memory (the caller then allocates as it would without the cache)."""
+    cdef int64_t numel = 1, expected = 1, best
+    cdef int32_t i, j, k
+    cdef bint used[16]
+    if ndim > BNPOOL_MAX_NDIM or dtype.lanes != 1 or dtype.bits % 8:
+        return None
+    for i in range(ndim):
+        if shape[i] <= 0:
+            return None  # nothing to cache
+        numel *= shape[i]
+        used[i] = shape[i] == 1  # a stride of a size-1 axis never moves: any value is dense
+    cdef size_t nbytes = <size_t>numel * (dtype.bits // 8)
+    if not bnpool_wants(nbytes):
+        return None
+    if strides is not NULL:
+        # dense and non-overlapping: ordered by stride, each is the product of the sizes below it
+        for k in range(ndim):
+            j = -1
+            for i in range(ndim):
+                if not used[i] and (j < 0 or strides[i] < strides[j]):
+                    j = i
+            if j < 0:
+                break
+            if strides[j] != expected:
+                return None
+            used[j] = True
+            expected *= shape[j]
+    cdef bnpool_tensor_t *t
+    with nogil:
+        t = bnpool_tensor_new(ndim, shape, strides, dtype, nbytes)
+    if t is NULL:
+        return None
+    cdef PoolBuffer buf = PoolBuffer.__new__(PoolBuffer)
+    buf.t = t
+    return consumer(buf)
+
+
+def pool_array(tuple shape, object strides, str dtype, object consumer):
+    """`consumer(buffer)` (numpy.from_dlpack, torch.from_dlpack) over memory from the buffer cache,
+    with `shape` and `strides` in elements (None: compact row-major), or None when the cache does
+    not take the request (see _pool_array)."""
+    cdef int64_t cshape[16]
+    cdef int64_t cstrides[16]
+    cdef int32_t i, ndim = len(shape)
+    if ndim > BNPOOL_MAX_NDIM or (strides is not None and len(strides) != ndim):
+        return None
+    for i in range(ndim):
+        cshape[i] = shape[i]
+        if strides is not None:
+            cstrides[i] = strides[i]
+    return _pool_array(ndim, cshape, NULL if strides is None else cstrides, _dl_dtype(dtype), consumer)
+
+
+cdef class PooledEmptyLike:
+    """`empty_like` for CPU tensors of a library with a DLPack C exchange table (PyTorch): the
+    same strides from the buffer cache where it takes the request, else `fallback(x)`."""
+    cdef object fallback
+    cdef object consumer
+
+    def __cinit__(self, fallback, consumer):
+        self.fallback = fallback
+        self.consumer = consumer
+
+    def __call__(self, x):
+        cdef DLPackExchangeAPI *api = _exchange_api(x)
+        cdef DLTensor t
+        if api is not NULL:
+            if api.dltensor_from_py_object_no_sync(<void *>x, &t) != 0:
+                PyErr_Clear()
+            elif t.device.device_type == kDLCPU:
+                y = _pool_array(t.ndim, t.shape, t.strides, t.dtype, self.consumer)
+                if y is not None:
+                    return y
+        return self.fallback(x)
+
+
 cdef class _StateArray:
     """One array of a RunningStatsHandle, exported through DLPack; keeps the state alive."""
     cdef object owner

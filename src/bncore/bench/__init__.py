@@ -34,10 +34,11 @@ __all__ = ["CONTENDERS", "FULL", "QUICK", "SUITES", "Case", "Repeats", "Suite", 
            "run_case", "tiny_suite"]
 
 NOTES = [
-    ("bncore forward writes into a preallocated out=; PyTorch's functional forward allocates its output "
-     "(it has no out=); both backward passes allocate their gradients. bncore_alloc is bncore's forward "
-     "without out=. A fresh allocation above glibc's mmap threshold (at most 32 MiB) is page-faulted in "
-     "on every call, which can dominate the time of a memory-bound kernel."),
+    ("bncore writes y (forward) or dx (backward) into a preallocated out=; PyTorch allocates its outputs "
+     "(its functional forward has no out=). bncore_alloc is the same bncore call without out=. A fresh "
+     "allocation above glibc's mmap threshold (at most 32 MiB) is page-faulted in on every call, which can "
+     "dominate the time of a memory-bound kernel; bncore serves such outputs from its cache of freed buffers "
+     "(bncore.pool), and alloc_over_out (alloc ms / out= ms) says what allocating still costs."),
     ("PyTorch backward: torch.ops.aten.native_{batch,layer,group}_norm_backward called directly with "
      "output_mask [True, True, True]: only the backward kernel, no autograd graph or engine."),
     ("numpy: bncore.reference's formulas evaluated in float32, single-threaded; its backward takes the "
@@ -68,10 +69,12 @@ def run_case(case: Case, torch, reps: Repeats, dram_gbps: float, llc_bytes=None)
         "samples_ms": {name: [round(t * 1e3, 6) for t in v] for name, v in samples.items()},
         "pct_of_dram_copy": {n: (100 * g / dram_gbps if g is not None else None) for n, g in gbps.items()},
         "speedup_vs_torch": (ms["torch"] / ms["bncore"]) if ms["torch"] is not None else None,
-        # both allocating their output: bncore without out= in forward
+        # both allocating their output: bncore without out=
         "speedup_vs_torch_allocating": (ms["torch"] / (ms["bncore_alloc"] or ms["bncore"]))
         if ms["torch"] is not None else None,
         "speedup_vs_numpy": (ms["numpy"] / ms["bncore"]) if ms["numpy"] is not None else None,
+        # what allocating the output costs over writing into out= (1: nothing)
+        "alloc_over_out": (ms["bncore_alloc"] / ms["bncore"]) if ms["bncore_alloc"] is not None else None,
         "torch_call": torch_call,
         "max_error_vs_reference": error,
         "tolerance": tol,
@@ -128,6 +131,10 @@ def run(suite: Suite, threads=None, quick=False, torch=None, echo=print) -> dict
         echo(f"{n} thread(s) for bncore" + (" and PyTorch" if torch is not None else "") + "; NumPy single-threaded"
              + (" (quick: fewer repeats)" if quick else ""))
         echo("versions: " + ", ".join(f"{k} {v}" for k, v in info["versions"].items()))
+        runtimes = info["openmp_runtimes"]
+        if len(runtimes) > 1:
+            echo(f"! {len(runtimes)} OpenMP runtimes loaded ({', '.join(runtimes)}): their thread pools compete "
+                 "for the cores (docs/performance.md, 'One OpenMP runtime')")
         load = info["loadavg_start"]
         if load is not None:
             echo(f"load average: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"

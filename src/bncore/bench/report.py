@@ -22,16 +22,17 @@ WIDTH = 100  # the most columns any line of the table takes
 # (header, width, alignment): 89 columns of cells and 11 gaps of one space
 COLUMNS = [("op", 20, "<"), ("shape", 13, "<"), ("dtype", 8, "<"), ("layout", 6, "<"),
            ("bncore", 6, ">"), ("alloc", 5, ">"), ("torch", 5, ">"), ("numpy", 5, ">"),
-           ("out=", 5, ">"), ("alloc", 5, ">"), ("GB/s", 5, ">"), ("% copy", 6, "<")]
+           ("a/out", 5, ">"), ("out=", 5, ">"), ("GB/s", 5, ">"), ("% copy", 6, "<")]
 GROUPS = [(4, 8, "ms per call"), (8, 10, "speed-up")]  # titles over columns [first, end)
 GAP = " "
 
 EXPLANATION = [
-    "Times: median ms per call. bncore: forward into a preallocated out=, backward allocating dx, dw,",
-    "db. alloc: bncore's forward without out= (allocating y, as PyTorch does). numpy: bncore.reference",
-    "at float32. speed-up: bncore's over PyTorch, torch ms / bncore ms (above 1: bncore is faster);",
-    "out=: torch / bncore, alloc: torch / alloc. GB/s: bncore's, under the minimal byte model (forward:",
-    "read x, write y; backward: read x and dy, write dx); % copy: of the DRAM copy bandwidth.",
+    "Times: median ms per call. bncore: y (forward) or dx (backward) into a preallocated out=. alloc:",
+    "the same bncore call allocating it (as PyTorch does). numpy: bncore.reference at float32. speed-up",
+    "a/out: alloc ms / bncore ms, of out= over allocating (1: allocating costs nothing); out=: bncore's",
+    "over PyTorch, torch ms / bncore ms (above 1: bncore is faster; torch / alloc = out= / a/out).",
+    "GB/s: bncore's, under the minimal byte model (forward: read x, write y; backward: read x and dy,",
+    "write dx); % copy: of the DRAM copy bandwidth.",
 ]
 
 
@@ -77,8 +78,8 @@ def format_row(r: dict) -> str:
     flags = ("*" if r["fits_llc"] else " ") + ("" if r["agrees"] else "!")
     return _row([r["name"], "x".join(str(s) for s in r["shape"]), r["dtype"], r["layout"],
                  _fmt_ms(ms["bncore"]), _fmt_ms(ms["bncore_alloc"]), _fmt_ms(ms["torch"]), _fmt_ms(ms["numpy"]),
+                 "-" if r["alloc_over_out"] is None else f"{r['alloc_over_out']:.2f}",
                  _fmt_speedup(r["speedup_vs_torch"]),
-                 _fmt_speedup(r["speedup_vs_torch_allocating"] if ms["bncore_alloc"] is not None else None),
                  _fmt_rate(r["gbps"]["bncore"]), f"{pct:.0f}%".rjust(4) + flags])
 
 
@@ -126,6 +127,27 @@ def loadavg():
         return None
 
 
+OPENMP_RUNTIMES = ("libgomp", "libiomp", "libomp")  # GNU, Intel, LLVM
+
+
+def openmp_runtimes() -> list:
+    """The OpenMP runtime libraries mapped into this process (Linux /proc/self/maps; [] elsewhere).
+    One is what bncore wants: libraries linked against the same soname (libgomp.so.1: bncore,
+    PyTorch's bundled copy) share the first one loaded, and with it one pool of threads. Two pools
+    on the same cores spin against each other after every parallel region (docs/performance.md)."""
+    found: list = []
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                fields = line.split()
+                path = fields[5] if len(fields) >= 6 else ""
+                if os.path.basename(path).startswith(OPENMP_RUNTIMES) and path not in found:
+                    found.append(path)
+    except OSError:
+        pass
+    return found
+
+
 def machine_info(threads: int, torch) -> dict:
     model = platform.processor() or ""
     try:
@@ -151,9 +173,11 @@ def machine_info(threads: int, torch) -> dict:
     except ImportError:
         pass
     return {"cpu": model, "cpu_count": os.cpu_count(), "usable_cpus": usable, "threads": threads,
-            "llc_bytes": llc_bytes(), "loadavg_start": loadavg(),
+            "llc_bytes": llc_bytes(), "loadavg_start": loadavg(), "openmp_runtimes": openmp_runtimes(),
             "platform": platform.platform(), "machine": platform.machine(), "versions": versions,
-            "env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "OMP_PROC_BIND", "OMP_PLACES") if k in os.environ}}
+            "env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "OMP_PROC_BIND", "OMP_PLACES", "OMP_WAIT_POLICY",
+                                               "GOMP_SPINCOUNT", "BNCORE_POOL", "BNCORE_POOL_MAX_BYTES")
+                    if k in os.environ}}
 
 
 # ----------------------------------------------------------------------------- files
@@ -196,7 +220,7 @@ def write_plot(path: str, results: list) -> str:
     for y, v in zip(ypos, values):
         ax.text(v, y, f" {v:.2f}x ", va="center", ha="left" if v >= 1 else "right", fontsize=7)
     ax.set_xlabel("speed-up of bncore over PyTorch (PyTorch time / bncore time, log scale; > 1: bncore faster)")
-    ax.set_title("bncore vs PyTorch, median times (bncore forward writes into out=; PyTorch allocates)", fontsize=10)
+    ax.set_title("bncore vs PyTorch, median times (bncore writes into out=; PyTorch allocates)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     return f"wrote {path}"
