@@ -152,3 +152,20 @@ def test_half_dtypes():
 def test_plain_batch_norm_is_unchanged_by_the_epilogue_code():
     x, w, b, _, _ = _setup((6, 2, 33, 17), 1, np.float64, seed=11)
     assert_close(bncore.batch_norm(x, None, None, w, b, training=True), batch_norm_ref(x, w, b)[0], np.float64)
+
+
+def test_ghost_batches_with_residual_and_relu():
+    """The epilogue composes with virtual batches (the residual is split with x by the plan)."""
+    from bncore.reference import ghost_batch_norm_ref
+
+    x, w, b, res, dy = _setup((8, 3, 4, 5), 1, np.float64, seed=12)
+    y, mean, invstd = bncore.batch_norm_forward(x, None, None, w, b, training=True, virtual_batch_size=2,
+                                                activation="relu", residual=res)
+    assert_close(y, np.maximum(ghost_batch_norm_ref(x, 2, w, b)[0] + res, 0), np.float64)
+    dx, _, _, dres = bncore.batch_norm_backward(dy, x, w, mean, invstd, virtual_batch_size=2, activation="relu",
+                                                output=y, residual=True)
+    g = np.where(y > 0, dy, 0.0)
+    np.testing.assert_array_equal(dres, g)
+    dx_ref = np.concatenate([bncore.batch_norm_backward(g[i:i + 2], x[i:i + 2], w, mean[i // 2], invstd[i // 2])[0]
+                             for i in range(0, 8, 2)])
+    assert_close(dx, dx_ref, np.float64, "grad")

@@ -130,3 +130,23 @@ def test_layer_ghost_batch_norm():
     layer.eval()
     assert_close(layer(x[:3]), batch_norm_ref(x[:3], running_mean=layer.running_mean,
                                               running_var=layer.running_var)[0], np.float64)
+
+
+@pytest.mark.parametrize("half", ["float16", "bfloat16"])
+def test_half_inputs_channels_last(half):
+    torch = pytest.importorskip("torch")
+    x, w, b, rm, rv = _setup((8, 3, 6, 6), 1, np.float32, seed=12)
+    tx = torch.from_numpy(x).to(getattr(torch, half)).contiguous(memory_format=torch.channels_last)
+    trm, trv = torch.from_numpy(rm.copy()), torch.from_numpy(rv.copy())
+    y, mean, invstd = bncore.batch_norm_forward(tx, trm, trv, torch.from_numpy(w), torch.from_numpy(b),
+                                                training=True, virtual_batch_size=4)
+    x64 = tx.double().numpy()
+    assert_close(y, ghost_batch_norm_ref(x64, 4, w, b)[0], half)
+    rm_ref, rv_ref = ghost_running_ref(x64, 4, rm, rv, 0.1)
+    assert_close(trm, rm_ref, "float32", scale=10)
+    assert_close(trv, rv_ref, "float32", scale=10)
+    dy = torch.from_numpy(np.random.default_rng(13).normal(size=x.shape)).to(tx.dtype)
+    dx, dw, db = bncore.batch_norm_backward(dy, tx, torch.from_numpy(w), mean, invstd, virtual_batch_size=4)
+    dx_ref, dw_ref, _ = ghost_batch_norm_backward_ref(dy.double().numpy(), x64, 4, w)
+    assert_close(dx, dx_ref, half, "grad", scale=2)
+    assert_close(dw, dw_ref, "float32", "grad", scale=100)

@@ -241,3 +241,25 @@ def test_renorm_schedule_warms_up_from_batch_norm():
         bncore.renorm_schedule(-1)
     with pytest.raises(ValueError, match="rmax"):
         bncore.renorm_schedule(3, rmax=0.9)
+
+
+@pytest.mark.parametrize("half", ["float16", "bfloat16"])
+def test_half_inputs(half):
+    torch = pytest.importorskip("torch")
+    x, w, b, rm, rv = _setup((6, 3, 8, 8), 1, np.float32, seed=15)
+    tx = torch.from_numpy(x).to(getattr(torch, half)).contiguous(memory_format=torch.channels_last)
+    trm, trv = torch.from_numpy(rm.copy()), torch.from_numpy(rv.copy())
+    y, mean, invstd, r, d = bncore.batch_renorm_forward(tx, trm, trv, torch.from_numpy(w), torch.from_numpy(b),
+                                                        training=True, rmax=1.8, dmax=0.7)
+    assert r.dtype == torch.float32
+    x64 = tx.double().numpy()
+    y_ref, _, _, r_ref, d_ref = batch_renorm_ref(x64, rm, rv, w, b, 1e-5, 1.8, 0.7)
+    assert_close(y, y_ref, half)
+    assert_close(r, r_ref, "float32", scale=10)
+    assert_close(d, d_ref, "float32", scale=10)
+    dy = torch.from_numpy(np.random.default_rng(16).normal(size=x.shape)).to(tx.dtype)
+    dx, dw, db = bncore.batch_renorm_backward(dy, tx, torch.from_numpy(w), mean, invstd, r, d)
+    dx_ref, dw_ref, db_ref = batch_renorm_backward_ref(dy.double().numpy(), x64, r.double().numpy(),
+                                                       d.double().numpy(), w)
+    assert_close(dx, dx_ref, half, "grad", scale=2)
+    assert_close(dw, dw_ref, "float32", "grad", scale=100)

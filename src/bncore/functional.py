@@ -112,12 +112,14 @@ def _forward_ex(call: Call, desc: _core.Desc, input: Array, x: Tensor, w: Tensor
     r_obj = alloc.empty(renorm_shape, sdt) if renorm_shape is not None else None
     d_obj = alloc.empty(renorm_shape, sdt) if renorm_shape is not None else None
     tr, td = call.add(r_obj, "save_r", True), call.add(d_obj, "save_d", True)
+    # the V2 operands only when there are any: a plain call keeps the 0.2 call's arguments
+    extras: dict[str, Any] = {k: v for k, v in (("residual", residual), ("save_r", tr), ("save_d", td))
+                              if v is not None}
     try:
         if stats is not None:
-            _core.norm_forward_stats(desc, x, w, b, stats._handle, y, sm, sr, residual=residual, save_r=tr,
-                                     save_d=td)
+            _core.norm_forward_stats(desc, x, w, b, stats._handle, y, sm, sr, **extras)
         else:
-            _core.norm_forward(desc, x, w, b, rm, rv, y, sm, sr, residual=residual, save_r=tr, save_d=td)
+            _core.norm_forward(desc, x, w, b, rm, rv, y, sm, sr, **extras)
     except BncoreError as err:
         raise _named_out(err, out, "y") from None
     return (alloc.finish(y_obj), alloc.finish(mean_obj), alloc.finish(rstd_obj), alloc.finish(r_obj),
@@ -156,8 +158,10 @@ def _backward_ex(call: Call, desc: _core.Desc, input: Array, x: Tensor, grad_out
     dw, db = call.add(dw_obj, "grad_weight", True), call.add(db_obj, "grad_bias", True)
     dres_obj = alloc.empty(x.shape, x.dtype, like_layout=input) if want_residual_grad else None
     dres = call.add(dres_obj, "grad_residual", True)
+    extras: dict[str, Any] = {k: v for k, v in (("y", y), ("save_r", r), ("save_d", d), ("dresidual", dres))
+                              if v is not None}
     try:
-        _core.norm_backward(desc, x, dy, w, sm, sr, dx, dw, db, y=y, save_r=r, save_d=d, dresidual=dres)
+        _core.norm_backward(desc, x, dy, w, sm, sr, dx, dw, db, **extras)
     except BncoreError as err:
         raise _named_out(err, out, "grad_input") from None
     return alloc.finish(dx_obj), alloc.finish(dw_obj), alloc.finish(db_obj), alloc.finish(dres_obj)

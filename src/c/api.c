@@ -217,24 +217,6 @@ static bn_status_t fold_running(const bn_exec_t *ex, const bn_plan_t *plan, scra
 
 /* The forward behind bn_norm_forward and bn_norm_forward_stats. `up` is NULL for a plain call
  * (the rule then comes from desc). */
-/* Batch renormalization's r and d per parameter index (one group each: p = param_of_group[g]), from
- * the batch statistics in c and the running statistics before the update, folded into the apply
- * step's per-parameter scale and shift: weight_eff = w * r, bias_eff = b + w * d. */
-static void renorm_factors(const bn_norm_desc_t *desc, const bn_plan_t *plan, scratch_t *s, bn_coef_t *c) {
-  const double lo = 1.0 / desc->rmax;
-  for (int64_t g = 0; g < plan->ngroups; g++) {
-    const int64_t p = s->param_of_group[g];
-    const double sigma = sqrt(s->run_var[p] + desc->eps), sigma_b = sqrt(c->var[g] + desc->eps);
-    double r = sigma_b / sigma, d = (c->mean[g] - s->run_mean[p]) / sigma;
-    r = r < lo ? lo : r > desc->rmax ? desc->rmax : r; /* NaN stays NaN */
-    d = d < -desc->dmax ? -desc->dmax : d > desc->dmax ? desc->dmax : d;
-    const double w = c->weight ? c->weight[p] : 1.0, b = c->bias ? c->bias[p] : 0.0;
-    s->r[p] = r, s->d[p] = d;
-    s->weff[p] = w * r, s->beff[p] = b + w * d;
-  }
-  c->weight = s->weff, c->bias = s->beff;
-}
-
 static bn_status_t forward(bn_context_t *ctx, const bn_norm_desc_t *desc_in, const DLTensor *x,
                            const DLTensor *weight, const DLTensor *bias, const DLTensor *residual,
                            const DLTensor *stats_mean, const DLTensor *stats_m2, int64_t stats_count,
@@ -322,6 +304,16 @@ static bn_status_t forward(bn_context_t *ctx, const bn_norm_desc_t *desc_in, con
                     .bias = bias ? s.bias : NULL, .param_of_group = plan.params_in_groups ? s.param_of_group : NULL,
                     .eps = desc.eps, .rms = (flags & BN_FLAG_RMS) != 0,
                     .relu = desc.activation == BN_ACTIVATION_RELU};
+  for (int64_t p = 0; p < np; p++) s.r[p] = 1.0; /* s.d is zeroed: no renormalization */
+  /* renorm: finishing each group's statistics sets r, d and the apply step's effective weight and
+   * bias (bn_renorm_group), so the fused path still reads x once */
+  const bn_renorm_t rn = {.rmax = desc.rmax, .dmax = desc.dmax, .run_mean = s.run_mean, .run_var = s.run_var,
+                          .weight = coef.weight, .bias = coef.bias, .r = s.r, .d = s.d, .weight_eff = s.weff,
+                          .bias_eff = s.beff};
+  if (renorm) {
+    if ((st = gather(&ex, running_mean, s.run_mean)) || (st = gather(&ex, running_var, s.run_var))) goto done;
+    coef.renorm = &rn, coef.weight = s.weff, coef.bias = s.beff;
+  }
   if (use_running) {
     if ((st = gather(&ex, running_mean, s.run_mean)) || (st = gather(&ex, running_var, s.run_var))) goto done;
     for (int64_t g = 0; g < ng; g++) {
@@ -332,16 +324,8 @@ static bn_status_t forward(bn_context_t *ctx, const bn_norm_desc_t *desc_in, con
   } else if (given) {
     if ((st = gather(&ex, stats_mean, s.mean)) || (st = gather(&ex, stats_m2, s.var))) goto done;
     for (int64_t g = 0; g < ng; g++) bn_finish_stats(&coef, g, (double)n);
-  } else if (renorm) { /* r and d need the statistics before the apply: the stats step, then apply alone */
-    if ((st = ex.backend->stats(&ex, &plan, &coef))) goto done;
-    for (int64_t g = 0; g < ng; g++) bn_finish_stats(&coef, g, (double)n);
   }
-  for (int64_t p = 0; p < np; p++) s.r[p] = 1.0; /* s.d is zeroed: no renormalization */
-  if (renorm) {
-    if ((st = gather(&ex, running_mean, s.run_mean)) || (st = gather(&ex, running_var, s.run_var))) goto done;
-    renorm_factors(&desc, &plan, &s, &coef);
-  }
-  if ((st = ex.backend->forward(&ex, &plan, &coef, !use_running && !given && !renorm))) goto done;
+  if ((st = ex.backend->forward(&ex, &plan, &coef, !use_running && !given))) goto done;
   if ((st = scatter(&ex, save_mean, s.mean)) || (st = scatter(&ex, save_rstd, s.rstd))) goto done;
   if ((st = scatter(&ex, save_r, s.r)) || (st = scatter(&ex, save_d, s.d))) goto done;
 

@@ -37,7 +37,8 @@ struct bn_backend_t {
    * equals the one-call forward bit for bit. */
   bn_status_t (*stats)(const bn_exec_t *ex, const bn_plan_t *P, bn_coef_t *c);
   /* Forward: with compute_stats, statistics then bn_finish_stats then apply (fused per
-   * group where the plan says so); without, apply only, from c->mean / c->rstd. */
+   * group where the plan says so); without, apply only, from c->mean / c->rstd. With c->renorm,
+   * bn_finish_stats also sets the group's effective parameters, which its apply must read. */
   bn_status_t (*forward)(const bn_exec_t *ex, const bn_plan_t *P, bn_coef_t *c, int compute_stats);
   /* Backward reduce: dweight / dbias (nparams each, may be NULL) receive sum(dy*xhat) and
    * sum(dy); with `training`, c->sum_dy / c->sum_dyx the per-group sums of dy*w, dy*w*xhat. */

@@ -157,6 +157,17 @@ void bn_plan_group_params(const bn_plan_t *plan, int64_t *param_of_group);
  * The numbers of one call that every backend reads and writes, per statistic group
  * (ngroups) and per parameter index (nparams), as host doubles. api.c owns the arrays.
  */
+/* Batch renormalization's numbers of a call (BN_FLAG_RENORM; one statistic group per parameter
+ * index): finishing group g's statistics also sets r, d and the effective parameters of its index
+ * p, which the apply step reads as bn_coef_t.weight / .bias (they point at weight_eff, bias_eff). */
+typedef struct bn_renorm_t {
+  double rmax, dmax;
+  const double *run_mean, *run_var; /* [nparams] the running statistics before this call's update */
+  const double *weight, *bias;      /* [nparams] the caller's parameters, or NULL (1, 0) */
+  double *r, *d;                    /* [nparams] out */
+  double *weight_eff, *bias_eff;    /* [nparams] out: weight * r, bias + weight * d */
+} bn_renorm_t;
+
 typedef struct bn_coef_t {
   double *mean;               /* [ngroups] the mean used (0 for RMS); in: given stats, else out */
   double *rstd;               /* [ngroups] 1 / sqrt(var + eps); in or out as mean */
@@ -170,7 +181,22 @@ typedef struct bn_coef_t {
   double inv_n;               /* 1 / count behind the backward sums (0 for empty groups) */
   int rms;                    /* no mean: BN_FLAG_RMS */
   int relu;                   /* forward epilogue: y = max(y, 0) after the residual (the plan's DY operand) */
+  const bn_renorm_t *renorm;  /* BN_FLAG_RENORM, else NULL */
 } bn_coef_t;
+
+/* r = clip(sigma_B / sigma, 1/rmax, rmax), d = clip((mu_B - mu) / sigma, -dmax, dmax) for group g
+ * (its statistics finished), folded into the effective parameters of its index. NaN stays NaN. */
+static inline void bn_renorm_group(const bn_coef_t *c, int64_t g) {
+  const bn_renorm_t *rn = c->renorm;
+  const int64_t p = c->param_of_group[g];
+  const double sigma = sqrt(rn->run_var[p] + c->eps), sigma_b = sqrt(c->var[g] + c->eps), lo = 1.0 / rn->rmax;
+  double r = sigma_b / sigma, d = (c->mean[g] - rn->run_mean[p]) / sigma;
+  r = r < lo ? lo : r > rn->rmax ? rn->rmax : r;
+  d = d < -rn->dmax ? -rn->dmax : d > rn->dmax ? rn->dmax : d;
+  const double w = rn->weight ? rn->weight[p] : 1.0, b = rn->bias ? rn->bias[p] : 0.0;
+  rn->r[p] = r, rn->d[p] = d;
+  rn->weight_eff[p] = w * r, rn->bias_eff[p] = b + w * d;
+}
 
 /* A group's statistics from its moments (n elements): var and rstd; RMS moves the mean into var. */
 static inline void bn_finish_stats(bn_coef_t *c, int64_t g, double n) {
@@ -178,6 +204,7 @@ static inline void bn_finish_stats(bn_coef_t *c, int64_t g, double n) {
   if (c->rms) var += c->mean[g] * c->mean[g], c->mean[g] = 0.0;
   c->var[g] = var;
   c->rstd[g] = 1.0 / sqrt(var + c->eps);
+  if (c->renorm) bn_renorm_group(c, g);
 }
 
 /* Chan et al.: merge (nb, mb, m2b) into the running (cnt, mean, m2). */

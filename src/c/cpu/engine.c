@@ -521,6 +521,8 @@ static bn_status_t cpu_forward(const bn_exec_t *ex, const bn_plan_t *P, bn_coef_
   bn_cpu_coef_t k;
   void *block = NULL;
   if (compute_stats && P->forward_path == BN_PATH_FUSED) {
+    /* with renorm the effective weight and bias are written group by group in the loop: the fused
+     * path's rows (one group, one parameter index) read them as doubles, not the copies made here */
     if ((st = prepare_ct(ex, P, c, 0, &k, &block))) return st;
     fused_forward(ex, P, &k);
   } else {

@@ -445,7 +445,9 @@ BN_API bn_status_t bn_moments_merge(bn_context_t *ctx, const DLTensor *count_a, 
  *   dx = rstd_g * (dy*w - mean_g(dy*w) - xhat * mean_g(dy*w*xhat))  (training)
  *   dx = rstd_g * dy * w                                            (BN_FLAG_USE_RUNNING_STATS)
  * It is bn_norm_backward_reduce then bn_norm_backward_apply with count n_g, fused into
- * one pass over memory where a group fits in cache.
+ * one pass over memory where a group fits in cache. A description with BN_FLAG_RENORM or an
+ * activation is refused here and by the two steps (INVALID_ARGUMENT): bn_norm_backward_ex
+ * takes what their backward needs.
  *
  *  ctx           in, borrowed, may be NULL.
  *  x, dy         in, borrowed: same shape and dtype, any strides.
