@@ -253,8 +253,12 @@ def test_export_runs_like_eager(training):
     torch.testing.assert_close(exported(x), reference(x))
     for name, value in reference.state_dict().items():  # the running statistics moved as eager's
         torch.testing.assert_close(exported.state_dict()[name], value, msg=name)
-    decomposed = program.run_decompositions()  # the functional (core ATen) form runs too
-    torch.testing.assert_close(decomposed.module()(x).shape, x.new_empty(2, 8, 6, 6).shape)
+    decomposed = program.run_decompositions()  # functionalized: the buffers' writes are outputs, as torch's own
+    mutated = set(decomposed.graph_signature.buffers_to_mutate.values())
+    running = {"bn.running_mean", "bn.running_var", "bn.num_batches_tracked", "inorm.running_mean",
+               "inorm.running_var"}
+    assert mutated == (running if training else set())
+    assert decomposed.module()(x).shape == (2, 8, 6, 6)
 
 
 def test_vmap_per_sample_gradients_match_a_loop():
@@ -333,3 +337,21 @@ def test_fake_tensor_shapes_and_strides_match_the_real_kernel():
         fake = ops._batch_norm_op(mode.from_tensor(x), None, None, None, None, True, 0.1, 1e-5, 1)
     for r, f in zip(real, fake):
         assert (r.shape, r.stride(), r.dtype) == (f.shape, f.stride(), f.dtype)
+
+
+@pytest.mark.parametrize("call, error, name", [
+    (lambda x, rm, rv: bncore.batch_norm(x, rm, rv, torch.ones(4, dtype=D), None, True), bncore.ShapeMismatchError,
+     "weight"),
+    (lambda x, rm, rv: bncore.batch_norm(x, rm, torch.ones(5, dtype=D), None, None, True), bncore.ShapeMismatchError,
+     "running_var"),
+    (lambda x, rm, rv: bncore.batch_norm(x.to(torch.float16), rm, rv, None, None, True, 0.1, 1e-5, axis=7),
+     bncore.InvalidArgumentError, "axis"),
+    (lambda x, rm, rv: bncore.group_norm(x, 2), bncore.ShapeMismatchError, "num_groups"),
+    (lambda x, rm, rv: bncore.layer_norm(x, (5,)), bncore.ShapeMismatchError, "normalized_shape"),
+])
+def test_bad_calls_through_the_op_raise_bncore_errors_and_change_nothing(call, error, name):
+    x = rand(6, 3, 4, seed=1, grad=True)
+    rm, rv = torch.zeros(3, dtype=D), torch.ones(3, dtype=D)
+    with pytest.raises(error, match=name):
+        call(x, rm, rv)
+    assert torch.equal(rm, torch.zeros(3, dtype=D)) and torch.equal(rv, torch.ones(3, dtype=D))

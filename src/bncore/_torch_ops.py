@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from . import functional as _F
+from ._arrays import check_torch_write
 from ._checks import as_tuple, check_axes, check_eps, check_int, check_momentum_type, check_positive_int
 from .errors import UnsupportedDeviceError, UnsupportedDtypeError
 
@@ -471,6 +472,14 @@ def _all_torch(*tensors: Any) -> bool:
 # it (the op's schema would refuse a wrong type with a message about the schema).
 
 
+def _check_writable(running_mean: Tensor | None, running_var: Tensor | None, writes: bool) -> None:
+    """Autograd's in-place rules for the buffers the call will write, applied first, with bncore's
+    message naming the buffer (the write-back's copy_ would raise torch's, naming none)."""
+    if writes:
+        check_torch_write(running_mean, "running_mean")
+        check_torch_write(running_var, "running_var")
+
+
 def _write_back(running_mean: Tensor | None, running_var: Tensor | None, new_mean: Tensor, new_var: Tensor,
                 writes: bool) -> None:
     """The op's updated running statistics into the caller's buffers: an in-place copy, which autograd
@@ -487,6 +496,7 @@ def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor |
         check_momentum_type(momentum)
         axis = check_int(axis, "axis")
         training = bool(training)
+        _check_writable(running_mean, running_var, training)
         y, _, _, rm, rv = _call(_batch_norm_op, input, weight, bias, running_mean, running_var, training,
                                 float(momentum), eps, axis)
         _write_back(running_mean, running_var, rm, rv, training)
@@ -500,6 +510,7 @@ def instance_norm(input: Tensor, running_mean: Tensor | None, running_var: Tenso
         eps = check_eps(eps)
         check_momentum_type(momentum)
         use_input_stats = bool(use_input_stats)
+        _check_writable(running_mean, running_var, use_input_stats)
         y, _, _, rm, rv = _call(_instance_norm_op, input, weight, bias, running_mean, running_var, use_input_stats,
                                             float(momentum), eps)
         _write_back(running_mean, running_var, rm, rv, use_input_stats)
