@@ -222,3 +222,12 @@ def test_environment_sets_the_pool(env, expected):
     out = subprocess.run([sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True,
                          check=True).stdout.split()
     assert (out[0] == "True", int(out[1])) == expected
+
+
+def test_unreadable_environment_warns_and_keeps_the_default():
+    code = ("import warnings; warnings.simplefilter('always'); import bncore; "
+            "print(bncore.pool_stats()['max_bytes'])")
+    run = subprocess.run([sys.executable, "-c", code], env={**os.environ, "BNCORE_POOL_MAX_BYTES": "lots"},
+                         capture_output=True, text=True, check=True)
+    assert int(run.stdout.split()[-1]) == 256 * 2 ** 20
+    assert "BNCORE_POOL_MAX_BYTES" in run.stderr and "'lots'" in run.stderr

@@ -17,6 +17,7 @@ back to the system. Thread-safe; after ``fork()`` the child has its own copy of 
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any
 
 from . import _core
@@ -73,10 +74,17 @@ def _bytes_from_env(name: str, text: str) -> int:
 
 
 def _configure_from_env() -> None:
+    """BNCORE_POOL and BNCORE_POOL_MAX_BYTES; a value that cannot be read is reported with a warning
+    and the default kept (a typo in the environment should not make `import bncore` fail)."""
     enabled = os.environ.get("BNCORE_POOL", "").strip()
     max_bytes = os.environ.get("BNCORE_POOL_MAX_BYTES", "").strip()
-    set_pool(enabled=None if not enabled else enabled.lower() not in ("0", "off", "false", "no"),
-             max_bytes=_bytes_from_env("BNCORE_POOL_MAX_BYTES", max_bytes) if max_bytes else None)
+    limit = None
+    if max_bytes:
+        try:
+            limit = _bytes_from_env("BNCORE_POOL_MAX_BYTES", max_bytes)
+        except ValueError as exc:
+            warnings.warn(f"{exc}; keeping {DEFAULT_MAX_BYTES} bytes", RuntimeWarning, stacklevel=2)
+    set_pool(enabled=None if not enabled else enabled.lower() not in ("0", "off", "false", "no"), max_bytes=limit)
 
 
 _configure_from_env()
