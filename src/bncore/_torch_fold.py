@@ -67,7 +67,7 @@ def fold(model: torch.nn.Module, *, inplace: bool = False) -> torch.nn.Module:
     return target
 
 
-def _pairs_by_fx(model: torch.nn.Module) -> tuple[list[tuple[str, str, Any]] | None, Any]:
+def _pairs_by_fx(model: torch.nn.Module) -> tuple[list[tuple[Any, Any, Any]] | None, Any]:
     """(producer, batch norm) pairs of the traced graph, and the GraphModule; (None, None) when fx cannot
     trace the model."""
     try:
@@ -75,7 +75,7 @@ def _pairs_by_fx(model: torch.nn.Module) -> tuple[list[tuple[str, str, Any]] | N
     except Exception:  # any tracing failure: the Sequential walk takes over
         return None, None
     modules = dict(traced.named_modules())
-    pairs = []
+    pairs: list[tuple[Any, Any, Any]] = []
     for node in traced.graph.nodes:
         if node.op != "call_module" or not isinstance(modules.get(node.target), _NORMS):
             continue
@@ -86,7 +86,7 @@ def _pairs_by_fx(model: torch.nn.Module) -> tuple[list[tuple[str, str, Any]] | N
                 and isinstance(modules.get(src.target), _PRODUCERS) and len(src.users) == 1):
             pairs.append((src.target, node.target, None))
     # a module called at several places of the graph is folded only if every call is such a pair
-    calls: dict[str, int] = {}
+    calls: dict[Any, int] = {}
     for node in traced.graph.nodes:
         if node.op == "call_module":
             calls[node.target] = calls.get(node.target, 0) + 1
@@ -115,7 +115,7 @@ def _why(traced: Any) -> str:
             "(in the traced graph)")
 
 
-def _fold_pair(producer: torch.nn.Module, bn: torch.nn.Module) -> None:
+def _fold_pair(producer: Any, bn: Any) -> None:
     weight = producer.weight
     transposed = isinstance(producer, torch.nn.modules.conv._ConvTransposeNd)
     groups = getattr(producer, "groups", 1)

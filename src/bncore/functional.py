@@ -388,6 +388,15 @@ def _batch_norm_small(input: Array, running_mean: Array | None, running_var: Arr
     return _core.exchange_forward(desc, empty_like, input, weight, bias, running_mean, running_var)
 
 
+def _refuse_torch_gradient(what: str, *tensors: Any) -> None:
+    """PyTorch autograd runs through bncore's registered operators, which do not cover `what` yet: a
+    call that would need a gradient is refused rather than silently returning a result without one."""
+    if any(is_torch(t) and t.requires_grad for t in tensors if t is not None) and \
+            sys.modules["torch"].is_grad_enabled():
+        raise NotImplementedError(f"{what}: no PyTorch autograd yet for tensors that require grad; call it under "
+                                  f"torch.no_grad() and use the *_backward function, or NumPy arrays")
+
+
 def batch_norm(input: Array, running_mean: Array | None = None, running_var: Array | None = None,
                weight: Array | None = None, bias: Array | None = None, training: bool = False, momentum: float = 0.1,
                eps: float = 1e-5, *, axis: int = 1, out: Array | None = None, virtual_batch_size: int | None = None,
@@ -398,6 +407,8 @@ def batch_norm(input: Array, running_mean: Array | None = None, running_var: Arr
     ``out`` receives the output when given (any strides; it may be ``input`` itself).
     ``virtual_batch_size``, ``activation`` and ``residual``: see ``batch_norm_forward``.
     """
+    if virtual_batch_size is not None or activation is not None or residual is not None:
+        _refuse_torch_gradient("virtual_batch_size, activation and residual", input, weight, bias, residual)
     if out is None and virtual_batch_size is None and activation is None and residual is None:
         if is_torch(input):
             return _torch_ops().batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
@@ -497,6 +508,7 @@ def batch_renorm(input: Array, running_mean: Array | None, running_var: Array | 
                  bias: Array | None = None, training: bool = False, momentum: float = 0.1, eps: float = 1e-5, *,
                  rmax: float = 3.0, dmax: float = 5.0, axis: int = 1, out: Array | None = None) -> Array:
     """Batch renormalization; returns the output (see ``batch_renorm_forward``)."""
+    _refuse_torch_gradient("batch_renorm", input, weight, bias)
     return batch_renorm_forward(input, running_mean, running_var, weight, bias, training, momentum, eps, rmax=rmax,
                                 dmax=dmax, axis=axis, out=out, _want_stats=False)[0]
 
