@@ -231,7 +231,15 @@ class Allocator:
 def numpy_dtype(dtype: str) -> np.dtype:
     """The NumPy dtype of a bncore dtype name; bfloat16 is ml_dtypes' (loaded: the input was one)."""
     if dtype == "bfloat16":
-        return np.dtype(sys.modules["ml_dtypes"].bfloat16)
+        ml_dtypes: Any = sys.modules.get("ml_dtypes")
+        if ml_dtypes is None:  # a bfloat16 operand from another library (a torch weight with NumPy x, say)
+            try:
+                import ml_dtypes
+            except ImportError:
+                raise _core.UnsupportedDtypeError(
+                    "a NumPy output of bfloat16 (for a bfloat16 operand) needs ml_dtypes, which is not installed: "
+                    "pip install ml_dtypes, or pass operands of one library and dtype") from None
+        return np.dtype(ml_dtypes.bfloat16)
     return np.dtype(dtype)
 
 
