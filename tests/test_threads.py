@@ -84,18 +84,22 @@ def _group(shape, groups, dtype="float32", seed=2):
     return run, arrays
 
 
+def _running_stats(x, w, c):
+    """Fresh running statistics of `c` channels in x's library and w's dtype."""
+    if hasattr(x, "detach"):
+        import torch
+
+        return torch.linspace(-1, 1, c, dtype=w.dtype), torch.linspace(0.5, 2, c, dtype=w.dtype)
+    return np.linspace(-1, 1, c).astype(w.dtype), np.linspace(0.5, 2, c).astype(w.dtype)
+
+
 def _instance(shape, use_input_stats, dtype="float32", seed=3):
     arrays = _arrays(shape, dtype, (shape[1],), seed)
     c = shape[1]
 
     def run(a):
         x, dy, w, b = a
-        if hasattr(x, "detach"):
-            import torch
-
-            rm, rv = torch.linspace(-1, 1, c, dtype=w.dtype), torch.linspace(0.5, 2, c, dtype=w.dtype)
-        else:
-            rm, rv = np.linspace(-1, 1, c).astype(w.dtype), np.linspace(0.5, 2, c).astype(w.dtype)
+        rm, rv = _running_stats(x, w, c)
         y, m, r = bncore.instance_norm_forward(x, rm, rv, w, b, use_input_stats, 0.1)
         dx, dw, db = bncore.instance_norm_backward(dy, x, w, m, r, use_input_stats=use_input_stats)
         return dict(y=y, mean=m, rstd=r, running_mean=rm, running_var=rv, dx=dx, dw=dw, db=db)
@@ -137,12 +141,7 @@ def _batch(layout, dtype, mode, seed=9, half=None):
 
     def run(a):
         x, dy, w, b = a
-        if hasattr(x, "detach"):
-            import torch
-
-            rm, rv = torch.linspace(-1, 1, c, dtype=w.dtype), torch.linspace(0.5, 2, c, dtype=w.dtype)
-        else:
-            rm, rv = np.linspace(-1, 1, c).astype(w.dtype), np.linspace(0.5, 2, c).astype(w.dtype)
+        rm, rv = _running_stats(x, w, c)
         y, m, r = bncore.batch_norm_forward(x, rm, rv, w, b, training=training, momentum=0.1, axis=axis)
         dx, dw, db = bncore.batch_norm_backward(dy, x, w, m, r, training=training, axis=axis)
         return dict(y=y, mean=m, rstd=r, running_mean=rm, running_var=rv, dx=dx, dw=dw, db=db)
@@ -161,12 +160,7 @@ def _batch_extension(layout, kind, seed=10):
 
     def run(a):
         x, dy, w, b = a
-        if hasattr(x, "detach"):
-            import torch
-
-            rm, rv = torch.linspace(-1, 1, c, dtype=w.dtype), torch.linspace(0.5, 2, c, dtype=w.dtype)
-        else:
-            rm, rv = np.linspace(-1, 1, c).astype(w.dtype), np.linspace(0.5, 2, c).astype(w.dtype)
+        rm, rv = _running_stats(x, w, c)
         if kind == "renorm":
             y, m, r, rr, dd = bncore.batch_renorm_forward(x, rm, rv, w, b, training=True, rmax=1.5, dmax=0.5,
                                                           axis=axis)
