@@ -1,12 +1,13 @@
 """Steady-state training step time of converted models, eager against torch.compile.
 
-    python tools/bench_compile.py [--steps 20] [--threads 1] [--backend inductor]
+    python tools/bench_compile.py [--steps 20] [--threads 1] [--backend inductor] [--models cnn,hf-resnet,bert]
 
-Two models: a small ResNet-style CNN (batch norm) and a small transformers BertModel built from a
-config (layer norm; skipped without transformers). Each runs forward + backward + SGD step on fixed
-inputs; the first steps (compilation, warm-up) are not timed and the median of the timed steps is
-reported, for torch.nn's own layers and for bncore's, eager and compiled (fullgraph=True). The four
-variants take turns step by step, so that a shared machine's changing load slows them alike.
+Three models: a small ResNet-style CNN (batch norm), and transformers' ResNetModel (batch norm) and
+BertModel (layer norm) built from small configs (skipped without transformers; nothing is
+downloaded). Each runs forward + backward + SGD step on fixed inputs; the first steps (compilation,
+warm-up) are not timed and the median of the timed steps is reported, for torch.nn's own layers and
+for bncore's, eager and compiled (fullgraph=True). The four variants take turns step by step, so
+that a shared machine's changing load slows them alike.
 """
 from __future__ import annotations
 
@@ -42,11 +43,24 @@ def small_resnet(channels: int = 32) -> torch.nn.Module:
         torch.nn.Linear(channels, 10))
 
 
-def resnet_case() -> tuple[torch.nn.Module, tuple, object]:
+def cnn_case() -> tuple[torch.nn.Module, tuple, object]:
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(16, 3, 32, 32, generator=gen)
     target = torch.randint(0, 10, (16,), generator=gen)
     return small_resnet(), (x,), lambda out: torch.nn.functional.cross_entropy(out, target)
+
+
+def hf_resnet_case() -> tuple[torch.nn.Module, tuple, object] | None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        from transformers import ResNetConfig, ResNetModel
+    except ImportError:
+        return None
+    config = ResNetConfig(num_channels=3, embedding_size=32, hidden_sizes=[32, 64], depths=[1, 1], layer_type="basic")
+    torch.manual_seed(0)
+    model = ResNetModel(config)
+    x = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    return model, (x,), lambda out: out.pooler_output.pow(2).mean()
 
 
 def bert_case() -> tuple[torch.nn.Module, tuple, object] | None:
@@ -62,6 +76,9 @@ def bert_case() -> tuple[torch.nn.Module, tuple, object] | None:
     model = BertModel(config)
     ids = torch.randint(0, 1000, (8, 64), generator=torch.Generator().manual_seed(1))
     return model, (ids,), lambda out: out.last_hidden_state.pow(2).mean()
+
+
+CASES = {"cnn": cnn_case, "hf-resnet": hf_resnet_case, "bert": bert_case}
 
 
 def make_step(model: torch.nn.Module, inputs: tuple, loss_of):
@@ -94,10 +111,11 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--backend", default="inductor")
+    parser.add_argument("--models", default=",".join(CASES), help=f"comma-separated, of {', '.join(CASES)}")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     bncore.set_num_threads(args.threads)
-    cases = {"resnet": resnet_case(), "bert": bert_case()}
+    cases = {name: CASES[name]() for name in args.models.split(",")}
     print(f"torch {torch.__version__}, {args.threads} thread(s), backend {args.backend}, "
           f"median of {args.steps} steps after {args.warmup} warm-up")
     for name, case in cases.items():
@@ -117,8 +135,9 @@ def main() -> None:
         rows = interleaved_medians(steps, args.steps, args.warmup)
         for label in ("torch", "bncore"):
             eager, comp = rows[(label, False)], rows[(label, True)]
-            print(f"{name:6s} {label:6s} eager {eager * 1e3:8.2f} ms   compiled {comp * 1e3:8.2f} ms   "
+            print(f"{name:9s} {label:6s} eager {eager * 1e3:8.2f} ms   compiled {comp * 1e3:8.2f} ms   "
                   f"compiled/eager {comp / eager:5.3f}")
+
 
 if __name__ == "__main__":
     main()
