@@ -339,6 +339,34 @@ def test_fake_tensor_shapes_and_strides_match_the_real_kernel():
         assert (r.shape, r.stride(), r.dtype) == (f.shape, f.stride(), f.dtype)
 
 
+@pytest.mark.parametrize("shape, layout, dtype", [
+    ((8, 16, 4, 4), torch.contiguous_format, torch.float32), ((8, 16, 4, 4), torch.channels_last, torch.float32),
+    ((5, 3), torch.contiguous_format, torch.float64), ((4, 6, 7), torch.contiguous_format, torch.bfloat16)])
+@pytest.mark.parametrize("training", [True, False])
+def test_batch_norm_kernels_one_call_path_gives_the_checked_paths_bits(shape, layout, dtype, training):
+    """The ops' kernels try one C call (the checks validated once per key) before the checked path:
+    it is taken for these common calls and gives the checked path's outputs bit for bit, strides and
+    dtypes included, and the same running statistics; the backward too, with an expanded grad_output
+    (what .sum().backward() passes) and a dense one."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=gen).to(dtype).contiguous(memory_format=layout)
+    c = shape[1]
+    w, b = torch.rand(c, generator=gen) + 0.5, torch.randn(c, generator=gen)
+    rm, rv = torch.randn(c, generator=gen), torch.rand(c, generator=gen) + 0.5
+    rm_fast, rv_fast, rm_checked, rv_checked = rm.clone(), rv.clone(), rm.clone(), rv.clone()
+    fast = ops._batch_forward_one_call(x, w, b, rm_fast, rv_fast, training, 0.1, 1e-5, 1)
+    checked = bncore.batch_norm_forward(x, rm_checked, rv_checked, w, b, training, 0.1, 1e-5)
+    assert fast is not None
+    for got, want in zip((*fast, rm_fast, rv_fast), (*checked, rm_checked, rv_checked)):
+        assert torch.equal(got, want) and got.stride() == want.stride() and got.dtype == want.dtype
+    for dy in (torch.ones((), dtype=dtype).expand(shape), torch.randn(shape, generator=gen).to(dtype)):
+        fast_grads = ops._batch_backward_one_call(dy, x, w, fast[1], fast[2], training, 1)
+        want_grads = bncore.batch_norm_backward(dy, x, w, fast[1], fast[2], training=training)
+        assert fast_grads is not None
+        for got, want in zip(fast_grads, want_grads):
+            assert torch.equal(got, want) and got.stride() == want.stride() and got.dtype == want.dtype
+
+
 @pytest.mark.parametrize("call, error, name", [
     (lambda x, rm, rv: bncore.batch_norm(x, rm, rv, torch.ones(4, dtype=D), None, True), bncore.ShapeMismatchError,
      "weight"),

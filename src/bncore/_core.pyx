@@ -1056,25 +1056,53 @@ def exchange_shape(object obj):
 
 
 def exchange_forward(Desc desc, object empty_like, object x, object weight, object bias, object running_mean,
-                     object running_var):
-    """bn_norm_forward (no saved statistics) over borrowed views of CPU tensors whose type has a DLPack
-    C exchange table, x's type for all; the output is `empty_like(x)`. Returns the output, or None when
-    a tensor is of another type or device or the C core refuses the call: the C core validates before
-    it writes, so a call that returns None changed nothing."""
+                     object running_var, object save_mean=None, object save_rstd=None):
+    """bn_norm_forward over borrowed views of CPU tensors whose type has a DLPack C exchange table, x's
+    type for all; the output is `empty_like(x)`, the saved statistics (when the caller wants them) go
+    into the given save_mean / save_rstd. Returns the output, or None when a tensor is of another type
+    or device or the C core refuses the call: the C core validates before it writes, so a call that
+    returns None changed nothing."""
     cdef DLPackExchangeAPI *api = _exchange_api(x)
-    cdef DLTensor tx, ty, tw, tb, trm, trv
+    cdef DLTensor tx, ty, tw, tb, trm, trv, tsm, tsr
     cdef DLTensor *pw
     cdef DLTensor *pb
     cdef DLTensor *prm
     cdef DLTensor *prv
+    cdef DLTensor *psm
+    cdef DLTensor *psr
     cdef bn_status_t st
     if (api is NULL or _view(x, api, &tx) or _view_optional(weight, api, &tw, &pw)
             or _view_optional(bias, api, &tb, &pb) or _view_optional(running_mean, api, &trm, &prm)
-            or _view_optional(running_var, api, &trv, &prv)):
+            or _view_optional(running_var, api, &trv, &prv) or _view_optional(save_mean, api, &tsm, &psm)
+            or _view_optional(save_rstd, api, &tsr, &psr)):
         return None
     y = empty_like(x)
     if _view(y, api, &ty):
         return None
     with nogil:
-        st = bn_norm_forward(NULL, &desc.d, &tx, pw, pb, NULL, NULL, 0, prm, prv, &ty, NULL, NULL)
+        st = bn_norm_forward(NULL, &desc.d, &tx, pw, pb, NULL, NULL, 0, prm, prv, &ty, psm, psr)
     return y if st == BN_STATUS_SUCCESS else None
+
+
+def exchange_backward(Desc desc, object empty_like, object x, object dy, object weight, object save_mean,
+                      object save_rstd, object dweight, object dbias):
+    """bn_norm_backward over borrowed views, as exchange_forward: grad_input is `empty_like(x)`,
+    grad_weight and grad_bias go into the given dweight / dbias (None: not computed). Returns
+    grad_input, or None when a tensor is of another type or device or the C core refuses the call."""
+    cdef DLPackExchangeAPI *api = _exchange_api(x)
+    cdef DLTensor tx, tdy, tdx, tw, tsm, tsr, tdw, tdb
+    cdef DLTensor *pw
+    cdef DLTensor *psm
+    cdef DLTensor *pdw
+    cdef DLTensor *pdb
+    cdef bn_status_t st
+    if (api is NULL or _view(x, api, &tx) or _view(dy, api, &tdy) or _view_optional(weight, api, &tw, &pw)
+            or _view_optional(save_mean, api, &tsm, &psm) or _view(save_rstd, api, &tsr)
+            or _view_optional(dweight, api, &tdw, &pdw) or _view_optional(dbias, api, &tdb, &pdb)):
+        return None
+    dx = empty_like(x)
+    if _view(dx, api, &tdx):
+        return None
+    with nogil:
+        st = bn_norm_backward(NULL, &desc.d, &tx, &tdy, pw, psm, &tsr, &tdx, pdw, pdb)
+    return dx if st == BN_STATUS_SUCCESS else None

@@ -26,8 +26,9 @@ from typing import Any
 
 import torch
 
+from . import _core
 from . import functional as _F
-from ._arrays import check_torch_write
+from ._arrays import check_torch_write, empty_like_of
 from ._checks import as_tuple, check_axes, check_eps, check_int, check_momentum_type, check_positive_int
 from .errors import UnsupportedDeviceError, UnsupportedDtypeError
 
@@ -93,10 +94,61 @@ def _batch_norm_op(input: Tensor, weight: Tensor | None, bias: Tensor | None, ru
     """(output, save_mean, save_invstd, new_running_mean, new_running_var): the running statistics, when
     training and given, updated into copies (empty tensors otherwise); the wrapper writes them back."""
     rm, rv = _updated(running_mean, training), _updated(running_var, training)
-    y, mean, invstd = _F.batch_norm_forward(input, rm if training else running_mean,
-                                            rv if training else running_var, weight, bias, training, momentum, eps,
-                                            axis=axis)
+    rm_used, rv_used = (rm, rv) if training else (running_mean, running_var)
+    outputs = _batch_forward_one_call(input, weight, bias, rm_used, rv_used, training, momentum, eps, axis)
+    if outputs is None:
+        outputs = _F.batch_norm_forward(input, rm_used, rv_used, weight, bias, training, momentum, eps, axis=axis)
+    y, mean, invstd = outputs
     return y, mean, invstd, _returned(input, rm), _returned(input, rv)
+
+
+# A small batch norm spends more time in Python than in its kernel: the ops' kernels try one C call
+# first, with the description that functional's small-call path validated once per key (shape,
+# mode, scalars) and views borrowed through PyTorch's DLPack exchange table. The C core validates
+# every tensor before it writes; where it refuses (or a key fails a check), nothing was written and
+# the checked path runs and raises the error that names the culprit.
+
+
+def _batch_forward_one_call(input: Tensor, weight: Tensor | None, bias: Tensor | None, rm: Tensor | None,
+                            rv: Tensor | None, training: bool, momentum: float, eps: float,
+                            axis: int) -> tuple[Tensor, Tensor, Tensor] | None:
+    """(output, save_mean, save_invstd) from one C call, or None: the checked path decides."""
+    if rm is None or rv is None:
+        return None  # functional's small path keys on both statistics or neither: the checked path
+    shape = tuple(input.shape)
+    key = (shape, training, True, float, momentum, float, eps, int, axis)
+    desc = _F._SMALL_DESCS.get(key) or _F._small_desc(key, shape, training, True, momentum, eps, axis)
+    empty_like = empty_like_of(input)
+    if desc is None or empty_like is None:
+        return None
+    mean = input.new_empty((shape[axis],), dtype=_stat_dtype(input))
+    invstd = torch.empty_like(mean)
+    y = _core.exchange_forward(desc, empty_like, input, weight, bias, rm, rv, mean, invstd)
+    return None if y is None else (y, mean, invstd)
+
+
+_BACKWARD_DESCS: dict[tuple[int, int, bool], Any] = {}  # (ndim, axis, training) -> batch norm's backward desc
+
+
+def _batch_backward_one_call(grad_output: Tensor, input: Tensor, weight: Tensor, save_mean: Tensor,
+                             save_invstd: Tensor, training: bool, axis: int) -> tuple[Tensor, Tensor, Tensor] | None:
+    """(grad_input, grad_weight, grad_bias) from one C call, or None: the checked path decides."""
+    ndim = input.dim()
+    key = (ndim, axis, training)
+    desc = _BACKWARD_DESCS.get(key)
+    if desc is None:
+        if ndim < 2 or not -ndim <= axis < ndim:
+            return None
+        desc = _BACKWARD_DESCS[key] = _core.Desc.batch(ndim, axis % ndim, 0.0).with_options(
+            0 if training else _core.FLAG_USE_RUNNING_STATS)
+    empty_like = empty_like_of(input)
+    if empty_like is None:
+        return None
+    grad_weight = torch.empty_like(weight, memory_format=torch.contiguous_format)
+    grad_bias = torch.empty_like(grad_weight)
+    grad_input = _core.exchange_backward(desc, empty_like, input, grad_output, weight, save_mean, save_invstd,
+                                         grad_weight, grad_bias)
+    return None if grad_input is None else (grad_input, grad_weight, grad_bias)
 
 
 @_batch_norm_op.register_fake
@@ -110,6 +162,9 @@ def _(input, weight, bias, running_mean, running_var, training, momentum, eps, a
 def _batch_norm_backward_op(grad_output: Tensor, input: Tensor, weight: Tensor, save_mean: Tensor,
                             save_invstd: Tensor, training: bool, axis: int) -> tuple[Tensor, Tensor, Tensor]:
     """(grad_input, grad_weight, grad_bias)."""
+    grads = _batch_backward_one_call(grad_output, input, weight, save_mean, save_invstd, training, axis)
+    if grads is not None:
+        return grads
     return _F.batch_norm_backward(grad_output, input, weight, save_mean, save_invstd, training=training, axis=axis)
 
 
