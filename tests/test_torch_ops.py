@@ -69,6 +69,23 @@ def test_opcheck(name, op, args):
     torch.library.opcheck(op, args)
 
 
+@pytest.mark.parametrize("name, op, args", _op_samples(), ids=[s[0] for s in _op_samples()])
+def test_every_op_lets_inductor_keep_its_layouts_and_the_fake_kernel_says_the_strides(name, op, args):
+    """Each op is tagged flexible_layout (inductor hands it channels-last convolution outputs as they
+    are, instead of copying them to the traced strides and back): so the fake kernel must give the
+    real kernel's strides for an input of another layout too, here a transposed one."""
+    assert torch.Tag.flexible_layout in op._opoverload.tags
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    moved = tuple(a.transpose(0, -1).contiguous().transpose(0, -1) if isinstance(a, torch.Tensor) and a.dim() > 2
+                  else a for a in args)
+    real = op(*moved)
+    with FakeTensorMode() as mode:
+        fake = op(*(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in moved))
+    for r, f in zip(real, fake):
+        assert (r.shape, r.stride(), r.dtype) == (f.shape, f.stride(), f.dtype)
+
+
 # ---------------------------------------------------------------- the functional API is differentiable
 
 

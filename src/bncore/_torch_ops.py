@@ -70,6 +70,11 @@ def _fake_backward(x: Tensor, weight: Tensor, n_param_grads: int = 2) -> tuple[T
 
 # ---------------------------------------------------------------- the operators
 
+# bncore's kernels take any strides and lay their outputs out like the input (the fake kernels say
+# so), so inductor may hand them its own layouts: without the tag it copies every input into the
+# traced strides first (a channels-last convolution's output into NCHW and back, per norm).
+_ANY_LAYOUT = (torch.Tag.flexible_layout,)
+
 
 def _updated(running: Tensor | None, writes: bool) -> Tensor | None:
     """The running statistic the op writes and returns (a copy: the op is functional), or None."""
@@ -87,7 +92,7 @@ def _fake_running(x: Tensor, running: Tensor | None, writes: bool) -> Tensor:
     return x.new_empty((0,), dtype=_stat_dtype(x))
 
 
-@torch.library.custom_op("bncore::batch_norm", mutates_args=())
+@torch.library.custom_op("bncore::batch_norm", mutates_args=(), tags=_ANY_LAYOUT)
 def _batch_norm_op(input: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor | None,
                    running_var: Tensor | None, training: bool, momentum: float, eps: float,
                    axis: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -158,7 +163,7 @@ def _(input, weight, bias, running_mean, running_var, training, momentum, eps, a
             _fake_running(input, running_var, training))
 
 
-@torch.library.custom_op("bncore::batch_norm_backward", mutates_args=())
+@torch.library.custom_op("bncore::batch_norm_backward", mutates_args=(), tags=_ANY_LAYOUT)
 def _batch_norm_backward_op(grad_output: Tensor, input: Tensor, weight: Tensor, save_mean: Tensor,
                             save_invstd: Tensor, training: bool, axis: int) -> tuple[Tensor, Tensor, Tensor]:
     """(grad_input, grad_weight, grad_bias)."""
@@ -173,7 +178,7 @@ def _(grad_output, input, weight, save_mean, save_invstd, training, axis):
     return _fake_backward(input, weight)
 
 
-@torch.library.custom_op("bncore::instance_norm", mutates_args=())
+@torch.library.custom_op("bncore::instance_norm", mutates_args=(), tags=_ANY_LAYOUT)
 def _instance_norm_op(input: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor | None,
                       running_var: Tensor | None, use_input_stats: bool, momentum: float,
                       eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -193,7 +198,7 @@ def _(input, weight, bias, running_mean, running_var, use_input_stats, momentum,
             _fake_running(input, running_var, use_input_stats))
 
 
-@torch.library.custom_op("bncore::instance_norm_backward", mutates_args=())
+@torch.library.custom_op("bncore::instance_norm_backward", mutates_args=(), tags=_ANY_LAYOUT)
 def _instance_norm_backward_op(grad_output: Tensor, input: Tensor, weight: Tensor, save_mean: Tensor,
                                save_invstd: Tensor, use_input_stats: bool) -> tuple[Tensor, Tensor, Tensor]:
     return _F.instance_norm_backward(grad_output, input, weight, save_mean, save_invstd,
@@ -205,7 +210,7 @@ def _(grad_output, input, weight, save_mean, save_invstd, use_input_stats):
     return _fake_backward(input, weight)
 
 
-@torch.library.custom_op("bncore::layer_norm", mutates_args=())
+@torch.library.custom_op("bncore::layer_norm", mutates_args=(), tags=_ANY_LAYOUT)
 def _layer_norm_op(input: Tensor, normalized_shape: list[int], weight: Tensor | None, bias: Tensor | None,
                    eps: float) -> tuple[Tensor, Tensor, Tensor]:
     """(output, save_mean, save_rstd), the statistics of shape input.shape[:-len(normalized_shape)]."""
@@ -217,7 +222,7 @@ def _(input, normalized_shape, weight, bias, eps):
     return _fake_forward(input, input.shape[:input.dim() - len(normalized_shape)], weight=weight, bias=bias)
 
 
-@torch.library.custom_op("bncore::layer_norm_backward", mutates_args=())
+@torch.library.custom_op("bncore::layer_norm_backward", mutates_args=(), tags=_ANY_LAYOUT)
 def _layer_norm_backward_op(grad_output: Tensor, input: Tensor, normalized_shape: list[int], weight: Tensor,
                             save_mean: Tensor, save_rstd: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return _F.layer_norm_backward(grad_output, input, normalized_shape, weight, save_mean, save_rstd)
@@ -228,7 +233,7 @@ def _(grad_output, input, normalized_shape, weight, save_mean, save_rstd):
     return _fake_backward(input, weight)
 
 
-@torch.library.custom_op("bncore::group_norm", mutates_args=())
+@torch.library.custom_op("bncore::group_norm", mutates_args=(), tags=_ANY_LAYOUT)
 def _group_norm_op(input: Tensor, num_groups: int, weight: Tensor | None, bias: Tensor | None,
                    eps: float) -> tuple[Tensor, Tensor, Tensor]:
     """(output, save_mean, save_rstd) of shape (N, num_groups)."""
@@ -240,7 +245,7 @@ def _(input, num_groups, weight, bias, eps):
     return _fake_forward(input, (input.shape[0], num_groups), weight=weight, bias=bias)
 
 
-@torch.library.custom_op("bncore::group_norm_backward", mutates_args=())
+@torch.library.custom_op("bncore::group_norm_backward", mutates_args=(), tags=_ANY_LAYOUT)
 def _group_norm_backward_op(grad_output: Tensor, input: Tensor, num_groups: int, weight: Tensor, save_mean: Tensor,
                             save_rstd: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return _F.group_norm_backward(grad_output, input, num_groups, weight, save_mean, save_rstd)
@@ -251,7 +256,7 @@ def _(grad_output, input, num_groups, weight, save_mean, save_rstd):
     return _fake_backward(input, weight)
 
 
-@torch.library.custom_op("bncore::rms_norm", mutates_args=())
+@torch.library.custom_op("bncore::rms_norm", mutates_args=(), tags=_ANY_LAYOUT)
 def _rms_norm_op(input: Tensor, normalized_shape: list[int], weight: Tensor | None,
                  eps: float | None) -> tuple[Tensor, Tensor]:
     """(output, save_rstd); eps None is the machine epsilon of the compute type."""
@@ -263,7 +268,7 @@ def _(input, normalized_shape, weight, eps):
     return _fake_forward(input, input.shape[:input.dim() - len(normalized_shape)], n_stats=1, weight=weight)
 
 
-@torch.library.custom_op("bncore::rms_norm_backward", mutates_args=())
+@torch.library.custom_op("bncore::rms_norm_backward", mutates_args=(), tags=_ANY_LAYOUT)
 def _rms_norm_backward_op(grad_output: Tensor, input: Tensor, normalized_shape: list[int], weight: Tensor,
                           save_rstd: Tensor) -> tuple[Tensor, Tensor]:
     """(grad_input, grad_weight)."""
@@ -276,7 +281,7 @@ def _(grad_output, input, normalized_shape, weight, save_rstd):
     return _fake_backward(input, weight, n_param_grads=1)
 
 
-@torch.library.custom_op("bncore::normalize", mutates_args=())
+@torch.library.custom_op("bncore::normalize", mutates_args=(), tags=_ANY_LAYOUT)
 def _normalize_op(input: Tensor, axes: list[int], weight: Tensor | None, bias: Tensor | None,
                   affine_axes: list[int], eps: float, rms: bool) -> tuple[Tensor, Tensor, Tensor]:
     """(output, save_mean, save_rstd): statistics over `axes`, parameters over `affine_axes`."""
@@ -293,7 +298,7 @@ def _(input, axes, weight, bias, affine_axes, eps, rms):
     return _fake_forward(input, _kept_shape(input, axes), weight=weight, bias=bias)
 
 
-@torch.library.custom_op("bncore::normalize_backward", mutates_args=())
+@torch.library.custom_op("bncore::normalize_backward", mutates_args=(), tags=_ANY_LAYOUT)
 def _normalize_backward_op(grad_output: Tensor, input: Tensor, axes: list[int], weight: Tensor, save_mean: Tensor,
                            save_rstd: Tensor, affine_axes: list[int], rms: bool) -> tuple[Tensor, Tensor, Tensor]:
     grad_input, grad_weight, grad_bias = _F.normalize_backward(grad_output, input, axes, weight, save_mean, save_rstd,
