@@ -4,6 +4,10 @@ norm, where the Python around the kernel (dispatch, checks, autograd) is most of
     python tools/bench_dispatch.py [--shape 8,16,4,4] [--calls 2000] [--rounds 15] [--threads 1]
     python tools/bench_dispatch.py --profile      # cProfile of the bncore calls, by own time
 
+"bncore, checked path" is the same layer with the ops' one-call path turned off (every call through
+functional's checked `batch_norm_forward` / `batch_norm_backward`, as before that path existed): the
+difference between the two bncore rows is what the one-call path saves.
+
 torch.nn.BatchNorm2d and bncore.torch.BatchNorm2d (training mode, running statistics tracked) take
 turns in blocks of --calls calls; each block's mean time per call is one sample and the median of
 --rounds samples is printed per layer, in microseconds, so that a shared machine's changing load
@@ -12,6 +16,7 @@ slows both alike.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import pstats
 import statistics
@@ -21,6 +26,19 @@ import torch
 
 import bncore
 import bncore.torch as bt
+from bncore import _torch_ops
+
+
+@contextlib.contextmanager
+def checked_path_only(active: bool = True):
+    """Within it, the batch norm ops' one-call path declines, so that their kernels take the checked path."""
+    fast = _torch_ops._batch_forward_one_call, _torch_ops._batch_backward_one_call
+    if active:
+        _torch_ops._batch_forward_one_call = _torch_ops._batch_backward_one_call = lambda *args: None
+    try:
+        yield
+    finally:
+        _torch_ops._batch_forward_one_call, _torch_ops._batch_backward_one_call = fast
 
 
 def make_call(layer: torch.nn.Module, x: torch.Tensor):
@@ -29,11 +47,12 @@ def make_call(layer: torch.nn.Module, x: torch.Tensor):
     return call
 
 
-def block_mean(call, calls: int) -> float:
-    start = time.perf_counter()
-    for _ in range(calls):
-        call()
-    return (time.perf_counter() - start) / calls
+def block_mean(call, calls: int, checked: bool = False) -> float:
+    with checked_path_only(checked):
+        start = time.perf_counter()
+        for _ in range(calls):
+            call()
+        return (time.perf_counter() - start) / calls
 
 
 def main() -> None:
@@ -50,6 +69,7 @@ def main() -> None:
     x = torch.randn(shape, requires_grad=True)
     layers = {"torch.nn": torch.nn.BatchNorm2d(shape[1]), "bncore": bt.BatchNorm2d(shape[1])}
     calls = {name: make_call(layer, x) for name, layer in layers.items()}
+    calls["bncore, checked path"] = calls["bncore"]
     for call in calls.values():
         block_mean(call, 100)  # warm-up
     if args.profile:
@@ -60,11 +80,11 @@ def main() -> None:
     samples: dict[str, list[float]] = {name: [] for name in calls}
     for _ in range(args.rounds):
         for name, call in calls.items():
-            samples[name].append(block_mean(call, args.calls))
+            samples[name].append(block_mean(call, args.calls, checked=name.endswith("checked path")))
     print(f"torch {torch.__version__}, {args.threads} thread(s), BatchNorm2d {shape} training, forward + backward, "
           f"median of {args.rounds} blocks of {args.calls} calls")
     for name, times in samples.items():
-        print(f"{name:9s} {statistics.median(times) * 1e6:8.1f} us per call")
+        print(f"{name:21s} {statistics.median(times) * 1e6:8.1f} us per call")
 
 
 if __name__ == "__main__":
