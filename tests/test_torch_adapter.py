@@ -479,7 +479,9 @@ def test_failing_forward_inside_bncore_changes_no_buffer(monkeypatch):
     def failing_call(*args):
         raise bncore.functional._core.InternalError("injected failure")
 
+    # both C entry points: the checked path's, and the one C call that batch norm's op tries first
     monkeypatch.setattr(bncore.functional._core, "norm_forward", failing_call)
+    monkeypatch.setattr(bncore.functional._core, "exchange_forward", failing_call)
     for module in (ours, randomize(bt.InstanceNorm2d(3, track_running_stats=True),
                                    torch.Generator().manual_seed(12))):
         before = _snapshot(module)
