@@ -355,25 +355,3 @@ def test_bad_calls_through_the_op_raise_bncore_errors_and_change_nothing(call, e
     with pytest.raises(error, match=name):
         call(x, rm, rv)
     assert torch.equal(rm, torch.zeros(3, dtype=D)) and torch.equal(rv, torch.ones(3, dtype=D))
-
-
-@pytest.mark.parametrize("call", ["virtual_batch_size", "activation", "residual", "renorm"])
-def test_extensions_without_torch_autograd_refuse_a_gradient(call):
-    """Ghost, fused and renorm batch norm have no registered operator yet: a call that needs a gradient
-    is refused (never a result silently without one); under no_grad it computes."""
-    import bncore
-
-    x = torch.randn(8, 3, 4, requires_grad=True)
-    rm, rv = torch.zeros(3), torch.ones(3)
-    kwargs = {"virtual_batch_size": {"virtual_batch_size": 4}, "activation": {"activation": "relu"},
-              "residual": {"residual": torch.randn(8, 3, 4)}}.get(call, {})
-
-    def run():
-        if call == "renorm":
-            return bncore.batch_renorm(x, rm, rv, training=True)
-        return bncore.batch_norm(x, None, None, training=True, **kwargs)
-
-    with pytest.raises(NotImplementedError, match="no PyTorch autograd yet"):
-        run()
-    with torch.no_grad():
-        assert run().shape == x.shape
