@@ -184,9 +184,9 @@ def test_batch_renorm_modules_match_reference_and_gradcheck(dims):
         assert_close(a, e, torch.float64, "grad")
     m.eval()  # eval: batch norm's, with gradcheck of the module's function
     assert torch.autograd.gradcheck(lambda x: m(x), (x,))
-    assert_close(m(x), batch_norm_ref(to_numpy64(x), to_numpy64(m.weight), to_numpy64(m.bias),
-                                      running_mean=to_numpy64(m.running_mean), running_var=to_numpy64(m.running_var))[0],
-                 torch.float64)
+    expected = batch_norm_ref(to_numpy64(x), to_numpy64(m.weight), to_numpy64(m.bias),
+                              running_mean=to_numpy64(m.running_mean), running_var=to_numpy64(m.running_var))[0]
+    assert_close(m(x), expected, torch.float64)
 
 
 @pytest.mark.parametrize("dims", [1, 2, 3])
@@ -195,7 +195,7 @@ def test_batch_renorm_with_rmax_1_dmax_0_is_batch_norm(dims):
     ours = getattr(bt, f"BatchRenorm{dims}d")(3, rmax=1.0, dmax=0.0).double()
     ours.load_state_dict(torch_bn.state_dict())  # the same state_dict keys as batch norm's
     x1, x2 = _leaves(_data(SHAPES[dims]), _data(SHAPES[dims]))
-    for step in range(3):
+    for _ in range(3):
         y1, y2 = ours(x1), torch_bn(x2)
         assert_close(y1, y2.detach(), torch.float64)
     assert_close(ours.running_mean, torch_bn.running_mean, torch.float64)
@@ -372,7 +372,7 @@ def test_fuse_leaves_a_batch_norm_whose_output_is_read_elsewhere_and_renorm():
     model = _Shared()
     fused, report = bt.fuse(model, report=True)
     assert not report.replaced
-    reasons = dict((name, why) for name, _, why in report.skipped)
+    reasons = {name: why for name, _, why in report.skipped}
     assert "read by 2 operations" in reasons["bn"] and "renormalization" in reasons["renorm"]
     _trained_like(model, fused, torch.randn(6, 4, requires_grad=True))
 

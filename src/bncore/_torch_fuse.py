@@ -51,7 +51,7 @@ def _unfusable(module: Any) -> str | None:
         return f"only BatchNorm1d/2d/3d are fused, not {type(module).__name__}"
     if isinstance(module, _BatchRenormForward):
         return "batch renormalization has no fused epilogue"
-    base = next(cls for cls in _FUSED if isinstance(module, cls))
+    base: Any = next(cls for cls in _FUSED if isinstance(module, cls))
     forward = type(module).forward
     if forward is not base.forward and forward is not _BatchNormForward.forward:
         return f"it overrides forward ({type(module).__qualname__}.forward)"

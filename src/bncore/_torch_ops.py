@@ -481,8 +481,8 @@ def _no_context(ctx, inputs, output):
     pass
 
 
-for _op in (_batch_norm_backward_op, _batch_renorm_backward_op, _instance_norm_backward_op, _layer_norm_backward_op, _group_norm_backward_op,
-            _rms_norm_backward_op, _normalize_backward_op):
+for _op in (_batch_norm_backward_op, _batch_renorm_backward_op, _instance_norm_backward_op, _layer_norm_backward_op,
+            _group_norm_backward_op, _rms_norm_backward_op, _normalize_backward_op):
     _FUNCTORCH[_op] = _functorch_function(_op, _no_double_backward, _no_context).apply
 
 
@@ -512,9 +512,9 @@ def _loop_rule(op: Any) -> Any:
     return rule
 
 
-for _op in (_batch_norm_op, _batch_norm_backward_op, _batch_renorm_op, _batch_renorm_backward_op, _instance_norm_op, _instance_norm_backward_op, _layer_norm_op,
-            _layer_norm_backward_op, _group_norm_op, _group_norm_backward_op, _rms_norm_op, _rms_norm_backward_op,
-            _normalize_op, _normalize_backward_op):
+for _op in (_batch_norm_op, _batch_norm_backward_op, _batch_renorm_op, _batch_renorm_backward_op, _instance_norm_op,
+            _instance_norm_backward_op, _layer_norm_op, _layer_norm_backward_op, _group_norm_op,
+            _group_norm_backward_op, _rms_norm_op, _rms_norm_backward_op, _normalize_op, _normalize_backward_op):
     torch.library.register_vmap(_op, _loop_rule(_op))
 
 

@@ -37,8 +37,9 @@ from .errors import ShapeMismatchError
 
 __all__ = [
     "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormReLU1d", "BatchNormReLU2d", "BatchNormReLU3d",
-    "BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d", "GroupNorm", "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d",
-    "ConvertReport", "LayerNorm", "RMSNorm", "SyncBatchNorm", "as_bncore", "convert", "fold", "fuse", "register",
+    "BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d", "GroupNorm", "InstanceNorm1d", "InstanceNorm2d",
+    "InstanceNorm3d", "ConvertReport", "LayerNorm", "RMSNorm", "SyncBatchNorm", "as_bncore", "convert", "fold",
+    "fuse", "register",
 ]
 
 
@@ -239,10 +240,12 @@ class _BatchRenormForward(_BncoreModule, _BatchNormBase):
                              "statistics, so track_running_stats must stay True")
         if self.eps <= 0.0:
             raise ValueError(f"batch_renorm eps must be positive, but got {self.eps}")
+        counter = self.num_batches_tracked
+        assert counter is not None  # track_running_stats is True, checked above
         with _buffers_lock(self, self.training):
             factor = 0.0 if self.momentum is None else self.momentum
             if self.training and self.momentum is None:  # the cumulative moving average, this batch included
-                factor = 1.0 / float(self.num_batches_tracked + 1)
+                factor = 1.0 / float(counter + 1)
             try:
                 output = _ops.batch_renorm(input, self.running_mean, self.running_var, self.weight, self.bias,
                                            self.training, factor, self.eps, self.rmax, self.dmax)
@@ -250,7 +253,7 @@ class _BatchRenormForward(_BncoreModule, _BatchNormBase):
                 _blame_input_channels(input, self.num_features)
                 raise
             if self.training:
-                self.num_batches_tracked.add_(1)
+                counter.add_(1)
             return output
 
     def extra_repr(self) -> str:
