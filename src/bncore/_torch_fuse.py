@@ -52,8 +52,8 @@ def _unfusable(module: Any) -> str | None:
     if isinstance(module, _BatchRenormForward):
         return "batch renormalization has no fused epilogue"
     base: Any = next(cls for cls in _FUSED if isinstance(module, cls))
-    forward = type(module).forward
-    if forward is not base.forward and forward is not _BatchNormForward.forward:
+    forward = getattr(type(module), "forward")  # noqa: B009  (mypy types the module as object here)
+    if forward is not base.forward and forward is not getattr(_BatchNormForward, "forward"):  # noqa: B009
         return f"it overrides forward ({type(module).__qualname__}.forward)"
     return None
 
