@@ -1,6 +1,6 @@
 """Batch renormalization, ghost batch norm and the fused BN + ReLU on PyTorch: the functional API with
-autograd, the modules (BatchRenorm1d/2d/3d, BatchNorm*d(virtual_batch_size=), BatchNormReLU*d) and
-`bncore.torch.fuse`, against float64 references written from the formulas (bncore.reference) and
+autograd, the fused modules (BatchNormReLU*d) and `bncore.torch.fuse` (the renorm and ghost modules:
+tests/test_torch_renorm.py), against float64 references written from the formulas (bncore.reference) and
 against autograd through torch's own ops."""
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ F = torch.nn.functional
 
 import bncore  # noqa: E402
 import bncore.torch as bt  # noqa: E402
-from bncore.reference import (batch_norm_ref, batch_renorm_backward_ref, batch_renorm_ref,  # noqa: E402
+from bncore.reference import (batch_renorm_backward_ref, batch_renorm_ref,  # noqa: E402
                               fused_batch_norm_backward_ref, fused_batch_norm_ref, ghost_batch_norm_backward_ref,
-                              ghost_batch_norm_ref, ghost_running_ref)
+                              ghost_batch_norm_ref)
 from tolerances import assert_close, to_numpy64  # noqa: E402
 
 SHAPES = {1: (8, 3), 2: (8, 3, 5, 4), 3: (8, 3, 2, 3, 4)}  # BatchNorm1d / 2d / 3d inputs
@@ -161,52 +161,6 @@ def test_ghost_non_multiple_batch_raises_naming_both_numbers_and_changes_nothing
 # ---------------------------------------------------------------- modules
 
 
-@pytest.mark.parametrize("dims", [1, 2, 3])
-def test_batch_renorm_modules_match_reference_and_gradcheck(dims):
-    shape = SHAPES[dims]
-    cls = getattr(bt, f"BatchRenorm{dims}d")
-    m = cls(3, rmax=2.0, dmax=1.0).double()
-    with torch.no_grad():
-        m.weight.copy_(_params(3)[0])
-        m.bias.copy_(_params(3)[1])
-        m.running_mean.copy_(torch.tensor([0.2, -0.4, 0.1]))
-        m.running_var.copy_(torch.tensor([2.5, 0.8, 1.2]))
-    rm0, rv0 = m.running_mean.clone(), m.running_var.clone()
-    x = _data(shape).requires_grad_(True)
-    y = m(x)
-    ey, _, _, r, d = batch_renorm_ref(to_numpy64(x), rm0.numpy(), rv0.numpy(), to_numpy64(m.weight),
-                                      to_numpy64(m.bias), rmax=2.0, dmax=1.0)
-    assert_close(y, ey, torch.float64)
-    assert int(m.num_batches_tracked) == 1 and not torch.equal(m.running_mean, rm0)
-    dy = _data(shape, seed=3)
-    got = torch.autograd.grad(y, (x, m.weight, m.bias), dy)
-    for a, e in zip(got, batch_renorm_backward_ref(to_numpy64(dy), to_numpy64(x), r, d, to_numpy64(m.weight))):
-        assert_close(a, e, torch.float64, "grad")
-    m.eval()  # eval: batch norm's, with gradcheck of the module's function
-    assert torch.autograd.gradcheck(lambda x: m(x), (x,))
-    expected = batch_norm_ref(to_numpy64(x), to_numpy64(m.weight), to_numpy64(m.bias),
-                              running_mean=to_numpy64(m.running_mean), running_var=to_numpy64(m.running_var))[0]
-    assert_close(m(x), expected, torch.float64)
-
-
-@pytest.mark.parametrize("dims", [1, 2, 3])
-def test_batch_renorm_with_rmax_1_dmax_0_is_batch_norm(dims):
-    torch_bn = getattr(torch.nn, f"BatchNorm{dims}d")(3).double()
-    ours = getattr(bt, f"BatchRenorm{dims}d")(3, rmax=1.0, dmax=0.0).double()
-    ours.load_state_dict(torch_bn.state_dict())  # the same state_dict keys as batch norm's
-    x1, x2 = _leaves(_data(SHAPES[dims]), _data(SHAPES[dims]))
-    for _ in range(3):
-        y1, y2 = ours(x1), torch_bn(x2)
-        assert_close(y1, y2.detach(), torch.float64)
-    assert_close(ours.running_mean, torch_bn.running_mean, torch.float64)
-    assert_close(ours.running_var, torch_bn.running_var, torch.float64)
-    assert int(ours.num_batches_tracked) == int(torch_bn.num_batches_tracked) == 3
-    dy = _data(SHAPES[dims], seed=2)
-    for a, e in zip(torch.autograd.grad(y1, (x1, ours.weight, ours.bias), dy),
-                    torch.autograd.grad(y2, (x2, torch_bn.weight, torch_bn.bias), dy)):
-        assert_close(a, e, torch.float64, "grad")
-
-
 def test_batch_renorm_module_schedule_repr_and_bad_input():
     m = bt.BatchRenorm2d(4)
     assert (m.rmax, m.dmax) == (3.0, 5.0) and "rmax=3.0, dmax=5.0" in repr(m) and "bncore.BatchRenorm2d" in repr(m)
@@ -220,44 +174,6 @@ def test_batch_renorm_module_schedule_repr_and_bad_input():
     assert all(torch.equal(state[k], v) for k, v in m.state_dict().items())
     with pytest.raises(bncore.InvalidArgumentError, match="rmax"):
         bt.BatchRenorm1d(3, rmax=0.5)
-
-
-@pytest.mark.parametrize("dims", [1, 2, 3])
-def test_ghost_batch_norm_modules_equal_per_chunk_torch_batch_norm(dims):
-    shape = SHAPES[dims]
-    ours = getattr(bt, f"BatchNorm{dims}d")(3, virtual_batch_size=4).double()
-    assert "virtual_batch_size=4" in repr(ours)
-    chunks = [getattr(torch.nn, f"BatchNorm{dims}d")(3).double() for _ in range(2)]
-    x = _data(shape).requires_grad_(True)
-    rm0, rv0 = ours.running_mean.clone(), ours.running_var.clone()
-    y = ours(x)
-    parts = [bn(x[i * 4:(i + 1) * 4]) for i, bn in enumerate(chunks)]
-    assert_close(y, torch.cat(parts).detach(), torch.float64)
-    erm, erv = ghost_running_ref(to_numpy64(x), 4, rm0.numpy(), rv0.numpy(), 0.1)
-    assert_close(ours.running_mean, erm, torch.float64)
-    assert_close(ours.running_var, erv, torch.float64)
-    dy = _data(shape, seed=6)
-    got = torch.autograd.grad(y, (x, ours.weight, ours.bias), dy)
-    want = ghost_batch_norm_backward_ref(to_numpy64(dy), to_numpy64(x), 4, to_numpy64(ours.weight))
-    for a, e in zip(got, want):
-        assert_close(a, e, torch.float64, "grad")
-    assert torch.autograd.gradcheck(lambda x: ours(x), (x,))
-    ours.eval()  # eval ignores virtual batches
-    assert_close(ours(x), batch_norm_ref(to_numpy64(x), running_mean=to_numpy64(ours.running_mean),
-                                         running_var=to_numpy64(ours.running_var))[0], torch.float64)
-
-
-def test_ghost_module_bad_batch_leaves_every_buffer_as_it_was():
-    m = bt.BatchNorm2d(3, virtual_batch_size=4)
-    state = {k: v.clone() for k, v in m.state_dict().items()}
-    with pytest.raises(ValueError, match="6 samples.*virtual batch size 4"):
-        m(torch.randn(6, 3, 2, 2))
-    assert all(torch.equal(state[k], v) for k, v in m.state_dict().items())
-    m.eval()
-    assert m(torch.randn(6, 3, 2, 2)).shape == (6, 3, 2, 2)  # eval ignores virtual batches
-    for bad in (0, -2, 2.5, True):
-        with pytest.raises(ValueError, match="virtual_batch_size"):
-            bt.BatchNorm1d(3, virtual_batch_size=bad)
 
 
 # ---------------------------------------------------------------- fuse
