@@ -205,3 +205,13 @@ def test_fused_case_runs_checks_and_reports():
     assert set(r["ms"]) == {"fused", "unfused"} and r["agrees"]
     assert r["speedup_fused_vs_unfused"] == r["ms"]["unfused"] / r["ms"]["fused"]
     assert "fused vs unfused" in fused.report(r)
+
+
+def test_fused_case_with_torch_times_torch_bn_relu_like_for_like():
+    torch = pytest.importorskip("torch")
+    from bncore.bench import fused
+
+    r = fused.run((4, 8, 6, 6), quick=True, torch=torch)
+    assert set(r["ms"]) == {"fused", "unfused", "torch", "fused_alloc", "torch_alloc"} and r["agrees"]
+    assert r["speedup_fused_vs_torch_allocating"] == r["ms"]["torch_alloc"] / r["ms"]["fused_alloc"]
+    assert "allocating, fused vs torch BN + ReLU" in fused.report(r)

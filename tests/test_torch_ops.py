@@ -41,7 +41,16 @@ def _op_samples():
     _, mg, rg = ops._group_norm_op(x3, 2, wg, None, 1e-5)
     _, rr = ops._rms_norm_op(x3, [8], wl, None)
     _, mn, rn = ops._normalize_op(x4, [0, 2, 3], w, b, [1], 1e-5, False)
+    res = rand(4, 3, 5, 6, seed=12)
+    yf, mf, rf, _, _ = ops._batch_norm_op(x4, w, b, None, None, True, 0.1, 1e-5, 1, 2, "relu", res)
+    _, mq, rq, r, d, _, _ = ops._batch_renorm_op(x4, w, b, rm, rv, True, 0.1, 1e-5, 1.5, 0.5, 1)
     return [
+        ("batch_ghost_fused_residual", ops._batch_norm_op, (x4, w, b, rm, rv, True, 0.1, 1e-5, 1, 2, "relu", res)),
+        ("batch_fused_eval", ops._batch_norm_op, (x4, w, b, rm, rv, False, 0.1, 1e-5, 1, 0, "relu", None)),
+        ("batch_ghost_fused_backward", ops._batch_norm_backward_op, (dy4, x4, w, mf, rf, True, 1, 2, yf, True)),
+        ("renorm_train", ops._batch_renorm_op, (x4, w, b, rm, rv, True, 0.1, 1e-5, 1.5, 0.5, 1)),
+        ("renorm_eval", ops._batch_renorm_op, (x4, w, b, rm, rv, False, 0.1, 1e-5, 1.5, 0.5, 1)),
+        ("renorm_backward", ops._batch_renorm_backward_op, (dy4, x4, w, mq, rq, r, d, True, 1)),
         ("batch_train_running", ops._batch_norm_op, (x4, w, b, rm, rv, True, 0.1, 1e-5, 1)),
         ("batch_train_no_running", ops._batch_norm_op, (x4, None, b, None, None, True, 0.1, 1e-5, 1)),
         ("batch_eval", ops._batch_norm_op, (x4, w, b, rm, rv, False, 0.1, 1e-5, 1)),
@@ -400,25 +409,3 @@ def test_bad_calls_through_the_op_raise_bncore_errors_and_change_nothing(call, e
     with pytest.raises(error, match=name):
         call(x, rm, rv)
     assert torch.equal(rm, torch.zeros(3, dtype=D)) and torch.equal(rv, torch.ones(3, dtype=D))
-
-
-@pytest.mark.parametrize("call", ["virtual_batch_size", "activation", "residual", "renorm"])
-def test_extensions_without_torch_autograd_refuse_a_gradient(call):
-    """Ghost, fused and renorm batch norm have no registered operator yet: a call that needs a gradient
-    is refused (never a result silently without one); under no_grad it computes."""
-    import bncore
-
-    x = torch.randn(8, 3, 4, requires_grad=True)
-    rm, rv = torch.zeros(3), torch.ones(3)
-    kwargs = {"virtual_batch_size": {"virtual_batch_size": 4}, "activation": {"activation": "relu"},
-              "residual": {"residual": torch.randn(8, 3, 4)}}.get(call, {})
-
-    def run():
-        if call == "renorm":
-            return bncore.batch_renorm(x, rm, rv, training=True)
-        return bncore.batch_norm(x, None, None, training=True, **kwargs)
-
-    with pytest.raises(NotImplementedError, match="no PyTorch autograd yet"):
-        run()
-    with torch.no_grad():
-        assert run().shape == x.shape

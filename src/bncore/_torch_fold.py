@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from . import functional as _F
+from .torch import _BncoreModule
 
 _PRODUCERS = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.ConvTranspose1d,
               torch.nn.ConvTranspose2d, torch.nn.ConvTranspose3d)
@@ -67,12 +68,30 @@ def fold(model: torch.nn.Module, *, inplace: bool = False) -> torch.nn.Module:
     return target
 
 
+def trace(model: torch.nn.Module) -> torch.fx.GraphModule | None:
+    """The model traced by torch.fx (its own submodules in the graph), or None when fx cannot trace it
+    (fold and fuse then look in its nn.Sequential containers instead)."""
+    try:
+        graph = _Tracer().trace(model)
+    except Exception:  # any tracing failure: the caller's Sequential walk takes over
+        return None
+    name = model.__class__.__name__ if isinstance(model, torch.nn.Module) else "GraphModule"
+    return torch.fx.GraphModule(model, graph, name)
+
+
+class _Tracer(torch.fx.Tracer):
+    """torch.fx's tracer, with bncore's modules as leaves like torch.nn's own (fx would otherwise trace
+    into their forward, which inspects the input and cannot be traced)."""
+
+    def is_leaf_module(self, m: torch.nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(m, _BncoreModule) or super().is_leaf_module(m, module_qualified_name)
+
+
 def _pairs_by_fx(model: torch.nn.Module) -> tuple[list[tuple[Any, Any, Any]] | None, Any]:
     """(producer, batch norm) pairs of the traced graph, and the GraphModule; (None, None) when fx cannot
     trace the model."""
-    try:
-        traced = torch.fx.symbolic_trace(model)
-    except Exception:  # any tracing failure: the Sequential walk takes over
+    traced = trace(model)
+    if traced is None:
         return None, None
     modules = dict(traced.named_modules())
     pairs: list[tuple[Any, Any, Any]] = []

@@ -29,7 +29,7 @@ import torch
 from . import _core
 from . import functional as _F
 from ._arrays import check_torch_write, empty_like_of
-from ._checks import as_tuple, check_axes, check_eps, check_int, check_momentum_type, check_positive_int
+from ._checks import as_tuple, check_axes, check_axis, check_eps, check_int, check_momentum_type, check_positive_int
 from .errors import UnsupportedDeviceError, UnsupportedDtypeError
 
 Tensor = torch.Tensor
@@ -94,17 +94,35 @@ def _fake_running(x: Tensor, running: Tensor | None, writes: bool) -> Tensor:
 
 @torch.library.custom_op("bncore::batch_norm", mutates_args=(), tags=_ANY_LAYOUT)
 def _batch_norm_op(input: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor | None,
-                   running_var: Tensor | None, training: bool, momentum: float, eps: float,
-                   axis: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                   running_var: Tensor | None, training: bool, momentum: float, eps: float, axis: int,
+                   virtual_batch_size: int = 0, activation: str = "none",
+                   residual: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(output, save_mean, save_invstd, new_running_mean, new_running_var): the running statistics, when
-    training and given, updated into copies (empty tensors otherwise); the wrapper writes them back."""
+    training and given, updated into copies (empty tensors otherwise); the wrapper writes them back.
+    ``virtual_batch_size`` 0 is none (ghost batch norm otherwise: the statistics are (N / size, C));
+    ``activation`` "none" or "relu" and ``residual``: the fused epilogue relu(bn(x) + residual)."""
     rm, rv = _updated(running_mean, training), _updated(running_var, training)
     rm_used, rv_used = (rm, rv) if training else (running_mean, running_var)
-    outputs = _batch_forward_one_call(input, weight, bias, rm_used, rv_used, training, momentum, eps, axis)
+    plain = not virtual_batch_size and activation == "none" and residual is None
+    outputs = (_batch_forward_one_call(input, weight, bias, rm_used, rv_used, training, momentum, eps, axis)
+               if plain else None)
     if outputs is None:
-        outputs = _F.batch_norm_forward(input, rm_used, rv_used, weight, bias, training, momentum, eps, axis=axis)
+        outputs = _F.batch_norm_forward(input, rm_used, rv_used, weight, bias, training, momentum, eps, axis=axis,
+                                        virtual_batch_size=virtual_batch_size or None,
+                                        activation=_activation(activation), residual=residual)
     y, mean, invstd = outputs
     return y, mean, invstd, _returned(input, rm), _returned(input, rv)
+
+
+def _activation(name: str) -> str | None:
+    """The functional API's spelling of an op's activation argument ("none" is None)."""
+    return None if name == "none" else name
+
+
+def _ghost_stat_shape(x: Tensor, axis: int, virtual_batch_size: int, batch_stats: bool) -> tuple[Any, ...]:
+    """The saved statistics' shape: one per channel, or per (virtual batch, channel) for ghost batch norm."""
+    channels = x.shape[axis]
+    return (x.shape[0] // virtual_batch_size, channels) if virtual_batch_size and batch_stats else (channels,)
 
 
 # A small batch norm spends more time in Python than in its kernel: the ops' kernels try one C call
@@ -157,24 +175,75 @@ def _batch_backward_one_call(grad_output: Tensor, input: Tensor, weight: Tensor,
 
 
 @_batch_norm_op.register_fake
-def _(input, weight, bias, running_mean, running_var, training, momentum, eps, axis):
-    return (*_fake_forward(input, (input.shape[axis],), weight=weight, bias=bias, running_mean=running_mean,
-                           running_var=running_var), _fake_running(input, running_mean, training),
-            _fake_running(input, running_var, training))
+def _(input, weight, bias, running_mean, running_var, training, momentum, eps, axis, virtual_batch_size=0,
+      activation="none", residual=None):
+    batch_stats = training or (running_mean is None and running_var is None)
+    return (*_fake_forward(input, _ghost_stat_shape(input, axis, virtual_batch_size, batch_stats), weight=weight,
+                           bias=bias, running_mean=running_mean, running_var=running_var, residual=residual),
+            _fake_running(input, running_mean, training), _fake_running(input, running_var, training))
 
 
 @torch.library.custom_op("bncore::batch_norm_backward", mutates_args=(), tags=_ANY_LAYOUT)
 def _batch_norm_backward_op(grad_output: Tensor, input: Tensor, weight: Tensor, save_mean: Tensor,
-                            save_invstd: Tensor, training: bool, axis: int) -> tuple[Tensor, Tensor, Tensor]:
-    """(grad_input, grad_weight, grad_bias)."""
-    grads = _batch_backward_one_call(grad_output, input, weight, save_mean, save_invstd, training, axis)
-    if grads is not None:
-        return grads
-    return _F.batch_norm_backward(grad_output, input, weight, save_mean, save_invstd, training=training, axis=axis)
+                            save_invstd: Tensor, training: bool, axis: int, virtual_batch_size: int = 0,
+                            output: Tensor | None = None,
+                            residual: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(grad_input, grad_weight, grad_bias, grad_residual): with ``output`` (the forward's, when it applied
+    relu) grad_output is masked where it is > 0; grad_residual (that masked gradient) is empty unless
+    ``residual``."""
+    if not virtual_batch_size and output is None and not residual:
+        fast = _batch_backward_one_call(grad_output, input, weight, save_mean, save_invstd, training, axis)
+        if fast is not None:
+            return (*fast, fast[0].new_empty((0,)))
+    grads = _F.batch_norm_backward(grad_output, input, weight, save_mean, save_invstd, training=training, axis=axis,
+                                   virtual_batch_size=virtual_batch_size or None,
+                                   activation=None if output is None else "relu", output=output, residual=residual)
+    return (*grads, grads[0].new_empty((0,))) if not residual else grads
 
 
 @_batch_norm_backward_op.register_fake
-def _(grad_output, input, weight, save_mean, save_invstd, training, axis):
+def _(grad_output, input, weight, save_mean, save_invstd, training, axis, virtual_batch_size=0, output=None,
+      residual=False):
+    dres = torch.empty_like(input, memory_format=torch.preserve_format) if residual else input.new_empty((0,))
+    return (*_fake_backward(input, weight), dres)
+
+
+@torch.library.custom_op("bncore::batch_renorm", mutates_args=(), tags=_ANY_LAYOUT)
+def _batch_renorm_op(input: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor,
+                     running_var: Tensor, training: bool, momentum: float, eps: float, rmax: float, dmax: float,
+                     axis: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(output, save_mean, save_invstd, r, d, new_running_mean, new_running_var): in training r and d (per
+    channel) are what the backward needs and the running statistics are updated into copies; in eval
+    (batch norm's) r, d and the statistics are empty tensors."""
+    rm, rv = _updated(running_mean, training), _updated(running_var, training)
+    y, mean, invstd, r, d = _F.batch_renorm_forward(input, rm if training else running_mean,
+                                                    rv if training else running_var, weight, bias, training,
+                                                    momentum, eps, rmax=rmax, dmax=dmax, axis=axis)
+    return y, mean, invstd, _returned(input, r), _returned(input, d), _returned(input, rm), _returned(input, rv)
+
+
+@_batch_renorm_op.register_fake
+def _(input, weight, bias, running_mean, running_var, training, momentum, eps, rmax, dmax, axis):
+    channels = (input.shape[axis],)
+    y, mean, invstd, *rd = _fake_forward(input, channels, 4 if training else 2, weight=weight, bias=bias,
+                                         running_mean=running_mean, running_var=running_var)
+    if not training:
+        rd = [input.new_empty((0,), dtype=_stat_dtype(input)) for _ in range(2)]
+    return (y, mean, invstd, *rd, _fake_running(input, running_mean, training),
+            _fake_running(input, running_var, training))
+
+
+@torch.library.custom_op("bncore::batch_renorm_backward", mutates_args=(), tags=_ANY_LAYOUT)
+def _batch_renorm_backward_op(grad_output: Tensor, input: Tensor, weight: Tensor, save_mean: Tensor,
+                              save_invstd: Tensor, r: Tensor, d: Tensor, training: bool,
+                              axis: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(grad_input, grad_weight, grad_bias): r and d are constants (training); eval is batch norm's."""
+    return _F.batch_renorm_backward(grad_output, input, weight, save_mean, save_invstd, r if training else None,
+                                    d if training else None, training=training, axis=axis)
+
+
+@_batch_renorm_backward_op.register_fake
+def _(grad_output, input, weight, save_mean, save_invstd, r, d, training, axis):
     return _fake_backward(input, weight)
 
 
@@ -326,11 +395,13 @@ def _ones_weight(x: Tensor, bias: Tensor | None, shape: Sequence[Any]) -> Tensor
 
 
 def _save(ctx: Any, x: Tensor, weight: Tensor | None, bias: Tensor | None, param_shape: Sequence[Any],
-          stats: Sequence[Tensor]) -> None:
+          stats: Sequence[Tensor], output: Tensor | None = None) -> None:
+    """Saves x, the weight (ones when there is none), the statistics and, when the backward needs it
+    (a fused relu masks by it), the forward's output."""
     ctx.weight_given, ctx.bias_given = weight is not None, bias is not None
     if weight is None:
         weight = _ones_weight(x, bias, param_shape)
-    ctx.save_for_backward(x, weight, *stats)
+    ctx.save_for_backward(x, weight, *stats, *(() if output is None else (output,)))
     ctx.mark_non_differentiable(*stats)
 
 
@@ -345,17 +416,34 @@ def _grads(ctx: Any, grads: Sequence[Tensor], weight_at: int) -> tuple[Tensor | 
 
 
 def _batch_setup_context(ctx, inputs, output):
-    x, weight, bias, _, _, training, _, _, axis = inputs
-    ctx.training, ctx.axis = training or (inputs[3] is None and inputs[4] is None), axis
-    _save(ctx, x, weight, bias, (x.shape[axis],), output[1:3])
+    x, weight, bias, running_mean, running_var, training, _, _, axis, ghost, activation, residual = inputs
+    ctx.training, ctx.axis = training or (running_mean is None and running_var is None), axis
+    ctx.ghost, ctx.relu, ctx.residual_given = ghost, activation == "relu", residual is not None
+    _save(ctx, x, weight, bias, (x.shape[axis],), output[1:3], output[0] if activation == "relu" else None)
     ctx.mark_non_differentiable(*output[3:])
 
 
 def _batch_backward(ctx, grad_output, *_grad_statistics):
-    x, weight, mean, invstd = ctx.saved_tensors
-    grads = _call(_batch_norm_backward_op, grad_output, x, weight, mean, invstd, ctx.training, ctx.axis)
+    x, weight, mean, invstd, *y = ctx.saved_tensors
+    need_residual = ctx.residual_given and ctx.needs_input_grad[11]
+    grads = _call(_batch_norm_backward_op, grad_output, x, weight, mean, invstd, ctx.training, ctx.axis, ctx.ghost,
+                  y[0] if ctx.relu else None, need_residual)
     dx, dw, db = _grads(ctx, grads, 1)
-    return dx, dw, db, None, None, None, None, None, None
+    return dx, dw, db, None, None, None, None, None, None, None, None, grads[3] if need_residual else None
+
+
+def _renorm_setup_context(ctx, inputs, output):
+    x, weight, bias, _, _, training, _, _, _, _, axis = inputs
+    ctx.training, ctx.axis = training, axis
+    _save(ctx, x, weight, bias, (x.shape[axis],), output[1:5])
+    ctx.mark_non_differentiable(*output[5:])
+
+
+def _renorm_backward(ctx, grad_output, *_grad_statistics):
+    x, weight, mean, invstd, r, d = ctx.saved_tensors
+    grads = _call(_batch_renorm_backward_op, grad_output, x, weight, mean, invstd, r, d, ctx.training, ctx.axis)
+    dx, dw, db = _grads(ctx, grads, 1)
+    return dx, dw, db, None, None, None, None, None, None, None, None
 
 
 def _instance_setup_context(ctx, inputs, output):
@@ -439,6 +527,7 @@ def _functorch_function(op: Any, backward: Any, setup_context: Any) -> type[torc
 _FUNCTORCH: dict[Any, Any] = {}
 for _op, _backward, _setup in (
         (_batch_norm_op, _batch_backward, _batch_setup_context),
+        (_batch_renorm_op, _renorm_backward, _renorm_setup_context),
         (_instance_norm_op, _instance_backward, _instance_setup_context),
         (_layer_norm_op, _layer_backward, _layer_setup_context),
         (_group_norm_op, _group_backward, _group_setup_context),
@@ -456,8 +545,8 @@ def _no_context(ctx, inputs, output):
     pass
 
 
-for _op in (_batch_norm_backward_op, _instance_norm_backward_op, _layer_norm_backward_op, _group_norm_backward_op,
-            _rms_norm_backward_op, _normalize_backward_op):
+for _op in (_batch_norm_backward_op, _batch_renorm_backward_op, _instance_norm_backward_op, _layer_norm_backward_op,
+            _group_norm_backward_op, _rms_norm_backward_op, _normalize_backward_op):
     _FUNCTORCH[_op] = _functorch_function(_op, _no_double_backward, _no_context).apply
 
 
@@ -487,9 +576,9 @@ def _loop_rule(op: Any) -> Any:
     return rule
 
 
-for _op in (_batch_norm_op, _batch_norm_backward_op, _instance_norm_op, _instance_norm_backward_op, _layer_norm_op,
-            _layer_norm_backward_op, _group_norm_op, _group_norm_backward_op, _rms_norm_op, _rms_norm_backward_op,
-            _normalize_op, _normalize_backward_op):
+for _op in (_batch_norm_op, _batch_norm_backward_op, _batch_renorm_op, _batch_renorm_backward_op, _instance_norm_op,
+            _instance_norm_backward_op, _layer_norm_op, _layer_norm_backward_op, _group_norm_op,
+            _group_norm_backward_op, _rms_norm_op, _rms_norm_backward_op, _normalize_op, _normalize_backward_op):
     torch.library.register_vmap(_op, _loop_rule(_op))
 
 
@@ -550,18 +639,47 @@ def _write_back(running_mean: Tensor | None, running_var: Tensor | None, new_mea
 
 
 def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor | None, weight: Tensor | None,
-               bias: Tensor | None, training: bool, momentum: Any, eps: Any, axis: Any = 1) -> Tensor:
-    if needs_op(input, weight, bias, running_mean, running_var) and _all_torch(running_mean, running_var):
+               bias: Tensor | None, training: bool, momentum: Any, eps: Any, axis: Any = 1,
+               virtual_batch_size: Any = None, activation: Any = None, residual: Tensor | None = None) -> Tensor:
+    if (needs_op(input, weight, bias, running_mean, running_var, residual)
+            and _all_torch(running_mean, running_var, residual)):
         eps = check_eps(eps)
         check_momentum_type(momentum)
         axis = check_int(axis, "axis")
         training = bool(training)
+        act = "none" if activation is None else activation
+        _F._check_activation(activation)
+        ghost = 0
+        if virtual_batch_size is not None and input.dim() >= 2:  # bncore's check and message, before the op's
+            batch_stats = training or (running_mean is None and running_var is None)
+            ghost = _F._check_virtual_batch(virtual_batch_size, tuple(input.shape),
+                                            check_axis(axis, input.dim(), "axis"), used=batch_stats)
         _check_writable(running_mean, running_var, training)
         y, _, _, rm, rv = _call(_batch_norm_op, input, weight, bias, running_mean, running_var, training,
-                                float(momentum), eps, axis)
+                                float(momentum), eps, axis, ghost, act, residual)
         _write_back(running_mean, running_var, rm, rv, training)
         return y
-    return _F._batch_norm_plain(input, running_mean, running_var, weight, bias, training, momentum, eps, axis)
+    return _F._batch_norm_plain(input, running_mean, running_var, weight, bias, training, momentum, eps, axis,
+                                virtual_batch_size, activation, residual)
+
+
+def batch_renorm(input: Tensor, running_mean: Tensor, running_var: Tensor, weight: Tensor | None,
+                 bias: Tensor | None, training: bool, momentum: Any, eps: Any, rmax: Any, dmax: Any,
+                 axis: Any = 1) -> Tensor:
+    if (needs_op(input, weight, bias, running_mean, running_var) and running_mean is not None
+            and running_var is not None and _all_torch(running_mean, running_var)):
+        eps = check_eps(eps)
+        check_momentum_type(momentum)
+        rmax, dmax = _F._check_bound(rmax, "rmax", 1.0), _F._check_bound(dmax, "dmax", 0.0)
+        axis = check_int(axis, "axis")
+        training = bool(training)
+        _check_writable(running_mean, running_var, training)
+        out = _call(_batch_renorm_op, input, weight, bias, running_mean, running_var, training, float(momentum),
+                    eps, rmax, dmax, axis)
+        _write_back(running_mean, running_var, out[5], out[6], training)
+        return out[0]
+    return _F.batch_renorm_forward(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                                   rmax=rmax, dmax=dmax, axis=axis, _want_stats=False)[0]
 
 
 def instance_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor | None, weight: Tensor | None,

@@ -388,15 +388,6 @@ def _batch_norm_small(input: Array, running_mean: Array | None, running_var: Arr
     return _core.exchange_forward(desc, empty_like, input, weight, bias, running_mean, running_var)
 
 
-def _refuse_torch_gradient(what: str, *tensors: Any) -> None:
-    """PyTorch autograd runs through bncore's registered operators, which do not cover `what` yet: a
-    call that would need a gradient is refused rather than silently returning a result without one."""
-    if any(is_torch(t) and t.requires_grad for t in tensors if t is not None) and \
-            sys.modules["torch"].is_grad_enabled():
-        raise NotImplementedError(f"{what}: no PyTorch autograd yet for tensors that require grad; call it under "
-                                  f"torch.no_grad() and use the *_backward function, or NumPy arrays")
-
-
 def batch_norm(input: Array, running_mean: Array | None = None, running_var: Array | None = None,
                weight: Array | None = None, bias: Array | None = None, training: bool = False, momentum: float = 0.1,
                eps: float = 1e-5, *, axis: int = 1, out: Array | None = None, virtual_batch_size: int | None = None,
@@ -406,26 +397,30 @@ def batch_norm(input: Array, running_mean: Array | None = None, running_var: Arr
     ``axis`` is the channel axis (default 1, NCHW; -1 for channels-last data).
     ``out`` receives the output when given (any strides; it may be ``input`` itself).
     ``virtual_batch_size``, ``activation`` and ``residual``: see ``batch_norm_forward``.
+    On torch tensors (without ``out``) the call is differentiable, through bncore's
+    registered operators.
     """
-    if virtual_batch_size is not None or activation is not None or residual is not None:
-        _refuse_torch_gradient("virtual_batch_size, activation and residual", input, weight, bias, residual)
-    if out is None and virtual_batch_size is None and activation is None and residual is None:
+    if out is None:
         if is_torch(input):
             return _torch_ops().batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
-                                           axis)
-        return _batch_norm_plain(input, running_mean, running_var, weight, bias, training, momentum, eps, axis)
+                                           axis, virtual_batch_size, activation, residual)
+        return _batch_norm_plain(input, running_mean, running_var, weight, bias, training, momentum, eps, axis,
+                                 virtual_batch_size, activation, residual)
     return batch_norm_forward(input, running_mean, running_var, weight, bias, training, momentum, eps, axis=axis,
                               out=out, virtual_batch_size=virtual_batch_size, activation=activation,
                               residual=residual, _want_stats=False)[0]
 
 
 def _batch_norm_plain(input: Array, running_mean: Array | None, running_var: Array | None, weight: Array | None,
-                      bias: Array | None, training: bool, momentum: Any, eps: Any, axis: Any) -> Array:
+                      bias: Array | None, training: bool, momentum: Any, eps: Any, axis: Any,
+                      virtual_batch_size: Any = None, activation: Any = None, residual: Array | None = None) -> Array:
     """`batch_norm` without autograd: the fast path, else the checked path."""
-    y = _batch_norm_small(input, running_mean, running_var, weight, bias, training, momentum, eps, axis)
-    if y is not None:
-        return y
+    if virtual_batch_size is None and activation is None and residual is None:
+        y = _batch_norm_small(input, running_mean, running_var, weight, bias, training, momentum, eps, axis)
+        if y is not None:
+            return y
     return batch_norm_forward(input, running_mean, running_var, weight, bias, training, momentum, eps, axis=axis,
+                              virtual_batch_size=virtual_batch_size, activation=activation, residual=residual,
                               _want_stats=False)[0]
 
 
@@ -508,7 +503,9 @@ def batch_renorm(input: Array, running_mean: Array | None, running_var: Array | 
                  bias: Array | None = None, training: bool = False, momentum: float = 0.1, eps: float = 1e-5, *,
                  rmax: float = 3.0, dmax: float = 5.0, axis: int = 1, out: Array | None = None) -> Array:
     """Batch renormalization; returns the output (see ``batch_renorm_forward``)."""
-    _refuse_torch_gradient("batch_renorm", input, weight, bias)
+    if out is None and is_torch(input):  # differentiable, through bncore's registered operators
+        return _torch_ops().batch_renorm(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                                         rmax, dmax, axis)
     return batch_renorm_forward(input, running_mean, running_var, weight, bias, training, momentum, eps, rmax=rmax,
                                 dmax=dmax, axis=axis, out=out, _want_stats=False)[0]
 

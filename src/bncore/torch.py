@@ -31,12 +31,15 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from . import _torch_ops as _ops
+from . import functional as _F
 from ._checks import check_channels
 from .errors import ShapeMismatchError
 
 __all__ = [
-    "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "GroupNorm", "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d",
-    "ConvertReport", "LayerNorm", "RMSNorm", "SyncBatchNorm", "as_bncore", "convert", "fold", "register",
+    "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormReLU1d", "BatchNormReLU2d", "BatchNormReLU3d",
+    "BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d", "GroupNorm", "InstanceNorm1d", "InstanceNorm2d",
+    "InstanceNorm3d", "ConvertReport", "LayerNorm", "RMSNorm", "SyncBatchNorm", "as_bncore", "convert", "fold",
+    "fuse", "register",
 ]
 
 
@@ -113,7 +116,8 @@ class _BatchNormForward(_BncoreModule, _BatchNormBase):
         with _buffers_lock(self, self.training and self.track_running_stats):
             return self._batch_norm(input)
 
-    def _batch_norm(self, input: torch.Tensor) -> torch.Tensor:
+    def _batch_norm(self, input: torch.Tensor, activation: str | None = None,
+                    residual: torch.Tensor | None = None) -> torch.Tensor:
         exponential_average_factor = 0.0 if self.momentum is None else self.momentum
         # the batch counter that this call advances (training with tracked statistics), else None
         counter = self.num_batches_tracked if self.training and self.track_running_stats else None
@@ -130,7 +134,8 @@ class _BatchNormForward(_BncoreModule, _BatchNormBase):
         try:
             output = _ops.batch_norm(input, self.running_mean if pass_buffers else None,
                                      self.running_var if pass_buffers else None, self.weight, self.bias, bn_training,
-                                     exponential_average_factor, self.eps)
+                                     exponential_average_factor, self.eps, 1,
+                                     getattr(self, "virtual_batch_size", None), activation, residual)
         except ShapeMismatchError:
             _blame_input_channels(input, self.num_features)
             raise
@@ -139,16 +144,132 @@ class _BatchNormForward(_BncoreModule, _BatchNormBase):
         return output
 
 
-class BatchNorm1d(_BatchNormForward, torch.nn.BatchNorm1d):
-    """torch.nn.BatchNorm1d computed by bncore: (N, C) or (N, C, L) inputs."""
+def _check_virtual_batch_size(value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"virtual_batch_size: expected None or a positive int, got {value!r}")
+    return value
 
 
-class BatchNorm2d(_BatchNormForward, torch.nn.BatchNorm2d):
-    """torch.nn.BatchNorm2d computed by bncore: (N, C, H, W) inputs, NCHW or channels-last."""
+class _GhostBatchNorm(_BatchNormForward):
+    """Batch norm with an optional ``virtual_batch_size`` (ghost batch norm, training only): the batch
+    is split along axis 0 into consecutive virtual batches of that size, each normalized by its own
+    statistics, in one bncore call; the running statistics receive the mean of the virtual batches'
+    means and of their unbiased variances (docs/ghost_batch_norm.md). Eval ignores it."""
+
+    def __init__(self, *args: Any, virtual_batch_size: int | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.virtual_batch_size = _check_virtual_batch_size(virtual_batch_size)
+
+    def extra_repr(self) -> str:
+        ghost = getattr(self, "virtual_batch_size", None)
+        return super().extra_repr() + (f", virtual_batch_size={ghost}" if ghost is not None else "")
 
 
-class BatchNorm3d(_BatchNormForward, torch.nn.BatchNorm3d):
-    """torch.nn.BatchNorm3d computed by bncore: (N, C, D, H, W) inputs, NCDHW or channels-last."""
+class BatchNorm1d(_GhostBatchNorm, torch.nn.BatchNorm1d):
+    """torch.nn.BatchNorm1d computed by bncore: (N, C) or (N, C, L) inputs; ``virtual_batch_size=``
+    for ghost batch norm."""
+
+
+class BatchNorm2d(_GhostBatchNorm, torch.nn.BatchNorm2d):
+    """torch.nn.BatchNorm2d computed by bncore: (N, C, H, W) inputs, NCHW or channels-last;
+    ``virtual_batch_size=`` for ghost batch norm."""
+
+
+class BatchNorm3d(_GhostBatchNorm, torch.nn.BatchNorm3d):
+    """torch.nn.BatchNorm3d computed by bncore: (N, C, D, H, W) inputs, NCDHW or channels-last;
+    ``virtual_batch_size=`` for ghost batch norm."""
+
+
+# ---------------------------------------------------------------- fused batch norm + relu
+
+
+class _BatchNormReLU(_GhostBatchNorm):
+    """``relu(batch_norm(input) + residual)`` in one bncore pass (the residual is optional): the
+    add and the ReLU happen as the output is written, and the backward masks the gradient by the
+    output (docs/fused.md). The module is a batch norm (same arguments, parameters, buffers and
+    state_dict keys) whose forward takes the residual; `fuse` puts it in place of a batch norm
+    followed by a ReLU. A residual of another shape or dtype than the input (a broadcast add) is
+    added after bncore's batch norm, unfused, as the unfused model did."""
+
+    def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        self._check_input_dim(input)
+        if residual is not None and (residual.shape != input.shape or residual.dtype != input.dtype):
+            return torch.relu(self._locked_batch_norm(input, None, None) + residual)
+        return self._locked_batch_norm(input, "relu", residual)
+
+    def _locked_batch_norm(self, input: torch.Tensor, activation: str | None,
+                           residual: torch.Tensor | None) -> torch.Tensor:
+        with _buffers_lock(self, self.training and self.track_running_stats):
+            return self._batch_norm(input, activation, residual)
+
+
+class BatchNormReLU1d(_BatchNormReLU, torch.nn.BatchNorm1d):
+    """bncore.torch.BatchNorm1d followed by a ReLU, fused; ``forward(input, residual=None)``."""
+
+
+class BatchNormReLU2d(_BatchNormReLU, torch.nn.BatchNorm2d):
+    """bncore.torch.BatchNorm2d followed by a ReLU, fused; ``forward(input, residual=None)``."""
+
+
+class BatchNormReLU3d(_BatchNormReLU, torch.nn.BatchNorm3d):
+    """bncore.torch.BatchNorm3d followed by a ReLU, fused; ``forward(input, residual=None)``."""
+
+
+# ---------------------------------------------------------------- batch renormalization
+
+
+class _BatchRenormForward(_BncoreModule, _BatchNormBase):
+    """Batch renormalization (Ioffe 2017) with torch.nn's batch norm machinery: in training,
+    ``y = ((x - mu_B) / sigma_B * r + d) * weight + bias`` with ``r = clip(sigma_B / sigma, 1/rmax,
+    rmax)`` and ``d = clip((mu_B - mu) / sigma, -dmax, dmax)`` from the running statistics (constants
+    for the gradient), which are then updated as batch norm's; eval is batch norm's eval. ``rmax`` and
+    ``dmax`` are plain attributes, to be raised during training (`bncore.renorm_schedule`)."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True, *,
+                 rmax: float = 3.0, dmax: float = 5.0, device: Any = None, dtype: Any = None) -> None:
+        super().__init__(num_features, eps, momentum, affine, True, device, dtype)
+        self.rmax = _F._check_bound(rmax, "rmax", 1.0)
+        self.dmax = _F._check_bound(dmax, "dmax", 0.0)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(input)
+        if self.running_mean is None or self.running_var is None:
+            raise ValueError(f"{type(self).__name__}: batch renormalization compares the batch with the running "
+                             "statistics, so track_running_stats must stay True")
+        if self.eps <= 0.0:
+            raise ValueError(f"batch_renorm eps must be positive, but got {self.eps}")
+        counter = self.num_batches_tracked
+        assert counter is not None  # track_running_stats is True, checked above
+        with _buffers_lock(self, self.training):
+            factor = 0.0 if self.momentum is None else self.momentum
+            if self.training and self.momentum is None:  # the cumulative moving average, this batch included
+                factor = 1.0 / float(counter + 1)
+            try:
+                output = _ops.batch_renorm(input, self.running_mean, self.running_var, self.weight, self.bias,
+                                           self.training, factor, self.eps, self.rmax, self.dmax)
+            except ShapeMismatchError:
+                _blame_input_channels(input, self.num_features)
+                raise
+            if self.training:
+                counter.add_(1)
+            return output
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", rmax={self.rmax}, dmax={self.dmax}"
+
+
+class BatchRenorm1d(_BatchRenormForward, torch.nn.BatchNorm1d):
+    """Batch renormalization of (N, C) or (N, C, L) inputs."""
+
+
+class BatchRenorm2d(_BatchRenormForward, torch.nn.BatchNorm2d):
+    """Batch renormalization of (N, C, H, W) inputs, NCHW or channels-last."""
+
+
+class BatchRenorm3d(_BatchRenormForward, torch.nn.BatchNorm3d):
+    """Batch renormalization of (N, C, D, H, W) inputs, NCDHW or channels-last."""
 
 
 # ---------------------------------------------------------------- instance norm
@@ -372,12 +493,13 @@ class ConvertReport:
     """What `convert` did: ``replaced`` lists (module name, original class, bncore class), ``skipped``
     lists (module name, class, reason) for every normalization it found and left alone."""
 
-    def __init__(self) -> None:
+    def __init__(self, action: str = "convert") -> None:
+        self.action = action  # the function that reports: convert, or fuse (which uses the same report)
         self.replaced: list[tuple[str, str, str]] = []
         self.skipped: list[tuple[str, str, str]] = []
 
     def __str__(self) -> str:
-        lines = [f"bncore.torch.convert: {len(self.replaced)} replaced, {len(self.skipped)} skipped"]
+        lines = [f"bncore.torch.{self.action}: {len(self.replaced)} replaced, {len(self.skipped)} skipped"]
         lines += [f"  replaced {name}: {old} -> {new}" for name, old, new in self.replaced]
         lines += [f"  skipped  {name}: {cls}: {why}" for name, cls, why in self.skipped]
         return "\n".join(lines)
@@ -466,3 +588,4 @@ def convert(module: torch.nn.Module, *, report: bool = False) -> Any:
 
 from ._torch_sync import SyncBatchNorm  # noqa: E402
 from ._torch_fold import fold  # noqa: E402
+from ._torch_fuse import fuse  # noqa: E402
