@@ -134,7 +134,7 @@ def run(repeats: int = 15, dtypes: tuple[str, ...] = ("float32", "bfloat16")) ->
                     for who in ("bncore", "torch"):
                         times[who].append(_time(torch, ops[who][k], warmup=1))
                 moved = nbytes * x.numel() * x.element_size()
-                row = {"case": name, "dtype": dtype, "pass": pass_, "shape": shape}
+                row: dict[str, Any] = {"case": name, "dtype": dtype, "pass": pass_, "shape": shape}
                 for who, ts in times.items():
                     med = statistics.median(ts)
                     row[who + "_ms"] = med * 1e3
