@@ -454,7 +454,8 @@ def import_tensor(object obj, str what, bint writable=False):
     cdef bint bfloat16_bits = _is_numpy_bfloat16(obj)
     # NumPy refuses to export ml_dtypes' bfloat16 through DLPack: export the same buffer as uint16
     # (a view, no copy) and read it as bfloat16, the format ml_dtypes stores
-    dev = _producer_device(obj) if not PyCapsule_CheckExact(obj) else None
+    # NumPy arrays are host memory: no device query on the CPU path's most common producer
+    dev = None if PyCapsule_CheckExact(obj) or type(obj).__module__ == "numpy" else _producer_device(obj)
     stream = None
     if dev is not None and _is_cuda_device(dev[0]):
         t.stream = _cuda_stream_for(obj, dev[1])

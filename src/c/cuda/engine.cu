@@ -153,15 +153,15 @@ static bn_status_t reduce(const bn_exec_t *ex, const bn_plan_t *P, int kind, con
   int64_t ntargets, inner_n;
   const bn_cuda_dims_t outer = select_dims(P, by_param, 1, &ntargets), inner = select_dims(P, by_param, 0, &inner_n);
   const int64_t expected = by_param ? P->nparams : P->ngroups;
-  if (ntargets != expected)
-    return bn_fail(BN_STATUS_INTERNAL, "CUDA: the plan's %s dims count %lld indices, expected %lld",
-                   by_param ? "parameter" : "group", (long long)ntargets, (long long)expected);
-  if (ntargets == 0) return BN_STATUS_SUCCESS;
-  if (inner_n == 0 || P->numel == 0) {
+  if (expected == 0) return BN_STATUS_SUCCESS;
+  if (P->numel == 0) { /* no elements: zero statistics and sums, as the CPU's empty path */
     cudaError_t e = cudaMemsetAsync(a, 0, (size_t)expected * sizeof(double), stream_of(ex));
     if (e == cudaSuccess) e = cudaMemsetAsync(b, 0, (size_t)expected * sizeof(double), stream_of(ex));
     return e == cudaSuccess ? BN_STATUS_SUCCESS : cuda_fail(e, "zeroing sums");
   }
+  if (ntargets != expected) /* the kernels assume the target dims enumerate every index once */
+    return bn_fail(BN_STATUS_INTERNAL, "CUDA: the plan's %s dims count %lld indices, expected %lld",
+                   by_param ? "parameter" : "group", (long long)ntargets, (long long)expected);
   int64_t nchunks = (inner_n + BN_CUDA_CHUNK - 1) / BN_CUDA_CHUNK;
   if (nchunks > BN_CUDA_MAX_GRID) nchunks = BN_CUDA_MAX_GRID;
   const int64_t chunk = (inner_n + nchunks - 1) / nchunks;
