@@ -27,9 +27,14 @@ static_assert(BN_MAX_NDIM <= 16, "bn_cuda_small_t holds a small tensor's dims");
 #define BN_CUDA_CHUNK 4096     /* elements per chunk of a reduction, about (a fixed function of the shape) */
 #define BN_CUDA_MAX_GRID 65535 /* blocks per launch along y, and a bound along x for grid-stride loops */
 
+/* Out of memory; no usable device or driver; anything else (a launch or a fault) is a bug of ours. */
 static bn_status_t cuda_fail(cudaError_t e, const char *what) {
-  return bn_fail(e == cudaErrorMemoryAllocation ? BN_STATUS_OUT_OF_MEMORY : BN_STATUS_UNSUPPORTED_DEVICE,
-                 "CUDA: %s: %s (%s)", what, cudaGetErrorString(e), cudaGetErrorName(e));
+  const bn_status_t st = e == cudaErrorMemoryAllocation ? BN_STATUS_OUT_OF_MEMORY
+                         : (e == cudaErrorNoDevice || e == cudaErrorInsufficientDriver || e == cudaErrorInvalidDevice ||
+                            e == cudaErrorDevicesUnavailable)
+                             ? BN_STATUS_UNSUPPORTED_DEVICE
+                             : BN_STATUS_INTERNAL;
+  return bn_fail(st, "CUDA: %s: %s (%s)", what, cudaGetErrorString(e), cudaGetErrorName(e));
 }
 
 /* After a launch: configuration errors now, asynchronous faults at the next wait. */
