@@ -10,7 +10,14 @@
  * Memory: workspaces come from the context's allocator, by default cudaMallocAsync on the
  * call's stream, so they are stream-ordered and never wait either.
  */
+#ifdef BNCORE_CUDA_EMULATE /* tools/cuda_emulate.sh: the host compiler runs the kernels on CPU threads */
+#include "cuda_emulator.h"
+#else
 #include <cuda_runtime.h>
+/* a launch; _SYNC for kernels that call __syncthreads (the emulator needs to know) */
+#define BN_CUDA_LAUNCH(kernel, grid, block, stream, ...) kernel<<<grid, block, 0, stream>>>(__VA_ARGS__)
+#define BN_CUDA_LAUNCH_SYNC BN_CUDA_LAUNCH
+#endif
 #include <stdlib.h>
 #include <string.h>
 
@@ -178,13 +185,13 @@ static bn_status_t reduce(const bn_exec_t *ex, const bn_plan_t *P, int kind, con
   const dim3 grid((unsigned)nchunks, (unsigned)(ntargets < BN_CUDA_MAX_GRID ? ntargets : BN_CUDA_MAX_GRID));
   bn_status_t st = by_dtype(P->dtype, [&](auto *tag) -> bn_status_t {
     typedef typename std::remove_pointer<decltype(tag)>::type T;
-    bn_cuda_reduce_partials<T><<<grid, BN_CUDA_THREADS, 0, stream_of(ex)>>>(
+    BN_CUDA_LAUNCH_SYNC(bn_cuda_reduce_partials<T>, grid, BN_CUDA_THREADS, stream_of(ex),
         outer, inner, ntargets, inner_n, chunk, P->base[BN_OP_X], P->base[BN_OP_DY], P->g0, P->p0, c, kind, part);
     BN_CUDA_LAUNCHED("reduction partials");
     return BN_STATUS_SUCCESS;
   });
   if (!st) {
-    bn_cuda_reduce_finish<<<blocks_for(ntargets), BN_CUDA_THREADS, 0, stream_of(ex)>>>(
+    BN_CUDA_LAUNCH(bn_cuda_reduce_finish, blocks_for(ntargets), BN_CUDA_THREADS, stream_of(ex),
         outer, ntargets, nchunks, kind, by_param, by_param ? P->p0 : P->g0, part, a, b);
     cudaError_t e = cudaGetLastError();
     if (e != cudaSuccess) st = cuda_fail(e, "reduction finish");
@@ -198,7 +205,7 @@ static bn_status_t apply(const bn_exec_t *ex, const bn_plan_t *P, const bn_cuda_
   const bn_cuda_dims_t D = all_dims(P);
   return by_dtype(P->dtype, [&](auto *tag) -> bn_status_t {
     typedef typename std::remove_pointer<decltype(tag)>::type T;
-    bn_cuda_apply<T><<<blocks_for(P->numel), BN_CUDA_THREADS, 0, stream_of(ex)>>>(
+    BN_CUDA_LAUNCH(bn_cuda_apply<T>, blocks_for(P->numel), BN_CUDA_THREADS, stream_of(ex),
         D, P->numel, P->base[BN_OP_X], P->base[BN_OP_DY], P->base[BN_OP_OUT], P->g0, P->p0, c, mode);
     BN_CUDA_LAUNCHED("apply");
     return BN_STATUS_SUCCESS;
@@ -325,7 +332,7 @@ static bn_status_t cuda_gather(const bn_exec_t *ex, const DLTensor *t, double *d
   const bn_cuda_small_t S = small_of(t);
   st = by_dtype(dt, [&](auto *tag) -> bn_status_t {
     typedef typename std::remove_pointer<decltype(tag)>::type T;
-    bn_cuda_gather<T><<<blocks_for(n), BN_CUDA_THREADS, 0, stream_of(ex)>>>(S, n, bn_base(t), (double *)tmp);
+    BN_CUDA_LAUNCH(bn_cuda_gather<T>, blocks_for(n), BN_CUDA_THREADS, stream_of(ex), S, n, bn_base(t), (double *)tmp);
     BN_CUDA_LAUNCHED("gather");
     return BN_STATUS_SUCCESS;
   });
@@ -345,7 +352,7 @@ static bn_status_t cuda_scatter(const bn_exec_t *ex, DLTensor *t, const double *
   const bn_cuda_small_t S = small_of(t);
   return by_dtype(dt, [&](auto *tag) -> bn_status_t {
     typedef typename std::remove_pointer<decltype(tag)>::type T;
-    bn_cuda_scatter<T><<<blocks_for(n), BN_CUDA_THREADS, 0, stream_of(ex)>>>(S, n, tmp, bn_base(t));
+    BN_CUDA_LAUNCH(bn_cuda_scatter<T>, blocks_for(n), BN_CUDA_THREADS, stream_of(ex), S, n, tmp, bn_base(t));
     BN_CUDA_LAUNCHED("scatter");
     return BN_STATUS_SUCCESS;
   });

@@ -17,7 +17,9 @@
 #include <cuda_fp16.h>
 #include <stdint.h>
 
+#ifndef BN_CUDA_THREADS /* the host emulator (tools/cuda_emulate.sh) runs smaller blocks */
 #define BN_CUDA_THREADS 256 /* threads per block of every kernel (a power of two) */
+#endif
 #define BN_CUDA_DIMS 18     /* BN_MAX_CANON */
 
 /* A list of dims with the strides every operand, the group and the parameter index take. */
