@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os as _os
 
-from . import _core
+from . import _core, cuda
 from ._core import get_num_threads, set_num_threads
 from .errors import (BncoreError, InternalError, InvalidArgumentError, MissingRunningStatsError, OutOfMemoryError,
                      OverlapError, ShapeMismatchError, UnsupportedDeviceError, UnsupportedDtypeError)
@@ -29,7 +29,8 @@ __all__ = [
     "MissingRunningStatsError", "Moments", "OutOfMemoryError", "OverlapError", "RMSNorm", "RunningStats",
     "ShapeMismatchError", "SyncBatchNorm", "UnsupportedDeviceError", "UnsupportedDtypeError", "__version__",
     "batch_norm", "batch_norm_backward", "batch_norm_forward", "batch_renorm", "batch_renorm_backward",
-    "batch_renorm_forward", "empty_cache", "fold", "get_cmake_dir", "get_cython_include", "get_include",
+    "batch_renorm_forward", "build_info", "cuda", "cuda_available", "empty_cache", "fold", "get_cmake_dir",
+    "get_cython_include", "get_include",
     "get_library", "get_num_threads", "get_pkgconfig_dir", "group_norm", "group_norm_backward",
     "group_norm_forward", "instance_norm", "instance_norm_backward", "instance_norm_forward", "layer_norm",
     "layer_norm_backward", "layer_norm_forward", "normalize", "normalize_backward", "normalize_forward",
@@ -71,3 +72,16 @@ def get_cmake_dir() -> str:
 def get_pkgconfig_dir() -> str:
     """The folder of bncore.pc: add it to PKG_CONFIG_PATH."""
     return _os.path.join(_package_dir(), "pkgconfig")
+
+
+def build_info() -> dict[str, object]:
+    """What the loaded C library was built with: "version", "cuda" (the CUDA backend compiled
+    in), "cuda_architectures" (CMake's list, "" without CUDA) and "openmp"."""
+    has_cuda, has_openmp, archs = _core.build_features()
+    return {"version": __version__, "cuda": bool(has_cuda), "cuda_architectures": str(archs),
+            "openmp": bool(has_openmp)}
+
+
+def cuda_available() -> bool:
+    """True when the CUDA backend is compiled in and a CUDA device is present (no driver: False)."""
+    return cuda.available()

@@ -180,6 +180,9 @@ class Allocator:
             return torch.empty(tuple(shape), dtype=tdtype, device=self.like.device)
         if fam == "cupy":
             cupy = sys.modules["cupy"]
+            if self.device[0] in (2, 13):  # CUDA memory: on x's device, not CuPy's current one
+                with cupy.cuda.Device(self.device[1]):
+                    return cupy.empty(tuple(shape), dtype=dtype)
             return cupy.empty(tuple(shape), dtype=dtype)
         if self.device[0] not in HOST_DEVICE_TYPES:
             raise _core.UnsupportedDeviceError(

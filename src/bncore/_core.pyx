@@ -63,6 +63,21 @@ def version():
     return bn_version()
 
 
+def build_features():
+    """(cuda compiled in, openmp compiled in, the CUDA architectures string) of the loaded C library."""
+    cdef uint32_t features = 0
+    cdef const char *archs = NULL
+    check(bn_build_features(&features, &archs))
+    return (features & BN_BUILD_CUDA) != 0, (features & BN_BUILD_OPENMP) != 0, archs.decode()
+
+
+def cuda_device_count():
+    """CUDA devices this process can use now: 0 without CUDA in the build, a driver or a device."""
+    cdef int32_t n = 0
+    check(bn_cuda_device_count(&n))
+    return n
+
+
 def set_num_threads(int n):
     """Threads bncore's kernels use (n <= 0: the OpenMP default). Results do not depend on it."""
     check(bn_set_num_threads(n))
@@ -202,6 +217,7 @@ cdef class Tensor:
     cdef DLManagedTensor *managed
     cdef readonly bint read_only
     cdef readonly object source
+    cdef readonly size_t stream  # CUDA tensors: the stream bncore computes on (0: the legacy default)
 
     def __dealloc__(self):
         self._release()
@@ -288,7 +304,84 @@ cdef object _export_refused(object obj, str what, BaseException exc):
     return InvalidArgumentError(f"{what}: the {_kind(obj)} refused to export itself through DLPack: {exc}")
 
 
-cdef object _capsule_of(object obj, str what):
+# ---------------------------------------------------------------- CUDA streams
+
+import threading as _threading
+
+_stream_choice = _threading.local()  # .stream: the stream of bncore.cuda.stream(...) blocks, or absent
+
+
+def set_stream(object stream):
+    """The stream CUDA calls of this thread run on (an int cudaStream_t, or an object with
+    `.cuda_stream` (torch) or `.ptr` (CuPy)); None: each producer's current stream. Returns the previous."""
+    previous = getattr(_stream_choice, "stream", None)
+    _stream_choice.stream = _stream_handle(stream) if stream is not None else None
+    return previous
+
+
+cdef object _stream_handle(object stream):
+    for name in ("cuda_stream", "ptr"):
+        if hasattr(stream, name):
+            return int(getattr(stream, name))
+    return int(stream)
+
+
+cdef size_t _cuda_stream_for(object obj, int device_id) except? 0:
+    """The stream bncore computes on for a CUDA tensor `obj`: the thread's choice, else the current
+    stream of obj's library on its device (torch, CuPy), else the legacy default stream (0)."""
+    chosen = getattr(_stream_choice, "stream", None)
+    if chosen is not None:
+        return <size_t>chosen
+    root = type(obj).__module__.split(".")[0]
+    if root == "torch":
+        import torch
+        return <size_t>torch.cuda.current_stream(device_id).cuda_stream
+    if root == "cupy":
+        import cupy
+        with cupy.cuda.Device(device_id):
+            return <size_t>cupy.cuda.get_current_stream().ptr
+    return 0
+
+
+cdef bint _is_cuda_device(int device_type) noexcept:
+    return device_type == kDLCUDA or device_type == kDLCUDAManaged
+
+
+cdef object _producer_device(object obj):
+    """obj.__dlpack_device__() as (type, id), or None when it has none or it fails."""
+    probe = getattr(obj, "__dlpack_device__", None)
+    if probe is None:
+        return None
+    try:
+        kind, index = probe()
+        return int(kind), int(index)
+    except Exception:
+        return None
+
+
+cdef class _CallContext:
+    """The C context of one call on x: NULL (the default) on the CPU; on a CUDA device, one that
+    carries the stream x was imported for. Where no context can be made (no device, no driver)
+    it stays NULL and the C call itself refuses x with the reason."""
+    cdef bn_context_t *c
+
+    def __cinit__(self, Tensor x):
+        self.c = NULL
+        if x is None or not _is_cuda_device(x.t.device.device_type):
+            return
+        if bn_context_create(x.t.device, &self.c) != BN_STATUS_SUCCESS:
+            self.c = NULL
+            return
+        if bn_context_set_stream(self.c, <void *>x.stream) != BN_STATUS_SUCCESS:
+            bn_context_destroy(self.c)
+            self.c = NULL
+
+    def __dealloc__(self):
+        if self.c is not NULL:
+            bn_context_destroy(self.c)
+
+
+cdef object _capsule_of(object obj, str what, object stream=None):
     if PyCapsule_CheckExact(obj):
         return obj
     if not hasattr(obj, "__dlpack__"):
@@ -296,6 +389,8 @@ cdef object _capsule_of(object obj, str what):
                         f"got {_kind(obj)}")
     try:
         try:
+            if stream is not None:  # a CUDA producer: its data, ready on the stream bncore computes on
+                return obj.__dlpack__(stream=stream, max_version=(DLPACK_MAJOR_VERSION, DLPACK_MINOR_VERSION))
             return obj.__dlpack__(max_version=(DLPACK_MAJOR_VERSION, DLPACK_MINOR_VERSION))
         except TypeError:
             return obj.__dlpack__()  # a producer older than DLPack 1.0 takes no max_version
@@ -350,6 +445,8 @@ def import_tensor(object obj, str what, bint writable=False):
             t.t = &t.view
             t.source = obj
             t.read_only = False
+            if _is_cuda_device(t.view.device.device_type):  # no sync needed: bncore runs on torch's stream
+                t.stream = _cuda_stream_for(obj, t.view.device.device_id)
             return t
         PyErr_Clear()  # the table declined (say, an unusual tensor): go through __dlpack__
     if getattr(obj, "requires_grad", False) and hasattr(obj, "detach"):
@@ -357,7 +454,13 @@ def import_tensor(object obj, str what, bint writable=False):
     cdef bint bfloat16_bits = _is_numpy_bfloat16(obj)
     # NumPy refuses to export ml_dtypes' bfloat16 through DLPack: export the same buffer as uint16
     # (a view, no copy) and read it as bfloat16, the format ml_dtypes stores
-    capsule = _capsule_of(obj.view("uint16") if bfloat16_bits else obj, what)
+    # NumPy arrays are host memory: no device query on the CPU path's most common producer
+    dev = None if PyCapsule_CheckExact(obj) or type(obj).__module__ == "numpy" else _producer_device(obj)
+    stream = None
+    if dev is not None and _is_cuda_device(dev[0]):
+        t.stream = _cuda_stream_for(obj, dev[1])
+        stream = t.stream if t.stream != 0 else 1  # DLPack spells the legacy default stream 1 (0 is invalid)
+    capsule = _capsule_of(obj.view("uint16") if bfloat16_bits else obj, what, stream)
     if PyCapsule_IsValid(capsule, b"dltensor_versioned"):
         mv = <DLManagedTensorVersioned *>PyCapsule_GetPointer(capsule, b"dltensor_versioned")
         if mv.version.major != DLPACK_MAJOR_VERSION:
@@ -893,6 +996,8 @@ def norm_forward(Desc desc, Tensor x, Tensor weight, Tensor bias, Tensor running
     """bn_norm_forward_ex over imported tensors (None for an absent one); the given statistics
     (stats_mean, stats_m2, stats_count) go with FLAG_GIVEN_STATS, save_r / save_d with FLAG_RENORM."""
     cdef bn_status_t st
+    cdef _CallContext cx = _CallContext(x)
+    cdef bn_context_t *ctx = cx.c
     cdef DLTensor *pres = _ptr(residual)
     cdef DLTensor *pr = _ptr(save_r)
     cdef DLTensor *pd = _ptr(save_d)
@@ -907,7 +1012,7 @@ def norm_forward(Desc desc, Tensor x, Tensor weight, Tensor bias, Tensor running
     cdef DLTensor *psm = _ptr(save_mean)
     cdef DLTensor *psr = _ptr(save_rstd)
     with nogil:
-        st = bn_norm_forward_ex(NULL, &desc.d, px, pw, pb, pres, pgm, pgq, stats_count, prm, prv, py, psm, psr,
+        st = bn_norm_forward_ex(ctx, &desc.d, px, pw, pb, pres, pgm, pgq, stats_count, prm, prv, py, psm, psr,
                                 pr, pd)
     check(st)
 
@@ -917,6 +1022,8 @@ def norm_backward(Desc desc, Tensor x, Tensor dy, Tensor weight, Tensor save_mea
                   Tensor save_d=None, Tensor dresidual=None):
     """bn_norm_backward_ex over imported tensors (None for an absent one)."""
     cdef bn_status_t st
+    cdef _CallContext cx = _CallContext(x)
+    cdef bn_context_t *ctx = cx.c
     cdef DLTensor *pyy = _ptr(y)
     cdef DLTensor *pr = _ptr(save_r)
     cdef DLTensor *pd = _ptr(save_d)
@@ -930,7 +1037,7 @@ def norm_backward(Desc desc, Tensor x, Tensor dy, Tensor weight, Tensor save_mea
     cdef DLTensor *pdw = _ptr(dweight)
     cdef DLTensor *pdb = _ptr(dbias)
     with nogil:
-        st = bn_norm_backward_ex(NULL, &desc.d, px, pdy, pw, psm, psr, pyy, pr, pd, pdx, pdw, pdb, pdres)
+        st = bn_norm_backward_ex(ctx, &desc.d, px, pdy, pw, psm, psr, pyy, pr, pd, pdx, pdw, pdb, pdres)
     check(st)
 
 
@@ -938,6 +1045,8 @@ def norm_backward_reduce(Desc desc, Tensor x, Tensor dy, Tensor save_mean, Tenso
                          Tensor sum_dy, Tensor sum_dy_xhat):
     """bn_norm_backward_reduce: per-parameter sums of dy and dy * xhat."""
     cdef bn_status_t st
+    cdef _CallContext cx = _CallContext(x)
+    cdef bn_context_t *ctx = cx.c
     cdef DLTensor *px = _ptr(x)
     cdef DLTensor *pdy = _ptr(dy)
     cdef DLTensor *psm = _ptr(save_mean)
@@ -945,7 +1054,7 @@ def norm_backward_reduce(Desc desc, Tensor x, Tensor dy, Tensor save_mean, Tenso
     cdef DLTensor *ps1 = _ptr(sum_dy)
     cdef DLTensor *ps2 = _ptr(sum_dy_xhat)
     with nogil:
-        st = bn_norm_backward_reduce(NULL, &desc.d, px, pdy, psm, psr, ps1, ps2)
+        st = bn_norm_backward_reduce(ctx, &desc.d, px, pdy, psm, psr, ps1, ps2)
     check(st)
 
 
@@ -953,6 +1062,8 @@ def norm_backward_apply(Desc desc, Tensor x, Tensor dy, Tensor weight, Tensor sa
                         Tensor sum_dy, Tensor sum_dy_xhat, int64_t count, Tensor dx):
     """bn_norm_backward_apply: grad_input from the (all-reduced) sums and their count."""
     cdef bn_status_t st
+    cdef _CallContext cx = _CallContext(x)
+    cdef bn_context_t *ctx = cx.c
     cdef DLTensor *px = _ptr(x)
     cdef DLTensor *pdy = _ptr(dy)
     cdef DLTensor *pw = _ptr(weight)
@@ -962,7 +1073,7 @@ def norm_backward_apply(Desc desc, Tensor x, Tensor dy, Tensor weight, Tensor sa
     cdef DLTensor *ps2 = _ptr(sum_dy_xhat)
     cdef DLTensor *pdx = _ptr(dx)
     with nogil:
-        st = bn_norm_backward_apply(NULL, &desc.d, px, pdy, pw, psm, psr, ps1, ps2, count, pdx)
+        st = bn_norm_backward_apply(ctx, &desc.d, px, pdy, pw, psm, psr, ps1, ps2, count, pdx)
     check(st)
 
 
@@ -971,6 +1082,8 @@ def norm_forward_stats(Desc desc, Tensor x, Tensor weight, Tensor bias, RunningS
                        int64_t stats_count=0, Tensor residual=None, Tensor save_r=None, Tensor save_d=None):
     """bn_norm_forward_stats_ex: the forward with running statistics kept in a state."""
     cdef bn_status_t st
+    cdef _CallContext cx = _CallContext(x)
+    cdef bn_context_t *ctx = cx.c
     cdef DLTensor *pres = _ptr(residual)
     cdef DLTensor *pr = _ptr(save_r)
     cdef DLTensor *pd = _ptr(save_d)
@@ -983,7 +1096,7 @@ def norm_forward_stats(Desc desc, Tensor x, Tensor weight, Tensor bias, RunningS
     cdef DLTensor *psm = _ptr(save_mean)
     cdef DLTensor *psr = _ptr(save_rstd)
     with nogil:
-        st = bn_norm_forward_stats_ex(NULL, &desc.d, px, pw, pb, pres, pgm, pgq, stats_count, stats.s, py, psm,
+        st = bn_norm_forward_stats_ex(ctx, &desc.d, px, pw, pb, pres, pgm, pgq, stats_count, stats.s, py, psm,
                                       psr, pr, pd)
     check(st)
 
@@ -991,12 +1104,14 @@ def norm_forward_stats(Desc desc, Tensor x, Tensor weight, Tensor bias, RunningS
 def norm_stats(Desc desc, Tensor x, Tensor mean, Tensor m2):
     """bn_norm_stats: per-group mean and m2 (the forward's own numbers); returns the elements per group."""
     cdef bn_status_t st
+    cdef _CallContext cx = _CallContext(x)
+    cdef bn_context_t *ctx = cx.c
     cdef int64_t count = 0
     cdef DLTensor *px = _ptr(x)
     cdef DLTensor *pm = _ptr(mean)
     cdef DLTensor *pm2 = _ptr(m2)
     with nogil:
-        st = bn_norm_stats(NULL, &desc.d, px, pm, pm2, &count)
+        st = bn_norm_stats(ctx, &desc.d, px, pm, pm2, &count)
     check(st)
     return count
 

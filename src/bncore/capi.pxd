@@ -11,6 +11,7 @@ cdef extern from "dlpack/dlpack.h" nogil:
     ctypedef enum DLDeviceType:
         kDLCPU
         kDLCUDA
+        kDLCUDAManaged
         kDLCUDAHost
 
     ctypedef struct DLDevice:
@@ -73,6 +74,10 @@ cdef extern from "bncore/bncore.h" nogil:
     const char *bn_last_error()
     uint32_t bn_version()
     const char *bn_version_string()
+    uint32_t BN_BUILD_CUDA
+    uint32_t BN_BUILD_OPENMP
+    bn_status_t bn_build_features(uint32_t *features, const char **cuda_architectures)
+    bn_status_t bn_cuda_device_count(int32_t *count)
     bn_status_t bn_set_num_threads(int32_t n)
     int32_t bn_get_num_threads()
 

@@ -55,10 +55,21 @@ struct bn_backend_t {
   /* Small per-channel tensors (parameters, statistics) to and from host doubles. */
   bn_status_t (*gather)(const bn_exec_t *ex, const DLTensor *t, double *dst);
   bn_status_t (*scatter)(const bn_exec_t *ex, DLTensor *t, const double *src);
+  /* Can this process compute on `device` now (a driver, the device present)? NULL: always. */
+  bn_status_t (*probe)(DLDevice device);
+  /* The default workspace allocator of this device (user: the call's stream); NULL: malloc. */
+  bn_alloc_fn alloc;
+  bn_free_fn free;
 };
 
 /* The CPU backend (cpu/engine.c). */
 extern const bn_backend_t bn_cpu_backend;
+#ifdef BNCORE_WITH_CUDA
+/* The CUDA backend (cuda/engine.cu), in CUDA builds only; and its device count (0 without a
+ * driver or a device, never an error). */
+extern const bn_backend_t bn_cuda_backend;
+int bn_cuda_device_count_raw(void);
+#endif
 
 /* Resolves ctx (NULL: the default context of `home`) into *ex. UNSUPPORTED_DEVICE when no
  * backend of this build computes there; `what` names the tensor whose device decided. */

@@ -1,5 +1,6 @@
 /* Execution contexts, the process-wide thread default and the backend lookup. */
 #include <limits.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -56,8 +57,12 @@ static const char *device_name(int32_t type) {
 
 /* The backend that computes on `device`'s memory in this build, or NULL. */
 static const bn_backend_t *backend_for(DLDevice device) {
-  /* pinned (cuda_host) and managed (cuda_managed) memory are host memory to the CPU backend;
-   * a CUDA build will take managed memory onto its device */
+#ifdef BNCORE_WITH_CUDA
+  if (device.device_type == kDLCUDA) return &bn_cuda_backend;
+  /* managed memory is computed on its device when there is one; else the CPU reads it */
+  if (device.device_type == kDLCUDAManaged && bn_cuda_device_count_raw() > 0) return &bn_cuda_backend;
+#endif
+  /* pinned (cuda_host) and managed (cuda_managed) memory are host memory to the CPU backend */
   return bn_is_host(device) ? &bn_cpu_backend : NULL;
 }
 
@@ -71,19 +76,41 @@ static void plain_free(void *user, void *ptr) {
   free(ptr);
 }
 
+#ifdef BNCORE_WITH_CUDA
+#define BUILD_DEVICES "cpu, cuda_host and cuda_managed memory, and cuda memory where a CUDA device is present"
+#else
+#define BUILD_DEVICES "cpu, cuda_host and cuda_managed memory"
+#endif
+
+/* The allocator of a call: the caller's, else the backend's own (on the stream), else malloc. */
+static void resolve_alloc(const bn_backend_t *b, void *stream, bn_alloc_fn alloc, bn_free_fn free_fn, void *user,
+                          bn_exec_t *ex) {
+  if (alloc) ex->alloc = alloc, ex->free = free_fn, ex->alloc_user = user;
+  else if (b->alloc) ex->alloc = b->alloc, ex->free = b->free, ex->alloc_user = stream;
+  else ex->alloc = plain_alloc, ex->free = plain_free, ex->alloc_user = NULL;
+}
+
 bn_status_t bn_exec_resolve(const bn_context_t *ctx, DLDevice home, const char *what, bn_exec_t *ex) {
   if (ctx) {
     *ex = (bn_exec_t){ctx->backend, ctx->device, ctx->stream, ctx->nthreads > 0 ? ctx->nthreads : default_threads(),
-                      ctx->alloc ? ctx->alloc : plain_alloc, ctx->alloc ? ctx->free : plain_free, ctx->alloc_user};
+                      NULL, NULL, NULL};
+    resolve_alloc(ctx->backend, ctx->stream, ctx->alloc, ctx->free, ctx->alloc_user, ex);
     return BN_STATUS_SUCCESS;
   }
   const bn_backend_t *b = backend_for(home);
   if (!b)
     return bn_fail(BN_STATUS_UNSUPPORTED_DEVICE,
                    "%s: no backend of this build computes on %s memory (device type %d, id %d); "
-                   "this build computes on the CPU (cpu, cuda_host and cuda_managed memory)",
+                   "this build computes on " BUILD_DEVICES,
                    what, device_name(home.device_type), (int)home.device_type, (int)home.device_id);
-  *ex = (bn_exec_t){b, home, NULL, default_threads(), plain_alloc, plain_free, NULL};
+  if (b->probe && b->probe(home)) {
+    char why[256]; /* the probe's message, copied out of the buffer bn_fail rewrites */
+    snprintf(why, sizeof why, "%s", bn_last_error());
+    return bn_fail(BN_STATUS_UNSUPPORTED_DEVICE, "%s: on %s:%d, but %s", what, device_name(home.device_type),
+                   (int)home.device_id, why);
+  }
+  *ex = (bn_exec_t){b, home, NULL, default_threads(), NULL, NULL, NULL};
+  resolve_alloc(b, NULL, NULL, NULL, NULL, ex);
   return BN_STATUS_SUCCESS;
 }
 

@@ -170,4 +170,18 @@ SUITE(status) {
     CHECK(bn_set_num_threads(-5) == BN_STATUS_SUCCESS);
     CHECK(bn_get_num_threads() >= 1);
   }
+
+  TEST(build_features) {
+    uint32_t features = 0xffffffffu;
+    const char *archs = NULL;
+    CHECK(bn_build_features(&features, &archs) == BN_STATUS_SUCCESS && archs != NULL);
+    CHECK(bn_build_features(NULL, NULL) == BN_STATUS_SUCCESS);
+    CHECK((features & ~(uint32_t)(BN_BUILD_CUDA | BN_BUILD_OPENMP)) == 0);
+    CHECK(((features & BN_BUILD_CUDA) != 0) == (BNCORE_TEST_EXPECT_CUDA != 0));
+    CHECK((archs[0] != '\0') == ((features & BN_BUILD_CUDA) != 0));
+    int32_t count = -1;
+    CHECK(bn_cuda_device_count(&count) == BN_STATUS_SUCCESS && count >= 0);
+    if (!(features & BN_BUILD_CUDA)) CHECK(count == 0);
+    CHECK(bn_cuda_device_count(NULL) == BN_STATUS_INVALID_ARGUMENT);
+  }
 }

@@ -107,6 +107,22 @@ BN_API uint32_t bn_version(void);
 /* BN_VERSION_STRING of the loaded library, e.g. "0.2.0". Static, never NULL. */
 BN_API const char *bn_version_string(void);
 
+/* ------------------------------------------------------------------ build */
+
+/* Features compiled into the loaded library (bits of bn_build_features' out). */
+#define BN_BUILD_CUDA 1u   /* the CUDA backend (kDLCUDA, kDLCUDAManaged memory) */
+#define BN_BUILD_OPENMP 2u /* the CPU kernels run on OpenMP threads */
+
+/* What the loaded library was built with: `features` (out, may be NULL) receives BN_BUILD_*
+ * bits; `cuda_architectures` (out, may be NULL) a static string of the CUDA architectures
+ * compiled in, CMake's spelling (e.g. "80-real;90-real;90-virtual"), "" without CUDA.
+ * Returns SUCCESS. Since 0.4. */
+BN_API bn_status_t bn_build_features(uint32_t *features, const char **cuda_architectures);
+/* The number of CUDA devices this process can use now (out): 0 in a build without CUDA, and
+ * with no driver or no device (never an error; the CUDA runtime is asked once per call).
+ * Returns SUCCESS, INVALID_ARGUMENT (count NULL). Since 0.4. */
+BN_API bn_status_t bn_cuda_device_count(int32_t *count);
+
 /* ------------------------------------------------------------------ threads */
 
 /* Sets the process-wide default number of OpenMP threads of bncore's CPU kernels
@@ -120,7 +136,9 @@ BN_API int32_t bn_get_num_threads(void);
 
 /*
  * A context says where and how compute calls run: the device (and so the backend:
- * the CPU backend for kDLCPU, kDLCUDAHost and kDLCUDAManaged memory in this build),
+ * the CPU backend for kDLCPU and kDLCUDAHost memory; in a CUDA build (BN_BUILD_CUDA) the
+ * CUDA backend for kDLCUDA memory and for kDLCUDAManaged memory when a device is present,
+ * the CPU backend for managed memory otherwise),
  * the stream of devices that have them, a workspace allocator and the thread count.
  * Opaque; owned by the caller from bn_context_create to bn_context_destroy.
  * Compute calls only read a context, so one context may serve concurrent calls;
@@ -133,7 +151,9 @@ typedef struct bn_context_t bn_context_t;
  * call (on the context's device: the CPU kernels' slab partials, column scratch and
  * compute-type copies) and gives every block back before the call returns. The small
  * per-group and per-parameter host arrays of the entry points come from malloc. alloc returns NULL when it cannot serve `bytes`; blocks must be aligned
- * for any type (as malloc's). `user` is passed through unchanged.
+ * for any type (as malloc's). `user` is passed through unchanged. A CUDA context's allocator
+ * must return device memory usable on the context's stream; without one, the CUDA backend
+ * uses cudaMallocAsync / cudaFreeAsync on that stream.
  */
 typedef void *(*bn_alloc_fn)(void *user, size_t bytes);
 typedef void (*bn_free_fn)(void *user, void *ptr);
@@ -141,14 +161,15 @@ typedef void (*bn_free_fn)(void *user, void *ptr);
 /* Creates a context for `device` (out: owned by the caller; free it with
  * bn_context_destroy): no stream, malloc for workspaces, the process-wide thread count.
  * Returns SUCCESS, INVALID_ARGUMENT (out NULL), UNSUPPORTED_DEVICE (no backend of this
- * build computes there), OUT_OF_MEMORY. */
+ * build computes there, or a CUDA device without a usable driver or device), OUT_OF_MEMORY. */
 BN_API bn_status_t bn_context_create(DLDevice device, bn_context_t **out);
 /* Frees a context; NULL does nothing. Returns SUCCESS. */
 BN_API bn_status_t bn_context_destroy(bn_context_t *ctx);
 /* The device of a context (out). Returns SUCCESS, INVALID_ARGUMENT. */
 BN_API bn_status_t bn_context_device(const bn_context_t *ctx, DLDevice *device);
-/* The stream calls are ordered on (a cudaStream_t for CUDA devices; NULL: the default
- * stream). Borrowed: it must outlive the calls that use it. The CPU backend has no
+/* The stream calls are ordered on (a cudaStream_t for CUDA devices; NULL: the legacy default
+ * stream). Borrowed: it must outlive the calls that use it. Kernels, copies and workspaces of a
+ * call are all ordered on it; docs/cuda.md lists the calls that wait for it on the host. The CPU backend has no
  * streams and refuses a non-NULL one. Returns SUCCESS, INVALID_ARGUMENT. */
 BN_API bn_status_t bn_context_set_stream(bn_context_t *ctx, void *stream);
 /* Threads of CPU kernels run through this context; 0 (the default) follows
