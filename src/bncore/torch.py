@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import logging
 import threading
 import warnings
@@ -182,6 +183,19 @@ class BatchNorm3d(_GhostBatchNorm, torch.nn.BatchNorm3d):
     ``virtual_batch_size=`` for ghost batch norm."""
 
 
+def _with_virtual_batch_size(cls: type, base: type) -> None:
+    """`cls`'s signature: torch.nn's `base`'s (whatever the installed torch takes) and the keyword-only
+    virtual_batch_size, which the constructor adds."""
+    sig = inspect.signature(base)
+    extra = inspect.Parameter("virtual_batch_size", inspect.Parameter.KEYWORD_ONLY, default=None)
+    setattr(cls, "__signature__", sig.replace(parameters=[*sig.parameters.values(), extra]))  # noqa: B010
+
+
+for _cls, _base in ((BatchNorm1d, torch.nn.BatchNorm1d), (BatchNorm2d, torch.nn.BatchNorm2d),
+                    (BatchNorm3d, torch.nn.BatchNorm3d)):
+    _with_virtual_batch_size(_cls, _base)
+
+
 # ---------------------------------------------------------------- fused batch norm + relu
 
 
@@ -215,6 +229,11 @@ class BatchNormReLU2d(_BatchNormReLU, torch.nn.BatchNorm2d):
 
 class BatchNormReLU3d(_BatchNormReLU, torch.nn.BatchNorm3d):
     """bncore.torch.BatchNorm3d followed by a ReLU, fused; ``forward(input, residual=None)``."""
+
+
+for _cls, _base in ((BatchNormReLU1d, torch.nn.BatchNorm1d), (BatchNormReLU2d, torch.nn.BatchNorm2d),
+                    (BatchNormReLU3d, torch.nn.BatchNorm3d)):
+    _with_virtual_batch_size(_cls, _base)
 
 
 # ---------------------------------------------------------------- batch renormalization
