@@ -191,8 +191,9 @@ def _with_virtual_batch_size(cls: type, base: type) -> None:
     setattr(cls, "__signature__", sig.replace(parameters=[*sig.parameters.values(), extra]))  # noqa: B010
 
 
-for _cls, _base in ((BatchNorm1d, torch.nn.BatchNorm1d), (BatchNorm2d, torch.nn.BatchNorm2d),
-                    (BatchNorm3d, torch.nn.BatchNorm3d)):
+_SIGNED: tuple[tuple[type, type], ...] = ((BatchNorm1d, torch.nn.BatchNorm1d), (BatchNorm2d, torch.nn.BatchNorm2d),
+                                          (BatchNorm3d, torch.nn.BatchNorm3d))
+for _cls, _base in _SIGNED:
     _with_virtual_batch_size(_cls, _base)
 
 
@@ -231,8 +232,9 @@ class BatchNormReLU3d(_BatchNormReLU, torch.nn.BatchNorm3d):
     """bncore.torch.BatchNorm3d followed by a ReLU, fused; ``forward(input, residual=None)``."""
 
 
-for _cls, _base in ((BatchNormReLU1d, torch.nn.BatchNorm1d), (BatchNormReLU2d, torch.nn.BatchNorm2d),
-                    (BatchNormReLU3d, torch.nn.BatchNorm3d)):
+_SIGNED = ((BatchNormReLU1d, torch.nn.BatchNorm1d), (BatchNormReLU2d, torch.nn.BatchNorm2d),
+           (BatchNormReLU3d, torch.nn.BatchNorm3d))
+for _cls, _base in _SIGNED:
     _with_virtual_batch_size(_cls, _base)
 
 
