@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser(
         "bench", help="time bncore against PyTorch and NumPy, and against the machine's copy bandwidth",
         description="Measures the copy bandwidth (DRAM and in-cache), then times batch, layer, instance and "
-                    "group norm (forward and backward, float32 and bfloat16, NCHW and channels-last) in bncore, "
+                    "group and RMS norm (forward and backward, float32, bfloat16 and float16, NCHW and channels-last) in bncore, "
                     "PyTorch (when installed) and plain NumPy (bncore.reference at float32), alternating them in "
                     "each repeat, checks every result against bncore.reference in float64, and prints the "
                     "median times, bncore's speed-up over PyTorch (torch time / bncore time), its GB/s and the "
@@ -73,6 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--plot", default=None, metavar="FILE",
                        help="write a PNG bar chart of the speed-ups over PyTorch (needs matplotlib)")
     bench.add_argument("--suite", default="full", choices=("full", "tiny"), help=argparse.SUPPRESS)
+    bench.add_argument("--only", default=None, metavar="WORDS",
+                       help="time only the cases whose label (op, pass, shape, dtype, layout, as the table prints "
+                            "them) contains every word of WORDS, e.g. --only 'layer_norm bwd 768'; the fused "
+                            "epilogue and the distributed case are then skipped")
     bench.add_argument("--no-torch", action="store_true", help=argparse.SUPPRESS)
     bench.add_argument("--no-distributed", action="store_true",
                        help="skip the distributed case (2 processes, synchronized batch norm)")

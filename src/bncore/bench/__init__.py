@@ -41,14 +41,16 @@ NOTES = [
      "dominate the time of a memory-bound kernel; bncore serves such outputs from its cache of freed buffers "
      "(bncore.pool), and alloc_over_out (alloc ms / out= ms) says what allocating still costs."),
     ("PyTorch backward: torch.ops.aten.native_{batch,layer,group}_norm_backward called directly with "
-     "output_mask [True, True, True]: only the backward kernel, no autograd graph or engine."),
+     "output_mask [True, True, True]: only the backward kernel, no autograd graph or engine. RMS norm has no "
+     "CPU backward kernel in PyTorch: its row times torch.autograd.grad over F.rms_norm's recorded graph."),
     ("numpy: bncore.reference's formulas evaluated in float32, single-threaded; its backward takes the "
      "forward's saved statistics; its training forward also updates the running statistics."),
     ("Every contender's outputs are checked against bncore.reference in float64 (max_error_vs_reference: "
      "the largest error relative to the largest expected magnitude, within tolerance)."),
     "Each repeat runs every contender once, the order rotated per repeat; times are medians after warm-up.",
     "Speed-ups are bncore's: the other's time / bncore's time (above 1: bncore is faster).",
-    "bfloat16 cases keep weight, bias and running statistics in float32; NumPy has no bfloat16 ('-').",
+    ("bfloat16 and float16 cases keep weight, bias and running statistics in float32; the NumPy contender "
+     "runs float32 only ('-')."),
 ]
 
 
@@ -142,7 +144,7 @@ def run(suite: Suite, threads=None, quick=False, torch=None, echo=print) -> dict
                  + (" (something ran in the last minute: if it still runs, times are noisy)" if load[0] >= 0.5
                     else ""))
         if torch is None:
-            echo("PyTorch is not installed: no PyTorch column, no bfloat16 cases, bncore runs on NumPy arrays")
+            echo("PyTorch is not installed: no PyTorch column, no half-type cases, bncore runs on NumPy arrays")
         bw = measure_bandwidth(suite, n, reps)
         _print_bandwidth(echo, suite, bw, n)
         echo("")
@@ -152,7 +154,7 @@ def run(suite: Suite, threads=None, quick=False, torch=None, echo=print) -> dict
         results = []
         skipped = []
         for case in suite.cases:
-            if case.dtype == "bfloat16" and torch is None:
+            if case.dtype != "float32" and torch is None:
                 skipped.append(case.label())
                 continue
             r = run_case(case, torch, reps, bw["dram"]["gbps"], info["llc_bytes"])
@@ -163,7 +165,7 @@ def run(suite: Suite, threads=None, quick=False, torch=None, echo=print) -> dict
                  "run from it,")
             echo("  above the DRAM copy bandwidth")
         if skipped:
-            echo(f"skipped without PyTorch: {len(skipped)} bfloat16 case(s)")
+            echo(f"skipped without PyTorch: {len(skipped)} half-type case(s)")
         for r in results:
             for name, error in r["max_error_vs_reference"].items():
                 if error > r["tolerance"]:
@@ -193,9 +195,23 @@ def main(args) -> int:
         return 2
     torch = _import_torch(getattr(args, "no_torch", False))
     suite_name = getattr(args, "suite", "full")
+    suite = SUITES[suite_name]()
+    only = getattr(args, "only", None)
+    if only:
+        words = only.split()
+        suite.cases = [c for c in suite.cases if all(w in c.label() for w in words)]
+        if not suite.cases:
+            print(f"bncore bench: --only: no case of the {suite_name} suite matches {only!r}", file=sys.stderr)
+            return 2
     t0 = time.perf_counter()
-    result = run(SUITES[suite_name](), args.threads, args.quick, torch, echo=lambda s: print(s, flush=True))
+    result = run(suite, args.threads, args.quick, torch, echo=lambda s: print(s, flush=True))
     result["settings"]["suite"] = suite_name
+    result["settings"]["only"] = only
+    if only:
+        result["settings"]["wall_s"] = time.perf_counter() - t0
+        if args.json:
+            print(report.write_json(args.json, result))
+        return 0
     # the fused epilogue: BN + ReLU in one pass against BN then a separate ReLU (bench/fused.py)
     fused_shape = FUSED_SHAPE if suite_name == "full" else (4, 8, 6, 6)
     print("", flush=True)

@@ -14,13 +14,13 @@
   memory in the layout a NumPy user holds (NHWC for channels-last); single-threaded, as NumPy's
   element-wise operations and reductions are. Its backward takes the statistics the forward saved,
   as the other backward kernels do; its training forward updates the running statistics through
-  the reference's own function (so it computes the batch statistics twice). Skipped for bfloat16,
-  which NumPy has no type for.
+  the reference's own function (so it computes the batch statistics twice). Skipped for the half
+  types (NumPy has no bfloat16, and its float16 arithmetic is not what a NumPy user would time).
 
 Every contender's outputs (y; or dx, dweight, dbias) are compared with the same reference in
 float64, computed from the same (bfloat16-rounded, where so) inputs.
 
-bfloat16 cases keep their weight, bias and running statistics in float32 (the mixed-precision
+bfloat16 and float16 cases keep their weight, bias and running statistics in float32 (the mixed-precision
 setup), which both libraries accept.
 """
 from __future__ import annotations
@@ -42,7 +42,7 @@ CONTENDERS = ("bncore", "bncore_alloc", "torch", "numpy")
 # Looser than the tests' table: the bench's groups hold up to 10^5 random elements, and a backward
 # gets the statistics its forward saved, rounded. On the full suite bncore stays below 3e-7
 # (float32) and 3e-3 (bfloat16, the output's rounding); the loosest float32 contender, 1e-5.
-TOLERANCE = {"float32": 1e-4, "bfloat16": 2e-2}
+TOLERANCE = {"float32": 1e-4, "bfloat16": 2e-2, "float16": 4e-3}
 
 
 def tolerance(case: Case) -> float:
@@ -63,7 +63,7 @@ class Tensors:
         phys = (shape[0],) + shape[2:] + (shape[1],) if nhwc else shape
         xp = rng.standard_normal(phys, dtype=np.float32) * 2 + 0.5
         dyp = rng.standard_normal(phys, dtype=np.float32)
-        c = shape[-1] if case.op == "layer_norm" else shape[1]
+        c = shape[-1] if case.op in ("layer_norm", "rms_norm") else shape[1]
         params = {"w": 1 + 0.1 * rng.standard_normal(c, dtype=np.float32),
                   "b": 0.1 * rng.standard_normal(c, dtype=np.float32),
                   "rm": 0.1 * rng.standard_normal(c, dtype=np.float32),
@@ -127,6 +127,12 @@ def reference(case: Case, x, dy, p, *, axis=1, saved=None, running=None, dtype=n
         if case.kind == "fwd":
             return R.layer_norm_ref(x, 1, w, b, EPS, dtype=dtype)[:1]
         return R.layer_norm_backward_ref(dy, x, 1, w, EPS, dtype=dtype, **stats)
+    if case.op == "rms_norm":  # no bias, no mean: (y,) or (dx, dweight)
+        if case.kind == "fwd":
+            return R.layer_norm_ref(x, 1, w, None, EPS, rms=True, dtype=dtype)[:1]
+        if saved is not None:
+            stats = {"saved_mean": np.zeros_like(np.asarray(saved[1])), "saved_rstd": saved[1]}
+        return R.layer_norm_backward_ref(dy, x, 1, w, EPS, rms=True, dtype=dtype, **stats)[:2]
     if case.op == "instance_norm":
         return R.instance_norm_ref(x, w, b, EPS, dtype=dtype)[:1]
     if case.op == "group_norm":
@@ -194,6 +200,28 @@ def build(case: Case, torch):
                 fns["torch"] = lambda: aten.native_layer_norm_backward(dy, x, list(ns), smt, srt, w, b, mask)
                 torch_call = "aten.native_layer_norm_backward (kernel only)"
 
+    elif case.op == "rms_norm":
+        ns = (shape[-1],)
+        if case.kind == "fwd":
+            fns["bncore"] = lambda: bncore.rms_norm(x, ns, w, EPS, out=out)
+            fns["bncore_alloc"] = lambda: bncore.rms_norm(x, ns, w, EPS)
+            if torch is not None:
+                fns["torch"] = lambda: F.rms_norm(x, ns, w, EPS)
+                torch_call = "F.rms_norm"
+        else:
+            _, sr = bncore.rms_norm_forward(x, ns, w, EPS)
+            saved = None, sr
+            fns["bncore"] = lambda: bncore.rms_norm_backward(dy, x, ns, w, sr, out=out)[:2]
+            fns["bncore_alloc"] = lambda: bncore.rms_norm_backward(dy, x, ns, w, sr)[:2]
+            if torch is not None:
+                # PyTorch has no CPU kernel for it (aten._fused_rms_norm_backward is CUDA's only):
+                # F.rms_norm is composite on the CPU, so its backward is autograd's over those ops,
+                # timed alone on a graph recorded once (retain_graph)
+                xg, wg = x.detach().requires_grad_(), w.detach().requires_grad_()
+                yg = F.rms_norm(xg, ns, wg, EPS)
+                fns["torch"] = lambda: torch.autograd.grad(yg, (xg, wg), dy, retain_graph=True)
+                torch_call = "autograd backward of F.rms_norm (no CPU kernel)"
+
     elif case.op == "instance_norm":
         fns["bncore"] = lambda: bncore.instance_norm(x, None, None, w, b, True, MOMENTUM, EPS, out=out)
         fns["bncore_alloc"] = lambda: bncore.instance_norm(x, None, None, w, b, True, MOMENTUM, EPS)
@@ -222,7 +250,7 @@ def build(case: Case, torch):
         raise ValueError(f"unknown op {case.op!r}")
 
     if d.numpy_ok:
-        np_saved = None if saved is None else (_float32(saved[0]), _float32(saved[1]))
+        np_saved = None if saved is None else tuple(None if s is None else _float32(s) for s in saved)
         running = (d.pn["rm"].copy(), d.pn["rv"].copy()) if case.kind == "fwd-train" else None
         fns["numpy"] = lambda: reference(case, d.xn, d.dyn, d.pn, axis=d.np_axis, saved=np_saved, running=running,
                                          dtype=np.float32)

@@ -62,7 +62,15 @@ typedef struct bn_kernels_t {
   void (*grad_sums)(const bn_row_t *tile, const bn_cpu_coef_t *k, int target, int64_t t, int64_t ts, int64_t rt,
                     double *acc_a, double *acc_b);
   void (*apply_forward)(const bn_row_t *tile, const bn_cpu_coef_t *k);
+  /* the fused forward of a tile of one-row groups: statistics into c (finished for groups of n), then apply */
+  void (*forward_rows)(const bn_row_t *tile, const bn_cpu_coef_t *k, bn_coef_t *c, double n);
+  /* the fused forward of one group made of the tile's rows (group index tile->g) */
+  void (*forward_group)(const bn_row_t *tile, const bn_cpu_coef_t *k, bn_coef_t *c, double n);
   void (*apply_backward)(const bn_row_t *tile, const bn_cpu_coef_t *k);
+  /* the fused backward of a tile of one-row groups with parameters along the row: group sums
+   * (training), compute-type parameter partials (pa, pb; NULL: none), dx by `apply` (NULL: none) */
+  void (*backward_rows)(const bn_row_t *tile, const bn_cpu_coef_t *k, const bn_cpu_coef_t *apply, int training,
+                        void *pa, void *pb);
   /* per-group coefficients (mean, scale, shift | mean, k1, c1, k2) in the compute type */
   void (*group_coefs)(const bn_coef_t *c, int64_t ngroups, int backward, void *mean, void *scale, void *shift,
                       void *slope);
