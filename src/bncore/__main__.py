@@ -59,8 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser(
         "bench", help="time bncore against PyTorch and NumPy, and against the machine's copy bandwidth",
-        description="Measures the copy bandwidth (DRAM and in-cache), then times batch, layer, instance and "
-                    "group and RMS norm (forward and backward, float32, bfloat16 and float16, NCHW and channels-last) in bncore, "
+        description="Measures the copy bandwidth (DRAM and in-cache), then times batch, layer, RMS, instance "
+                    "and group norm (forward and backward, float32, bfloat16 and float16, NCHW and channels-last) in "
+                    "bncore, "
                     "PyTorch (when installed) and plain NumPy (bncore.reference at float32), alternating them in "
                     "each repeat, checks every result against bncore.reference in float64, and prints the "
                     "median times, bncore's speed-up over PyTorch (torch time / bncore time), its GB/s and the "
