@@ -5,9 +5,9 @@
 #include "cpu.h"
 #include "../half.h"
 
-static inline float load_f16(const uint16_t *p) { return bn_f16_to_f32(*p); }
+static inline float load_f16(const uint16_t *p) { return bn_f16_to_f32_vec(*p); }
 static inline float load_bf16(const uint16_t *p) { return bn_bf16_to_f32(*p); }
-static inline void store_f16(uint16_t *p, float v) { *p = bn_f32_to_f16(v); }
+static inline void store_f16(uint16_t *p, float v) { *p = bn_f32_to_f16_vec(v); }
 static inline void store_bf16(uint16_t *p, float v) { *p = bn_f32_to_bf16(v); }
 
 #define T float
