@@ -10,6 +10,7 @@
 #define BN_PIECE 2048
 /* Independent accumulators per piece: enough to hide add latency in wide vectors. */
 #define BN_LANES 32
+#define BN_BLOCK_BYTES 8192 /* bytes of x per block of short rows in the fused row kernels */
 
 /* One row of the canonical problem (the innermost dim at fixed outer indices), or a
  * tile of m such rows along the next dim, whose strides are rx, rdy, ro, rg, rp. */
