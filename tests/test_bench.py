@@ -128,6 +128,19 @@ def test_bench_plot(tmp_path, capsys):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_bench_only_times_the_matching_cases(tmp_path, capsys):
+    path = tmp_path / "only.json"
+    assert main(["bench", "--suite", "tiny", "--quick", "--threads", "1", "--only", "rms_norm fwd",
+                 "--json", str(path)]) == 0
+    report = json.loads(path.read_text())
+    assert report["settings"]["only"] == "rms_norm fwd"
+    assert [(c["op"], c["pass"]) for c in report["cases"]] == [("rms_norm", "fwd")]
+    assert report["cases"][0]["agrees"], report["cases"][0]["max_error_vs_reference"]
+    assert "fused" not in report and "distributed" not in report
+    assert main(["bench", "--suite", "tiny", "--quick", "--only", "no_such_norm"]) == 2
+    assert "no case of the tiny suite matches 'no_such_norm'" in capsys.readouterr().err
+
+
 def test_bench_rejects_bad_threads(capsys):
     assert main(["bench", "--suite", "tiny", "--threads", "0"]) == 2
     assert "--threads" in capsys.readouterr().err
