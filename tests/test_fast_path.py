@@ -136,3 +136,60 @@ def test_running_statistics_of_two_families(torch_side):
     np.testing.assert_allclose(np.asarray(rm), 0.1 * xd.mean(0), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(np.asarray(rv), 0.9 + 0.1 * xd.var(0, ddof=1), rtol=1e-5)
     np.testing.assert_allclose(y.numpy(), (xd - xd.mean(0)) / np.sqrt(xd.var(0) + 1e-5), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape, axis", CASES)
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("in_place", [False, True])
+def test_out_takes_the_fast_path_with_the_full_paths_bits(shape, axis, training, in_place, monkeypatch):
+    """batch_norm(..., out=) on PyTorch tensors: one C call into `out` (the checked path is not
+    entered), the same bits and running statistics as batch_norm_forward(out=), and `out` itself
+    returned; out may be the input (in place)."""
+    from bncore import functional
+    c = shape[axis]
+    x1, x2 = _data(shape, 6), _data(shape, 6)
+    w, b = torch.rand(c) + 0.5, torch.randn(c)
+    rm1, rv1 = torch.randn(c), torch.rand(c) + 0.5
+    rm2, rv2 = rm1.clone(), rv1.clone()
+    out1 = x1 if in_place else torch.empty_like(x1)
+    out2 = x2 if in_place else torch.empty_like(x2)
+    full = bncore.batch_norm_forward(x2, rm2, rv2, w, b, training, 0.3, 1e-4, axis=axis, out=out2)[0]
+    entered = []
+    checked = functional.batch_norm_forward
+    monkeypatch.setattr(functional, "batch_norm_forward", lambda *a, **k: entered.append(1) or checked(*a, **k))
+    v = out1._version, rm1._version
+    y = bncore.batch_norm(x1, rm1, rv1, w, b, training, 0.3, 1e-4, axis=axis, out=out1)
+    assert not entered, "the out= call left the fast path"
+    assert y is out1 and torch.equal(y, full)
+    assert torch.equal(rm1, rm2) and torch.equal(rv1, rv2)
+    assert out1._version > v[0]  # autograd learns of the write, as the checked path tells it
+    assert (rm1._version > v[1]) == training
+
+
+@pytest.mark.parametrize("bad_out, words", [
+    (lambda x: torch.empty(x.shape[0] + 1, *x.shape[1:]), "out"),
+    (lambda x: torch.empty_like(x, dtype=torch.float64), "out"),
+    (lambda x: torch.empty_like(x, requires_grad=True), None),
+    (lambda x: np.empty(tuple(x.shape), np.float32), None),
+])
+def test_out_fast_path_falls_back_for_what_it_cannot_take(bad_out, words):
+    """A wrong or unusual out= gives exactly the checked path's outcome (its error, with the
+    running statistics untouched, or its result)."""
+    x = _data((6, 4, 3), 7)
+    rm, rv = torch.randn(4), torch.rand(4) + 0.5
+    outcome = []
+    for call in (bncore.batch_norm, lambda *a, **k: bncore.batch_norm_forward(*a, **k)[0]):
+        o, r1, r2 = bad_out(x), rm.clone(), rv.clone()
+        try:
+            got = call(x, r1, r2, None, None, True, 0.1, 1e-5, out=o)
+            outcome.append(("ok", np.asarray(got.detach() if hasattr(got, "detach") else got).copy(), r1, r2))
+        except Exception as err:  # noqa: BLE001 - the two paths' outcomes are compared, whatever they are
+            outcome.append((type(err), str(err), r1, r2))
+            assert torch.equal(r1, rm) and torch.equal(r2, rv)
+    (k1, v1, a1, b1), (k2, v2, a2, b2) = outcome
+    assert k1 == k2
+    if k1 == "ok":
+        np.testing.assert_array_equal(v1, v2)
+        assert torch.equal(a1, a2) and torch.equal(b1, b2)
+    else:
+        assert v1 == v2 and (words is None or words in v1)

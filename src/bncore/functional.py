@@ -348,20 +348,31 @@ def _small_desc(key: tuple, shape: tuple[int, ...], training: bool, has_running:
 
 
 def _batch_norm_small(input: Array, running_mean: Array | None, running_var: Array | None, weight: Array | None,
-                      bias: Array | None, training: bool, momentum: Any, eps: Any, axis: Any) -> Array | None:
+                      bias: Array | None, training: bool, momentum: Any, eps: Any, axis: Any,
+                      out: Any = None) -> Array | None:
     """`batch_norm` for CPU tensors of a library with a DLPack C exchange table: the checks and the
     description of `batch_norm_forward` (remembered per key by `_small_desc`), the tensors borrowed
-    without capsules, the output made by the library's `empty_like`, one C call. Returns None for
-    anything else (other types or devices, a check that fails, running statistics that require grad,
-    a call the C core refuses; it validates before it writes, so nothing changed): the checked path
-    then runs and raises the explaining error. Written for the cost of a call of a few microseconds:
-    no helper is called on a repeated call but the key's lookup."""
+    without capsules, the output `out` (a PyTorch tensor that needs no grad) or made by the library's
+    `empty_like`, one C call. Returns None for anything else (other types or devices, a check that
+    fails, tensors that require grad where autograd's rules apply, a call the C core refuses; it
+    validates before it writes, so nothing changed): the checked path then runs and raises the
+    explaining error. Written for the cost of a call of a few microseconds: no helper is called on
+    a repeated call but the key's lookup."""
     shape = _core.exchange_shape(input)
     if shape is None:
         return None
-    empty_like = empty_like_of(input)
-    if empty_like is None:
-        return None
+    written: tuple[Any, ...] = ()
+    if out is None:
+        empty_like = empty_like_of(input)
+        if empty_like is None:
+            return None
+    else:  # `Call`'s rules for a written PyTorch tensor: one that requires grad takes the checked path
+        if not is_torch(out) or out.requires_grad:
+            return None
+        written = (out,)
+
+        def empty_like(_: Any) -> Any:
+            return out
     training = bool(training)
     has_running = running_mean is not None
     if has_running != (running_var is not None):
@@ -381,11 +392,11 @@ def _batch_norm_small(input: Array, running_mean: Array | None, running_var: Arr
         if ((is_torch(running_mean) and running_mean.requires_grad)
                 or (is_torch(running_var) and running_var.requires_grad)):
             return None
-        y = _core.exchange_forward(desc, empty_like, input, weight, bias, running_mean, running_var)
-        if y is not None:
-            bump_versions((running_mean, running_var))
-        return y
-    return _core.exchange_forward(desc, empty_like, input, weight, bias, running_mean, running_var)
+        written += (running_mean, running_var)
+    y = _core.exchange_forward(desc, empty_like, input, weight, bias, running_mean, running_var)
+    if y is not None and written:
+        bump_versions(written)
+    return y
 
 
 def batch_norm(input: Array, running_mean: Array | None = None, running_var: Array | None = None,
@@ -406,6 +417,14 @@ def batch_norm(input: Array, running_mean: Array | None = None, running_var: Arr
                                            axis, virtual_batch_size, activation, residual)
         return _batch_norm_plain(input, running_mean, running_var, weight, bias, training, momentum, eps, axis,
                                  virtual_batch_size, activation, residual)
+    # out= on PyTorch tensors: the fast path when nothing needs autograd's rules
+    if (virtual_batch_size is None and activation is None and residual is None and is_torch(input)
+            and not (input.requires_grad or getattr(weight, "requires_grad", False)
+                     or getattr(bias, "requires_grad", False))):
+        y = _batch_norm_small(input, running_mean, running_var, weight, bias, training, momentum, eps, axis,
+                              out=out)
+        if y is not None:
+            return y
     return batch_norm_forward(input, running_mean, running_var, weight, bias, training, momentum, eps, axis=axis,
                               out=out, virtual_batch_size=virtual_batch_size, activation=activation,
                               residual=residual, _want_stats=False)[0]
