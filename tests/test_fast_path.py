@@ -193,3 +193,160 @@ def test_out_fast_path_falls_back_for_what_it_cannot_take(bad_out, words):
         assert torch.equal(a1, a2) and torch.equal(b1, b2)
     else:
         assert v1 == v2 and (words is None or words in v1)
+
+
+# ---------------------------------------------------------------- the backward's one-call path
+
+
+@pytest.mark.parametrize("shape, axis", CASES)
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("into", ["new", "out", "grad_output"])
+def test_backward_fast_path_equals_checked_path_bitwise(shape, axis, training, affine, into, monkeypatch):
+    """batch_norm_backward on PyTorch tensors: one C call (the checked path is not entered), the
+    checked path's bits, strides and dtypes; out= is returned (and its version advanced), and may be
+    grad_output itself."""
+    from bncore import functional
+    c = shape[axis]
+    x = _data(shape, 8)
+    w = torch.rand(c) + 0.5 if affine else None
+    _, sm, si = bncore.batch_norm_forward(x, None, None, w, None, True, axis=axis)
+
+    def call(dy):
+        out = {"new": None, "out": torch.empty_like(dy), "grad_output": dy}[into]
+        return bncore.batch_norm_backward(dy, x, w, sm, si, training=training, axis=axis, out=out), out
+
+    with monkeypatch.context() as m:
+        m.setattr(functional, "_batch_norm_backward_small", lambda *a, **k: None)
+        want, _ = call(_data(shape, 9))
+    entered = []
+    setup = functional._batch_setup
+    monkeypatch.setattr(functional, "_batch_setup", lambda *a, **k: entered.append(1) or setup(*a, **k))
+    dy = _data(shape, 9)
+    version = dy._version
+    got, out = call(dy)
+    assert not entered, "the backward left the one-call path"
+    assert out is None or (got[0] is out and out._version > version)
+    for g, e in zip(got, want):
+        assert (g is None) == (e is None)
+        if g is not None:
+            assert torch.equal(g, e) and g.stride() == e.stride() and g.dtype == e.dtype
+
+
+def _np(t):
+    return np.asarray(t.detach() if hasattr(t, "detach") else t).copy()
+
+
+def _outcome(fn):
+    """What a call gives: ("ok", its outputs as NumPy) or (its error's type, its message)."""
+    try:
+        got = fn()
+    except Exception as err:  # noqa: BLE001 - the two paths' outcomes are compared, whatever they are
+        return type(err), str(err)
+    got = got if isinstance(got, tuple) else (got,)
+    return "ok", [None if g is None else _np(g) for g in got]
+
+
+def _same_outcome(a, b):
+    assert a[0] == b[0], (a, b)
+    if a[0] != "ok":
+        assert a[1] == b[1]
+        return
+    for u, v in zip(a[1], b[1]):
+        assert (u is None) == (v is None)
+        if u is not None:
+            np.testing.assert_array_equal(u, v)
+
+
+# one changed argument each (made afresh per call: a call may write it): the one-call paths must
+# give exactly the checked path's outcome (found by this test: a (C, 1) or (1, C) weight passed the
+# C core's element count, and the fast path took it)
+_C = 4
+_BAD_FORWARD = {
+    "weight (C, 1)": lambda: {"weight": torch.ones(_C, 1)},
+    "weight (1, C)": lambda: {"weight": torch.ones(1, _C)},
+    "bias (1, C)": lambda: {"bias": torch.zeros(1, _C)},
+    "weight int": lambda: {"weight": torch.ones(_C, dtype=torch.int32)},
+    "weight float64": lambda: {"weight": torch.ones(_C, dtype=torch.float64)},
+    "weight strided": lambda: {"weight": torch.ones(2 * _C)[::2]},
+    "weight 0-d": lambda: {"weight": torch.tensor(1.0)},
+    "running_mean (C, 1)": lambda: {"running_mean": torch.zeros(_C, 1)},
+    "running_var float16": lambda: {"running_var": torch.ones(_C, dtype=torch.float16)},
+    "running_var short": lambda: {"running_var": torch.ones(_C - 1)},
+    "weight numpy": lambda: {"weight": np.ones(_C, np.float32)},
+}
+_BAD_BACKWARD = {
+    "weight (C, 1)": lambda: {"weight": torch.ones(_C, 1)},
+    "weight (1, C)": lambda: {"weight": torch.ones(1, _C)},
+    "weight int": lambda: {"weight": torch.ones(_C, dtype=torch.int32)},
+    "weight float64": lambda: {"weight": torch.ones(_C, dtype=torch.float64)},
+    "weight none": lambda: {"weight": None},
+    "save_mean (1, C)": lambda: {"save_mean": torch.zeros(1, _C)},
+    "save_invstd (C, 1)": lambda: {"save_invstd": torch.ones(_C, 1)},
+    "save_invstd none": lambda: {"save_invstd": None},
+    "save_mean none": lambda: {"save_mean": None},
+    "save_mean float64": lambda: {"save_mean": torch.zeros(_C, dtype=torch.float64)},
+    "save_invstd short": lambda: {"save_invstd": torch.ones(_C + 1)},
+    "grad_output float64": lambda: {"grad_output": torch.ones(6, _C, 3, dtype=torch.float64)},
+    "grad_output int": lambda: {"grad_output": torch.ones(6, _C, 3, dtype=torch.int32)},
+    "grad_output shape": lambda: {"grad_output": torch.ones(6, _C, 4)},
+    "grad_output expanded": lambda: {"grad_output": torch.ones(()).expand(6, _C, 3)},
+    "grad_output numpy": lambda: {"grad_output": np.ones((6, _C, 3), np.float32)},
+    "out float64": lambda: {"out": torch.empty(6, _C, 3, dtype=torch.float64)},
+    "out shape": lambda: {"out": torch.empty(6, _C)},
+    "out requires grad": lambda: {"out": torch.empty(6, _C, 3, requires_grad=True)},
+    "out expanded": lambda: {"out": torch.empty(1, 1, 1).expand(6, _C, 3)},
+    "out numpy": lambda: {"out": np.empty((6, _C, 3), np.float32)},
+    "axis 3": lambda: {"axis": 3},
+    "axis True": lambda: {"axis": True},
+    "axis 1.0": lambda: {"axis": 1.0},
+    "axis -1": lambda: {"axis": -1},
+    "axis list": lambda: {"axis": [1]},
+    "training 0": lambda: {"training": 0},
+}
+
+
+@pytest.mark.parametrize("change", list(_BAD_FORWARD), ids=str)
+@pytest.mark.parametrize("with_out", [False, True])
+def test_forward_fast_path_gives_the_checked_paths_outcome(change, with_out, monkeypatch):
+    from bncore import functional
+    x = _data((6, _C, 3), 10)
+
+    def run():
+        torch.manual_seed(0)
+        args = {"weight": torch.rand(_C) + 0.5, "bias": torch.randn(_C), "running_mean": torch.zeros(_C),
+                "running_var": torch.ones(_C), **_BAD_FORWARD[change]()}
+        out = torch.empty_like(x) if with_out else None
+        got = _outcome(lambda: bncore.batch_norm(x, args["running_mean"], args["running_var"], args["weight"],
+                                                 args["bias"], True, 0.1, 1e-5, out=out))
+        return got, _outcome(lambda: (args["running_mean"], args["running_var"]))
+
+    fast = run()
+    monkeypatch.setattr(functional, "_batch_norm_small", lambda *a, **k: None)
+    checked = run()
+    for a, b in zip(fast, checked):
+        _same_outcome(a, b)
+
+
+@pytest.mark.parametrize("change", list(_BAD_BACKWARD), ids=str)
+def test_backward_fast_path_gives_the_checked_paths_outcome(change, monkeypatch):
+    from bncore import functional
+    x = _data((6, _C, 3), 11)
+    _, sm, si = bncore.batch_norm_forward(x, None, None, None, None, True)
+
+    def run():
+        torch.manual_seed(0)
+        args = {"grad_output": _data((6, _C, 3), 12), "weight": torch.rand(_C) + 0.5, "save_mean": sm,
+                "save_invstd": si, "out": None, "axis": 1, "training": True, **_BAD_BACKWARD[change]()}
+        out = args["out"]
+        before = None if out is None else _np(out)
+        got = _outcome(lambda: bncore.batch_norm_backward(args["grad_output"], x, args["weight"], args["save_mean"],
+                                                          args["save_invstd"], training=args["training"],
+                                                          axis=args["axis"], out=out))
+        if got[0] != "ok" and out is not None:  # a refused call wrote nothing
+            np.testing.assert_array_equal(_np(out), before)
+        return got
+
+    fast = run()
+    monkeypatch.setattr(functional, "_batch_norm_backward_small", lambda *a, **k: None)
+    _same_outcome(fast, run())

@@ -1152,12 +1152,13 @@ cdef int _view(object obj, DLPackExchangeAPI *api, DLTensor *out) except -1:
 
 
 cdef int _view_optional(object obj, DLPackExchangeAPI *api, DLTensor *view, DLTensor **out) except -1:
-    """As _view; None gives NULL."""
+    """As _view, for a per-channel tensor (weight, bias, statistics): 1 unless it is 1-D, the checked
+    path's rule (the C core checks only the element count); None gives NULL."""
     if obj is None:
         out[0] = NULL
         return 0
     out[0] = view
-    return _view(obj, api, view)
+    return _view(obj, api, view) or view.ndim != 1
 
 
 def exchange_shape(object obj):
@@ -1208,16 +1209,18 @@ def exchange_backward(Desc desc, object empty_like, object x, object dy, object 
     cdef DLTensor tx, tdy, tdx, tw, tsm, tsr, tdw, tdb
     cdef DLTensor *pw
     cdef DLTensor *psm
+    cdef DLTensor *psr
     cdef DLTensor *pdw
     cdef DLTensor *pdb
     cdef bn_status_t st
     if (api is NULL or _view(x, api, &tx) or _view(dy, api, &tdy) or _view_optional(weight, api, &tw, &pw)
-            or _view_optional(save_mean, api, &tsm, &psm) or _view(save_rstd, api, &tsr)
+            or _view_optional(save_mean, api, &tsm, &psm) or save_rstd is None
+            or _view_optional(save_rstd, api, &tsr, &psr)
             or _view_optional(dweight, api, &tdw, &pdw) or _view_optional(dbias, api, &tdb, &pdb)):
         return None
     dx = empty_like(x)
     if _view(dx, api, &tdx):
         return None
     with nogil:
-        st = bn_norm_backward(NULL, &desc.d, &tx, &tdy, pw, psm, &tsr, &tdx, pdw, pdb)
+        st = bn_norm_backward(NULL, &desc.d, &tx, &tdy, pw, psm, psr, &tdx, pdw, pdb)
     return dx if st == BN_STATUS_SUCCESS else None

@@ -150,30 +150,6 @@ def _batch_forward_one_call(input: Tensor, weight: Tensor | None, bias: Tensor |
     return None if y is None else (y, mean, invstd)
 
 
-_BACKWARD_DESCS: dict[tuple[int, int, bool], Any] = {}  # (ndim, axis, training) -> batch norm's backward desc
-
-
-def _batch_backward_one_call(grad_output: Tensor, input: Tensor, weight: Tensor, save_mean: Tensor,
-                             save_invstd: Tensor, training: bool, axis: int) -> tuple[Tensor, Tensor, Tensor] | None:
-    """(grad_input, grad_weight, grad_bias) from one C call, or None: the checked path decides."""
-    ndim = input.dim()
-    key = (ndim, axis, training)
-    desc = _BACKWARD_DESCS.get(key)
-    if desc is None:
-        if ndim < 2 or not -ndim <= axis < ndim:
-            return None
-        desc = _BACKWARD_DESCS[key] = _core.Desc.batch(ndim, axis % ndim, 0.0).with_options(
-            0 if training else _core.FLAG_USE_RUNNING_STATS)
-    empty_like = empty_like_of(input)
-    if empty_like is None:
-        return None
-    grad_weight = torch.empty_like(weight, memory_format=torch.contiguous_format)
-    grad_bias = torch.empty_like(grad_weight)
-    grad_input = _core.exchange_backward(desc, empty_like, input, grad_output, weight, save_mean, save_invstd,
-                                         grad_weight, grad_bias)
-    return None if grad_input is None else (grad_input, grad_weight, grad_bias)
-
-
 @_batch_norm_op.register_fake
 def _(input, weight, bias, running_mean, running_var, training, momentum, eps, axis, virtual_batch_size=0,
       activation="none", residual=None):
@@ -192,7 +168,7 @@ def _batch_norm_backward_op(grad_output: Tensor, input: Tensor, weight: Tensor, 
     relu) grad_output is masked where it is > 0; grad_residual (that masked gradient) is empty unless
     ``residual``."""
     if not virtual_batch_size and output is None and not residual:
-        fast = _batch_backward_one_call(grad_output, input, weight, save_mean, save_invstd, training, axis)
+        fast = _F._batch_norm_backward_small(grad_output, input, weight, save_mean, save_invstd, training, axis)
         if fast is not None:
             return (*fast, fast[0].new_empty((0,)))
     grads = _F.batch_norm_backward(grad_output, input, weight, save_mean, save_invstd, training=training, axis=axis,

@@ -399,6 +399,64 @@ def _batch_norm_small(input: Array, running_mean: Array | None, running_var: Arr
     return y
 
 
+# batch norm's backward descriptions, keyed by what their checks read (x's rank, the axis with its
+# type, the mode): bounded like _SMALL_DESCS
+_BACKWARD_DESCS: dict[tuple, _core.Desc] = {}
+
+
+def _batch_norm_backward_small(grad_output: Array, input: Array, weight: Array | None, save_mean: Array,
+                               save_invstd: Array, training: Any, axis: Any,
+                               out: Any = None) -> tuple[Any, Any, Any] | None:
+    """`batch_norm_backward` in one C call, as `_batch_norm_small` is the forward's: CPU tensors of a
+    library with a DLPack C exchange table, views borrowed without capsules, grad_input into `out`
+    (a PyTorch tensor that needs no grad) or made by the library's `empty_like`, grad_weight and
+    grad_bias by its `empty_like` of the weight. (grad_input, grad_weight, grad_bias), or None for
+    anything else (a check that fails, a call the C core refuses: nothing was written), where the
+    checked path runs and explains."""
+    shape = _core.exchange_shape(input)
+    if shape is None:
+        return None
+    training = bool(training)
+    key = (len(shape), type(axis), axis, training)
+    try:
+        desc = _BACKWARD_DESCS.get(key)
+    except TypeError:  # an unhashable axis: the checked path explains
+        return None
+    if desc is None:
+        try:
+            check_ndim(shape, "input", 2, "(N, C, ...)")
+            ax = check_axis(axis, len(shape), "axis")
+        except (TypeError, ValueError):
+            return None
+        if len(_BACKWARD_DESCS) >= _SMALL_DESCS_MAX:
+            _BACKWARD_DESCS.clear()
+        desc = _BACKWARD_DESCS[key] = _core.Desc.batch(len(shape), ax, 0.0).with_options(
+            0 if training else _core.FLAG_USE_RUNNING_STATS)
+    if out is None:
+        empty_like = empty_like_of(input)
+        if empty_like is None:
+            return None
+    else:  # `Call`'s rules for a written PyTorch tensor, as in `_batch_norm_small`
+        if not is_torch(out) or out.requires_grad:
+            return None
+
+        def empty_like(_: Any) -> Any:
+            return out
+    grad_weight = grad_bias = None
+    if weight is not None:
+        param_like = empty_like_of(weight)
+        if param_like is None:
+            return None
+        grad_weight, grad_bias = param_like(weight), param_like(weight)
+    grad_input = _core.exchange_backward(desc, empty_like, input, grad_output, weight, save_mean, save_invstd,
+                                         grad_weight, grad_bias)
+    if grad_input is None:
+        return None
+    if out is not None:
+        bump_versions((out,))
+    return grad_input, grad_weight, grad_bias
+
+
 def batch_norm(input: Array, running_mean: Array | None = None, running_var: Array | None = None,
                weight: Array | None = None, bias: Array | None = None, training: bool = False, momentum: float = 0.1,
                eps: float = 1e-5, *, axis: int = 1, out: Array | None = None, virtual_batch_size: int | None = None,
@@ -458,6 +516,10 @@ def batch_norm_backward(grad_output: Array, input: Array, weight: Array | None, 
     With ``activation="relu"``, ``output`` is the forward's output: grad_output is
     masked where it is > 0; grad_residual is that masked gradient.
     """
+    if virtual_batch_size is None and activation is None and output is None and not residual:
+        grads = _batch_norm_backward_small(grad_output, input, weight, save_mean, save_invstd, training, axis, out)
+        if grads is not None:
+            return grads
     act = _check_activation(activation)
     with Call() as call:
         x, ax, channels = _batch_setup(call, input, axis)
