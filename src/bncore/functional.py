@@ -347,6 +347,17 @@ def _small_desc(key: tuple, shape: tuple[int, ...], training: bool, has_running:
     return desc
 
 
+def _small_output(input: Array, out: Any) -> Any:
+    """How the one-call paths make their output: the library's `empty_like` of `input`, or `out`
+    itself. `Call`'s rules for a written PyTorch tensor apply: an `out` that is not one, or that
+    requires grad, takes the checked path (None)."""
+    if out is None:
+        return empty_like_of(input)
+    if not is_torch(out) or out.requires_grad:
+        return None
+    return lambda _: out
+
+
 def _batch_norm_small(input: Array, running_mean: Array | None, running_var: Array | None, weight: Array | None,
                       bias: Array | None, training: bool, momentum: Any, eps: Any, axis: Any,
                       out: Any = None) -> Array | None:
@@ -361,18 +372,10 @@ def _batch_norm_small(input: Array, running_mean: Array | None, running_var: Arr
     shape = _core.exchange_shape(input)
     if shape is None:
         return None
-    written: tuple[Any, ...] = ()
-    if out is None:
-        empty_like = empty_like_of(input)
-        if empty_like is None:
-            return None
-    else:  # `Call`'s rules for a written PyTorch tensor: one that requires grad takes the checked path
-        if not is_torch(out) or out.requires_grad:
-            return None
-        written = (out,)
-
-        def empty_like(_: Any) -> Any:
-            return out
+    empty_like = _small_output(input, out)
+    if empty_like is None:
+        return None
+    written: tuple[Any, ...] = () if out is None else (out,)
     training = bool(training)
     has_running = running_mean is not None
     if has_running != (running_var is not None):
@@ -432,16 +435,9 @@ def _batch_norm_backward_small(grad_output: Array, input: Array, weight: Array |
             _BACKWARD_DESCS.clear()
         desc = _BACKWARD_DESCS[key] = _core.Desc.batch(len(shape), ax, 0.0).with_options(
             0 if training else _core.FLAG_USE_RUNNING_STATS)
-    if out is None:
-        empty_like = empty_like_of(input)
-        if empty_like is None:
-            return None
-    else:  # `Call`'s rules for a written PyTorch tensor, as in `_batch_norm_small`
-        if not is_torch(out) or out.requires_grad:
-            return None
-
-        def empty_like(_: Any) -> Any:
-            return out
+    empty_like = _small_output(input, out)
+    if empty_like is None:
+        return None
     grad_weight = grad_bias = None
     if weight is not None:
         param_like = empty_like_of(weight)
