@@ -335,6 +335,19 @@ def test_steps_on_the_whole_tensor_are_bitwise_the_one_call_forward():
     np.testing.assert_array_equal(sr, ref_sr)
 
 
+def test_forward_step_tells_autograd_it_wrote_torch_running_statistics():
+    # SyncBatchNorm's module relies on it: the step's write is the one version bump
+    torch = pytest.importorskip("torch", reason="the version counters are PyTorch's")
+    x = torch.randn(8, 5, 3, dtype=torch.float64)
+    mean, m2 = np.empty(5), np.empty(5)
+    count = steps.stats(x, mean, m2)
+    rm, rv = torch.zeros(5, dtype=torch.float64), torch.ones(5, dtype=torch.float64)
+    before = rm._version, rv._version
+    steps.forward(x, mean, m2, count, running_mean=rm, running_var=rv, momentum=0.1)
+    assert rm._version > before[0] and rv._version > before[1]
+    np.testing.assert_allclose(rm.numpy(), 0.1 * mean)
+
+
 def test_steps_name_missing_outputs():
     x = np.ones((2, 3))
     with pytest.raises(TypeError, match="mean"):

@@ -175,6 +175,29 @@ def test_functional_bad_scalar_through_the_op_names_it_and_changes_nothing():
     assert torch.equal(rm, torch.zeros(3, dtype=D)) and torch.equal(rv, torch.ones(3, dtype=D))
 
 
+@pytest.mark.parametrize("which", ["input", "weight", "bias"])
+def test_any_one_tensor_that_requires_grad_takes_the_op(which):
+    # the plain path records no gradient: a call with only one tensor requiring grad must still find it
+    args = {"input": rand(4, 3, 5, seed=1), "weight": rand(3, seed=2), "bias": rand(3, seed=3)}
+    args[which].requires_grad_(True)
+    rm, rv = torch.zeros(3, dtype=D), torch.ones(3, dtype=D)
+    y = bncore.batch_norm(args["input"], rm, rv, args["weight"], args["bias"], True)
+    assert y.grad_fn is not None, which
+    g = torch.autograd.grad(y.sum() + (y * y).sum(), args[which])[0]
+    x, w, b = (t.detach().requires_grad_(k == which) for k, t in args.items())
+    y_ref = TF.batch_norm(x, torch.zeros(3, dtype=D), torch.ones(3, dtype=D), w, b, True)
+    g_ref = torch.autograd.grad(y_ref.sum() + (y_ref * y_ref).sum(), (x, w, b)[list(args).index(which)])[0]
+    torch.testing.assert_close(g, g_ref)
+
+
+def test_needs_op_reads_only_tensors():
+    x = rand(4, 3, seed=1)
+    assert not ops.needs_op(x, None, x.numpy(), 1.5)
+    assert ops.needs_op(x, None, rand(3, seed=2, grad=True))
+    with torch.no_grad():
+        assert not ops.needs_op(x, rand(3, seed=2, grad=True))
+
+
 def test_bias_without_weight_through_the_op():
     x, b = rand(4, 3, 5, seed=1, grad=True), rand(3, seed=2, grad=True)
     g = torch.autograd.grad(bncore.batch_norm(x, None, None, None, b, True).sum(), b)[0]

@@ -83,8 +83,14 @@ def bump_versions(written: Sequence[Any]) -> None:
     """Tells autograd that bncore wrote into these PyTorch tensors (as any in-place op does), so a
     backward that saved one of them raises torch's "modified by an inplace operation" error."""
     if written:
-        # what torch.autograd.graph.increment_version runs, without its Python wrapper
-        sys.modules["torch"]._C._increment_version(list(written))
+        # what torch.autograd.graph.increment_version runs, without its Python wrapper (it takes a
+        # sequence); found once, as torch is imported by then
+        if not _INCREMENT_VERSION:
+            _INCREMENT_VERSION.append(sys.modules["torch"]._C._increment_version)
+        _INCREMENT_VERSION[0](written)
+
+
+_INCREMENT_VERSION: list[Callable[[Sequence[Any]], None]] = []
 
 
 def import_tensor(obj: Any, what: str, writable: bool = False) -> _core.Tensor | None:

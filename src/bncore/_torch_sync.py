@@ -29,7 +29,7 @@ import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
 from . import sync as _sync
-from .torch import _BatchNormForward, _bump_versions
+from .torch import _BatchNormForward
 
 
 def _collective(group) -> _sync.Collective:
@@ -49,8 +49,6 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         y, saved = _sync.sync_batch_norm_forward(input, weight, bias, comm=collective, num_features=num_features,
                                                  eps=eps, running_mean=running_mean, running_var=running_var,
                                                  momentum=momentum)
-        if running_mean is not None:
-            _bump_versions(running_mean, running_var)
         ctx.collective, ctx.count, ctx.num_features = collective, saved.count, num_features
         ctx.save_for_backward(input, weight, saved.save_mean, saved.save_rstd)
         return y

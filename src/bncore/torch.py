@@ -44,13 +44,6 @@ __all__ = [
 ]
 
 
-def _bump_versions(*tensors):
-    """bncore writes buffers through DLPack, which autograd cannot see: tell it, as an in-place op would."""
-    for t in tensors:
-        if t is not None and not t.is_inference():
-            torch.autograd.graph.increment_version(t)
-
-
 class _BncoreModule:
     """What every bncore module adds to its torch.nn base: a repr that says it is bncore's
     (``bncore.BatchNorm2d(16, eps=1e-05, ...)``), and a clear refusal of torch.jit.script, which cannot
