@@ -76,10 +76,12 @@ def get_pkgconfig_dir() -> str:
 
 def build_info() -> dict[str, object]:
     """What the loaded C library was built with: "version", "cuda" (the CUDA backend compiled
-    in), "cuda_architectures" (CMake's list, "" without CUDA) and "openmp"."""
+    in), "cuda_architectures" (CMake's list, "" without CUDA) and "openmp"; and "cpu_kernel_level",
+    the CPU kernels this process runs ("baseline", "x86-64-v3" or "x86-64-v4", chosen at load by
+    the CPU and BNCORE_CPU_LEVEL)."""
     has_cuda, has_openmp, archs = _core.build_features()
     return {"version": __version__, "cuda": bool(has_cuda), "cuda_architectures": str(archs),
-            "openmp": bool(has_openmp)}
+            "openmp": bool(has_openmp), "cpu_kernel_level": _core.cpu_kernel_level()}
 
 
 def cuda_available() -> bool:

@@ -71,6 +71,11 @@ def build_features():
     return (features & BN_BUILD_CUDA) != 0, (features & BN_BUILD_OPENMP) != 0, archs.decode()
 
 
+def cpu_kernel_level():
+    """The CPU kernels' level this process runs: "baseline", "x86-64-v3" or "x86-64-v4"."""
+    return bn_cpu_kernel_level().decode()
+
+
 def cuda_device_count():
     """CUDA devices this process can use now: 0 without CUDA in the build, a driver or a device."""
     cdef int32_t n = 0

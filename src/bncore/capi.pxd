@@ -77,6 +77,7 @@ cdef extern from "bncore/bncore.h" nogil:
     uint32_t BN_BUILD_CUDA
     uint32_t BN_BUILD_OPENMP
     bn_status_t bn_build_features(uint32_t *features, const char **cuda_architectures)
+    const char *bn_cpu_kernel_level()
     bn_status_t bn_cuda_device_count(int32_t *count)
     bn_status_t bn_set_num_threads(int32_t n)
     int32_t bn_get_num_threads()

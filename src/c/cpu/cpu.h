@@ -31,16 +31,7 @@ typedef struct bn_row_t {
 /* Which accumulator a backward sum goes to. */
 enum { BN_TARGET_GROUP = 0, BN_TARGET_PARAM = 1 };
 
-/* Row kernels are compiled for several x86-64 levels and picked at load time
- * (GNU ifunc), so the default build stays portable. */
-#if defined(__x86_64__) && defined(__GNUC__) && defined(__ELF__) && !defined(BNCORE_NO_MULTIVERSION) && \
-    !defined(__clang__)
-#define BN_MULTIVERSION __attribute__((target_clones("default", "arch=x86-64-v3", "arch=x86-64-v4")))
-#else
-#define BN_MULTIVERSION
-#endif
-
-/* Row bodies are inlined into each clone of the tile kernels, so they get its instruction set. */
+/* Row bodies are inlined into the tile kernels (a call per row cost more than a short row). */
 #if defined(__GNUC__)
 #define BN_INLINE static inline __attribute__((always_inline))
 #else
@@ -84,6 +75,7 @@ typedef struct bn_kernels_t {
   size_t ct_size; /* bytes of one compute-type value */
 } bn_kernels_t;
 
+/* The kernel tables of the level picked at load (cpu/kernels.c), and that level's name. */
 const bn_kernels_t *bn_cpu_kernels(bn_dtype_t dt);
 
 #endif /* BNCORE_CPU_CPU_H */

@@ -1,6 +1,23 @@
-/* The row kernels, instantiated once per element type from kernels.inc. */
+/*
+ * The row kernels, instantiated once per element type from kernels.inc, and once per x86-64 level:
+ * this file alone is the baseline (SSE2); kernels_v3.c and kernels_v4.c include it again, compiled
+ * with -march=x86-64-v3 (AVX2) and -march=x86-64-v4 (AVX-512), with BN_LEVEL set. Each level has its
+ * own tables; bn_cpu_kernels picks one at load time. A level per file, not GCC's target_clones, so
+ * that each level's vectors are as wide as its registers (kernels.inc: BN_VBYTES) and so that a test
+ * can force each level (BNCORE_CPU_LEVEL) and compare their bits.
+ */
 #include <math.h>
+#include <stdlib.h>
 #include <string.h>
+
+#ifndef BN_LEVEL
+#define BN_LEVEL _base
+#define BN_LEVEL_BASE 1
+#endif
+#define CAT_(a, b) a##b
+#define CAT(a, b) CAT_(a, b)
+#define LEVEL_(a, b) a##b /* a second pasting macro: SUFFIX expands inside kernels.inc's CAT */
+#define LEVEL(a, b) LEVEL_(a, b)
 
 #include "cpu.h"
 #include "../half.h"
@@ -20,51 +37,87 @@ static inline void store_bf16(uint16_t *p, float v) { *p = bn_f32_to_bf16(v); }
 #define CT float
 #define LOAD(p) (*(p))
 #define STORE(p, v) (*(p) = (v))
-#define SUFFIX _f32
+#define CT_BYTES 4
+#define SUFFIX LEVEL(_f32, BN_LEVEL)
 #include "kernels.inc"
 #undef T
 #undef CT
 #undef LOAD
 #undef STORE
 #undef SUFFIX
+#undef CT_BYTES
 
 #define T double
 #define CT double
 #define LOAD(p) (*(p))
 #define STORE(p, v) (*(p) = (v))
-#define SUFFIX _f64
+#define CT_BYTES 8
+#define SUFFIX LEVEL(_f64, BN_LEVEL)
 #include "kernels.inc"
 #undef T
 #undef CT
 #undef LOAD
 #undef STORE
 #undef SUFFIX
+#undef CT_BYTES
 
 #define T uint16_t
 #define CT float
 #define LOAD(p) load_f16(p)
 #define STORE(p, v) store_f16((p), (v))
-#define SUFFIX _f16
+#define CT_BYTES 4
+#define SUFFIX LEVEL(_f16, BN_LEVEL)
 #include "kernels.inc"
 #undef LOAD
 #undef STORE
 #undef SUFFIX
+#undef CT_BYTES
 
 #define LOAD(p) load_bf16(p)
 #define STORE(p, v) store_bf16((p), (v))
-#define SUFFIX _bf16
+#define CT_BYTES 4
+#define SUFFIX LEVEL(_bf16, BN_LEVEL)
 #include "kernels.inc"
 #undef T
 #undef CT
 #undef LOAD
 #undef STORE
 #undef SUFFIX
+#undef CT_BYTES
 
-const bn_kernels_t *bn_cpu_kernels(bn_dtype_t dt) {
+const bn_kernels_t *CAT(bn_cpu_kernels, BN_LEVEL)(bn_dtype_t dt);
+const bn_kernels_t *CAT(bn_cpu_kernels, BN_LEVEL)(bn_dtype_t dt) {
   switch (dt) {
-    case BN_F16: return &kernels__f16;
-    case BN_BF16: return &kernels__bf16;
-    case BN_F32: return &kernels__f32;
-    default: return &kernels__f64;
+    case BN_F16: return &CAT(kernels__f16, BN_LEVEL);
+    case BN_BF16: return &CAT(kernels__bf16, BN_LEVEL);
+    case BN_F32: return &CAT(kernels__f32, BN_LEVEL);
+    default: return &CAT(kernels__f64, BN_LEVEL);
   }
 }
+
+#ifdef BN_LEVEL_BASE
+/* The level: BNCORE_CPU_LEVEL ("baseline", "x86-64-v3" or "x86-64-v4"; default x86-64-v3), or the
+ * highest below it that the CPU runs. Chosen once, before any thread can call in (a constructor).
+ * x86-64-v4 is not the default: on the AMD EPYC (Zen 4) this was measured on, which runs 512-bit
+ * vectors as two halves, the v3 kernels were faster (layer norm 8192x64 forward 1.25x, 768 wide
+ * 1.1-1.3x) and never slower (batch norm rows, which are memory bound); docs/performance.md. */
+static const bn_kernels_t *(*level_kernels)(bn_dtype_t) = bn_cpu_kernels_base;
+static const char *level_name = "baseline";
+#if defined(BNCORE_KERNEL_LEVELS)
+const bn_kernels_t *bn_cpu_kernels_v3(bn_dtype_t dt);
+const bn_kernels_t *bn_cpu_kernels_v4(bn_dtype_t dt);
+__attribute__((constructor)) static void pick_level(void) {
+  const char *want = getenv("BNCORE_CPU_LEVEL");
+  const int most = !want ? 3 : !strcmp(want, "baseline") ? 1 : !strcmp(want, "x86-64-v4") ? 4 : 3;
+  __builtin_cpu_init();
+  if (most >= 4 && __builtin_cpu_supports("x86-64-v4"))
+    level_kernels = bn_cpu_kernels_v4, level_name = "x86-64-v4";
+  else if (most >= 3 && __builtin_cpu_supports("x86-64-v3"))
+    level_kernels = bn_cpu_kernels_v3, level_name = "x86-64-v3";
+}
+#endif
+
+const bn_kernels_t *bn_cpu_kernels(bn_dtype_t dt) { return level_kernels(dt); }
+
+BN_API const char *bn_cpu_kernel_level(void) { return level_name; }
+#endif

@@ -118,6 +118,12 @@ BN_API const char *bn_version_string(void);
  * compiled in, CMake's spelling (e.g. "80-real;90-real;90-virtual"), "" without CUDA.
  * Returns SUCCESS. Since 0.4. */
 BN_API bn_status_t bn_build_features(uint32_t *features, const char **cuda_architectures);
+/* The CPU kernels' instruction-set level that this process runs: "baseline" (x86-64 SSE2, or any
+ * other CPU), "x86-64-v3" (AVX2) or "x86-64-v4" (AVX-512). Picked at load: the environment's
+ * BNCORE_CPU_LEVEL (one of the three names; default "x86-64-v3"), or the highest level below it
+ * that the CPU supports. Every level gives the same bits. Static, never NULL. Added in the 0.4
+ * series. */
+BN_API const char *bn_cpu_kernel_level(void);
 /* The number of CUDA devices this process can use now (out): 0 in a build without CUDA, and
  * with no driver or no device (never an error; the CUDA runtime is asked once per call).
  * Returns SUCCESS, INVALID_ARGUMENT (count NULL). Since 0.4. */

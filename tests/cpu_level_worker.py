@@ -1,0 +1,60 @@
+"""Run by test_cpu_levels.py in a subprocess with BNCORE_CPU_LEVEL set: prints the kernel level
+this process runs, then one digest per case of every output of a forward and a backward."""
+from __future__ import annotations
+
+import hashlib
+import sys
+
+import numpy as np
+import torch
+
+import bncore
+import bncore._core as _core
+
+
+def _digest(outs) -> str:
+    h = hashlib.sha256()
+    for o in outs:
+        if o is None:
+            continue
+        o = o.detach().contiguous()
+        h.update((o.view(torch.int16) if o.dtype in (torch.bfloat16, torch.float16) else o).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _data(shape, dtype, pshape, seed):
+    rng = np.random.default_rng(seed)
+    x = torch.from_numpy(rng.normal(size=shape) * 3 + 1e3 * (dtype == "float32")).to(getattr(torch, dtype))
+    dy = torch.from_numpy(rng.normal(size=shape)).to(x.dtype)
+    w = torch.from_numpy(rng.uniform(0.5, 1.5, size=pshape)).to(x.dtype)
+    b = torch.from_numpy(rng.normal(size=pshape)).to(x.dtype)
+    return x, dy, w, b
+
+
+def cases():
+    for dtype in ("float32", "float64", "bfloat16", "float16"):
+        # layer-norm rows: short (blocks of rows), a tail after the lanes, one piece, several pieces
+        for n in (64, 100, 768, 5000):
+            x, dy, w, b = _data((24, n), dtype, (n,), n)
+            y, m, r = bncore.layer_norm_forward(x, (n,), w, b)
+            yield f"layer {dtype} {n}", [y, m, r, *bncore.layer_norm_backward(dy, x, (n,), w, m, r)]
+            y, r = bncore.rms_norm_forward(x, (n,), w)
+            yield f"rms {dtype} {n}", [y, r, *bncore.rms_norm_backward(dy, x, (n,), w, r)]
+        # batch norm: NCHW rows, channels-last rows of groups, and a 2-d column reduction
+        for shape, fmt in (((4, 8, 9, 11), torch.contiguous_format), ((4, 8, 9, 11), torch.channels_last),
+                           ((300, 40), None)):
+            x, dy, w, b = _data(shape, dtype, (shape[1],), 7)
+            if fmt is not None:
+                x, dy = x.contiguous(memory_format=fmt), dy.contiguous(memory_format=fmt)
+            y, m, r = bncore.batch_norm_forward(x, None, None, w, b, training=True)[:3]
+            yield f"batch {dtype} {shape} {fmt}", [y, m, r, *bncore.batch_norm_backward(dy, x, w, m, r)]
+        x, dy, w, b = _data((3, 12, 10, 10), dtype, (12,), 3)
+        y, m, r = bncore.group_norm_forward(x, 4, w, b)
+        yield f"group {dtype}", [y, m, r, *bncore.group_norm_backward(dy, x, 4, w, m, r)]
+
+
+if __name__ == "__main__":
+    print(_core.cpu_kernel_level())
+    for name, outs in cases():
+        print(f"{name}: {_digest(outs)}")
+    sys.stdout.flush()
