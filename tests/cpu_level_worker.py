@@ -41,8 +41,9 @@ def cases():
             y, r = bncore.rms_norm_forward(x, (n,), w)
             yield f"rms {dtype} {n}", [y, r, *bncore.rms_norm_backward(dy, x, (n,), w, r)]
         # batch norm: NCHW rows, channels-last rows of groups, and a 2-d column reduction
+        # (channels-last rows of 64 and 2-d rows of 40 columns take the column blocks of 32 lanes)
         for shape, fmt in (((4, 8, 9, 11), torch.contiguous_format), ((4, 8, 9, 11), torch.channels_last),
-                           ((300, 40), None)):
+                           ((2, 64, 5, 7), torch.channels_last), ((300, 40), None)):
             x, dy, w, b = _data(shape, dtype, (shape[1],), 7)
             if fmt is not None:
                 x, dy = x.contiguous(memory_format=fmt), dy.contiguous(memory_format=fmt)

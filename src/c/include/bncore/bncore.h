@@ -119,9 +119,11 @@ BN_API const char *bn_version_string(void);
  * Returns SUCCESS. Since 0.4. */
 BN_API bn_status_t bn_build_features(uint32_t *features, const char **cuda_architectures);
 /* The CPU kernels' instruction-set level that this process runs: "baseline" (x86-64 SSE2, or any
- * other CPU), "x86-64-v3" (AVX2) or "x86-64-v4" (AVX-512). Picked at load: the environment's
- * BNCORE_CPU_LEVEL (one of the three names; default "x86-64-v3"), or the highest level below it
- * that the CPU supports. Every level gives the same bits. Static, never NULL. Added in the 0.4
+ * other CPU), "x86-64-v3" (AVX2) or "x86-64-v4" (AVX-512), or, where the half types run another
+ * level than float32 and float64, e.g. "x86-64-v3 (float16, bfloat16: x86-64-v4)". Picked at load:
+ * the environment's BNCORE_CPU_LEVEL (one of the three names) for every dtype, else x86-64-v3 for
+ * float32 and float64 and x86-64-v4 for the half types; each the highest level at or below that
+ * which the CPU supports. Every level gives the same bits. Static, never NULL. Added in the 0.4
  * series. */
 BN_API const char *bn_cpu_kernel_level(void);
 /* The number of CUDA devices this process can use now (out): 0 in a build without CUDA, and
