@@ -23,8 +23,8 @@
 #include "cpu.h"
 #include "../half.h"
 
-/* The kernels' vector-typed helpers are always inlined into each clone, so no vector crosses a call:
- * the warning that the baseline clone would pass them differently does not apply. */
+/* The kernels' vector-typed helpers are always inlined, so no vector crosses a call: the warning
+ * that the baseline level would pass them differently does not apply. */
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic ignored "-Wpsabi"
 #endif
@@ -119,11 +119,13 @@ static const bn_kernels_t *(*level_at_most(int most, const char **name))(bn_dtyp
 __attribute__((constructor)) static void pick_level(void) {
   static char both[64];
   const char *want = getenv("BNCORE_CPU_LEVEL"), *full_name, *half_name;
+  int full_most = 3, half_most = 4; /* the defaults; a known BNCORE_CPU_LEVEL sets both */
+  if (want && !strcmp(want, "baseline")) full_most = half_most = 1;
+  if (want && !strcmp(want, "x86-64-v3")) full_most = half_most = 3;
+  if (want && !strcmp(want, "x86-64-v4")) full_most = half_most = 4;
   __builtin_cpu_init();
-  const int forced = want && (!strcmp(want, "baseline") || !strcmp(want, "x86-64-v3") || !strcmp(want, "x86-64-v4"));
-  const int most = !forced ? 0 : !strcmp(want, "baseline") ? 1 : !strcmp(want, "x86-64-v3") ? 3 : 4;
-  full_kernels = level_at_most(forced ? most : 3, &full_name);
-  half_kernels = level_at_most(forced ? most : 4, &half_name);
+  full_kernels = level_at_most(full_most, &full_name);
+  half_kernels = level_at_most(half_most, &half_name);
   if (!strcmp(full_name, half_name)) {
     level_name = full_name;
   } else {
