@@ -8,6 +8,9 @@
  */
 #include <math.h>
 #include <stdio.h>
+#if defined(__F16C__)
+#include <immintrin.h>
+#endif
 #include <stdlib.h>
 #include <string.h>
 
@@ -68,7 +71,11 @@ static inline void store_bf16(uint16_t *p, float v) { *p = bn_f32_to_bf16(v); }
 #define STORE(p, v) store_f16((p), (v))
 #define CT_BYTES 4
 #define SUFFIX LEVEL(_f16, BN_LEVEL)
+#if defined(__F16C__)
+#define BN_LOAD_F16C 1
+#endif
 #include "kernels.inc"
+#undef BN_LOAD_F16C
 #undef LOAD
 #undef STORE
 #undef SUFFIX
@@ -103,8 +110,9 @@ const bn_kernels_t *CAT(bn_cpu_kernels, BN_LEVEL)(bn_dtype_t dt) {
  * below that which the CPU runs. Measured on an AMD EPYC (Zen 4, which runs 512-bit vectors as two
  * halves): for float32 the v3 kernels were faster (layer norm 8192x64 forward 1.68x over the
  * previous build against 1.35x for v4, 768 wide 1.16-1.39x against 0.95-1.05x) and never slower;
- * for the half types v4 was (GCC vectorizes the float16 conversions only with AVX-512: layer norm
- * 8192x1024 forward 10.7 ms against 58 ms; bfloat16 4.6 against 6.2 ms). docs/numerics.md. */
+ * for the half types v4 was (layer norm 8192x1024 forward 10.7 ms against 58 ms; bfloat16 4.6
+ * against 6.2 ms), measured before float16's selects were bit masks and its loads F16C (which
+ * made v3's float16 about 4x faster; not measured again on AVX-512). docs/numerics.md. */
 static const bn_kernels_t *(*full_kernels)(bn_dtype_t) = bn_cpu_kernels_base; /* float32, float64 */
 static const bn_kernels_t *(*half_kernels)(bn_dtype_t) = bn_cpu_kernels_base; /* float16, bfloat16 */
 static const char *level_name = "baseline";
