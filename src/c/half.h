@@ -73,12 +73,20 @@ static inline uint16_t bn_f32_to_f16(float f) {
  * exponent). Assumes the default rounding mode.
  */
 
+/* Always inlined where the compiler allows: a call left in a loop (GCC did so in the largest kernel
+ * functions, past its inlining budget) stops that loop from vectorizing. */
+#if defined(__GNUC__)
+#define BN_HALF_INLINE static inline __attribute__((always_inline))
+#else
+#define BN_HALF_INLINE static inline
+#endif
+
 /* c ? a : b for c in {0, 1}, as arithmetic rather than a branch */
-static inline uint32_t bn_select_u32(uint32_t c, uint32_t a, uint32_t b) {
+BN_HALF_INLINE uint32_t bn_select_u32(uint32_t c, uint32_t a, uint32_t b) {
   const uint32_t m = 0u - c;
   return (a & m) | (b & ~m);
 }
-static inline float bn_f16_to_f32_vec(uint16_t h) {
+BN_HALF_INLINE float bn_f16_to_f32_vec(uint16_t h) {
   const uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
   const uint32_t em = (uint32_t)(h & 0x7fffu) << 13; /* exponent and mantissa, float32 positions */
   const uint32_t e = em & 0x0f800000u;
@@ -90,7 +98,7 @@ static inline float bn_f16_to_f32_vec(uint16_t h) {
   return bn_bits_to_f32(sign | mag);
 }
 
-static inline uint16_t bn_f32_to_f16_vec(float f) {
+BN_HALF_INLINE uint16_t bn_f32_to_f16_vec(float f) {
   const uint32_t u = bn_f32_to_bits(f), a = u & 0x7fffffffu;
   const uint32_t sign = (u >> 16) & 0x8000u;
   /* normal: rebias the exponent and round the 13 dropped mantissa bits, ties to even */

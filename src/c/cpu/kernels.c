@@ -32,10 +32,10 @@
 #pragma GCC diagnostic ignored "-Wpsabi"
 #endif
 
-static inline float load_f16(const uint16_t *p) { return bn_f16_to_f32_vec(*p); }
-static inline float load_bf16(const uint16_t *p) { return bn_bf16_to_f32(*p); }
-static inline void store_f16(uint16_t *p, float v) { *p = bn_f32_to_f16_vec(v); }
-static inline void store_bf16(uint16_t *p, float v) { *p = bn_f32_to_bf16(v); }
+BN_INLINE float load_f16(const uint16_t *p) { return bn_f16_to_f32_vec(*p); }
+BN_INLINE float load_bf16(const uint16_t *p) { return bn_bf16_to_f32(*p); }
+BN_INLINE void store_f16(uint16_t *p, float v) { *p = bn_f32_to_f16_vec(v); }
+BN_INLINE void store_bf16(uint16_t *p, float v) { *p = bn_f32_to_bf16(v); }
 
 #define T float
 #define CT float
@@ -111,8 +111,8 @@ const bn_kernels_t *CAT(bn_cpu_kernels, BN_LEVEL)(bn_dtype_t dt) {
  * halves): for float32 the v3 kernels were faster (layer norm 8192x64 forward 1.68x over the
  * previous build against 1.35x for v4, 768 wide 1.16-1.39x against 0.95-1.05x) and never slower;
  * for the half types v4 was (layer norm 8192x1024 forward 10.7 ms against 58 ms; bfloat16 4.6
- * against 6.2 ms), measured before float16's selects were bit masks and its loads F16C (which
- * made v3's float16 about 4x faster; not measured again on AVX-512). docs/numerics.md. */
+ * against 6.2 ms), measured before float16's selects were bit masks and its vectors converted by
+ * F16C (which made v3's float16 9-14x faster; not measured again on AVX-512). docs/numerics.md. */
 static const bn_kernels_t *(*full_kernels)(bn_dtype_t) = bn_cpu_kernels_base; /* float32, float64 */
 static const bn_kernels_t *(*half_kernels)(bn_dtype_t) = bn_cpu_kernels_base; /* float16, bfloat16 */
 static const char *level_name = "baseline";
