@@ -112,7 +112,7 @@ const bn_kernels_t *CAT(bn_cpu_kernels, BN_LEVEL)(bn_dtype_t dt) {
  * previous build against 1.35x for v4, 768 wide 1.16-1.39x against 0.95-1.05x) and never slower;
  * for the half types v4 was (layer norm 8192x1024 forward 10.7 ms against 58 ms; bfloat16 4.6
  * against 6.2 ms), measured before float16's selects were bit masks and its vectors converted by
- * F16C (which made v3's float16 9-14x faster; not measured again on AVX-512). docs/numerics.md. */
+ * F16C (which made v3's float16 12-15x faster; not measured again on AVX-512). docs/numerics.md. */
 static const bn_kernels_t *(*full_kernels)(bn_dtype_t) = bn_cpu_kernels_base; /* float32, float64 */
 static const bn_kernels_t *(*half_kernels)(bn_dtype_t) = bn_cpu_kernels_base; /* float16, bfloat16 */
 static const char *level_name = "baseline";
