@@ -64,9 +64,9 @@ static inline uint16_t bn_f32_to_f16(float f) {
 }
 
 /*
- * The same two float16 conversions without branches, for the CPU row kernels: every case is computed and the
- * right one selected by a bit mask, so that the compiler vectorizes a loop of them at every x86-64
- * level (the branchy ones above ran a float16 batch norm 10x slower than float32; with `?:`
+ * The same two float16 conversions without branches, for the CPU row kernels: every case is
+ * computed and the right one selected by a bit mask, so that the compiler vectorizes a loop of
+ * them at every x86-64 level (the branchy ones above ran a float16 batch norm 10x slower than float32; with `?:`
  * selects GCC 12 if-converted the loop only with AVX-512 masks and left it scalar, "control flow
  * in loop", for SSE2 and AVX2). Bit for bit the functions above for every input but NaNs, which
  * stay NaNs (tests/c/test_half.c checks all 65536 float16 values and float32 values of every
