@@ -372,10 +372,14 @@ def _batch_norm_small(input: Array, running_mean: Array | None, running_var: Arr
     shape = _core.exchange_shape(input)
     if shape is None:
         return None
-    empty_like = _small_output(input, out)
+    written: tuple[Any, ...] = ()
+    if out is None:
+        empty_like = empty_like_of(input)
+    else:
+        empty_like = _small_output(input, out)
+        written = (out,)
     if empty_like is None:
         return None
-    written: tuple[Any, ...] = () if out is None else (out,)
     training = bool(training)
     has_running = running_mean is not None
     if has_running != (running_var is not None):

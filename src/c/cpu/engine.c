@@ -45,6 +45,23 @@ static int thread_id(void) {
 #endif
 }
 
+/* `for (int64_t i = 0; i < n; i++) body` on a team of `nthreads` threads (static schedule) when
+ * `par` holds and more than one thread and one iteration would run, else as a plain loop on the
+ * calling thread. Not OpenMP's if clause: a region that clause turns off still starts a team of
+ * one, and that team's closing barrier makes a futex system call (0.9 us a region on the 2-core
+ * development machine, more than all the arithmetic of a (16, 32) batch norm). */
+#define BN_FOR(par, nthreads, i, n, ...)                                \
+  do {                                                                   \
+    const int bn_for_nt = (nthreads);                                    \
+    const int64_t bn_for_n = (n);                                        \
+    if ((par) && bn_for_nt > 1 && bn_for_n > 1) {                        \
+      _Pragma("omp parallel for num_threads(bn_for_nt) schedule(static)") \
+      for (int64_t i = 0; i < bn_for_n; i++) __VA_ARGS__                 \
+    } else {                                                             \
+      for (int64_t i = 0; i < bn_for_n; i++) __VA_ARGS__                 \
+    }                                                                    \
+  } while (0)
+
 /* Fills `row` for row number r (row-major over all dims but the last) and returns
  * the row's index under the per-dim index strides `ts` (NULL: none). */
 static int64_t row_at(const bn_plan_t *P, int64_t r, const int64_t *ts, bn_row_t *row) {
@@ -199,6 +216,49 @@ static int64_t local_targets(const reduction_t *R, int prefix, int64_t *lts, int
   return ntl;
 }
 
+/* One block of a reduction in slabs: each slab's partials, then every target's slabs merged in
+ * slab order. Run by every thread of a team, which share out its loops, or by one thread alone. */
+typedef struct slab_block_t {
+  const reduction_t *R;
+  int64_t r0, rpb, nslab, ntl, tblock, tmp_len; /* r0: the block's first row */
+  int nacc, contiguous;
+  const int64_t *lts, *map;
+  double *ws, *tmp, *cnt, *a, *b;
+} slab_block_t;
+
+static void slab_block(const slab_block_t *S) {
+  const int64_t nslab = S->nslab, ntl = S->ntl, nacc = S->nacc, rpb = S->rpb;
+  double *ws = S->ws, *cnt = S->cnt, *a = S->a, *b = S->b;
+  const int tid = thread_id();
+#pragma omp for schedule(static)
+  for (int64_t s = 0; s < nslab; s++) {
+    double *sc = ws + s * ntl * nacc, *sa = sc + ntl * (nacc - 2), *sb = sa + ntl;
+    memset(sc, 0, (size_t)(ntl * nacc) * sizeof *sc);
+    const int64_t r0 = S->r0 + rpb * s / nslab, r1 = S->r0 + rpb * (s + 1) / nslab;
+    reduce_rows(S->R, r0, r1, S->lts, 0, sc, sa, sb, S->tmp + tid * S->tmp_len);
+  }
+  if (S->R->moments && S->contiguous) { /* every target's slabs in slab order, as below, by columns */
+#pragma omp for schedule(static)
+    for (int64_t l0 = 0; l0 < ntl; l0 += 256) {
+      const int64_t nl = ntl - l0 < 256 ? ntl - l0 : 256, t = S->tblock + S->map[0] + l0;
+      for (int64_t s = 0; s < nslab; s++) {
+        const double *sc = ws + s * ntl * nacc + l0, *sa = sc + ntl, *sb = sa + ntl;
+        chan_merge_cols(&cnt[t], &a[t], &b[t], nl, sc, 1, sa, sb);
+      }
+    }
+  } else {
+#pragma omp for schedule(static)
+    for (int64_t l = 0; l < ntl; l++) {
+      const int64_t t = S->tblock + S->map[l];
+      for (int64_t s = 0; s < nslab; s++) {
+        const double *sc = ws + s * ntl * nacc, *sa = sc + ntl * (nacc - 2), *sb = sa + ntl;
+        if (S->R->moments) bn_chan_merge(&cnt[t], &a[t], &b[t], sc[l], sa[l], sb[l]);
+        else a[t] += sa[l], b[t] += sb[l];
+      }
+    }
+  }
+}
+
 static bn_status_t run_reduction(const reduction_t *R, int64_t ntargets, double *cnt, double *a, double *b) {
   const bn_plan_t *P = R->P;
   const int last = P->ndim - 1, nthreads = R->ex->nthreads;
@@ -224,10 +284,8 @@ static bn_status_t run_reduction(const reduction_t *R, int64_t ntargets, double 
   const int par = P->numel >= BN_PAR_MIN;
 
   if (nslab == 1) {
-#pragma omp parallel for num_threads(nthreads) schedule(static) if (par && nblocks > 1)
-    for (int64_t blk = 0; blk < nblocks; blk++) {
-      reduce_rows(R, blk * rpb, (blk + 1) * rpb, R->ts, R->t0, cnt, a, b, tmp + thread_id() * tmp_len);
-    }
+    BN_FOR(par, nthreads, blk, nblocks,
+           { reduce_rows(R, blk * rpb, (blk + 1) * rpb, R->ts, R->t0, cnt, a, b, tmp + thread_id() * tmp_len); });
     bn_ws_free(R->ex, tmp);
     return BN_STATUS_SUCCESS;
   }
@@ -242,39 +300,16 @@ static bn_status_t run_reduction(const reduction_t *R, int64_t ntargets, double 
   }
   int contiguous = 1; /* the local targets are consecutive global ones */
   for (int64_t l = 1; l < ntl && contiguous; l++) contiguous = map[l] == map[0] + l;
+  slab_block_t S = {R, 0, rpb, nslab, ntl, 0, tmp_len, nacc, contiguous, lts, map, ws, tmp, cnt, a, b};
   for (int64_t blk = 0; blk < nblocks; blk++) {
     bn_row_t first;
-    const int64_t tblock = R->t0 + row_at(P, blk * rpb, R->ts, &first);
-#pragma omp parallel num_threads(nthreads) if (par)
-    {
-      const int tid = thread_id();
-#pragma omp for schedule(static)
-      for (int64_t s = 0; s < nslab; s++) {
-        double *sc = ws + s * ntl * nacc, *sa = sc + ntl * (nacc - 2), *sb = sa + ntl;
-        memset(sc, 0, (size_t)(ntl * nacc) * sizeof *sc);
-        const int64_t r0 = blk * rpb + rpb * s / nslab, r1 = blk * rpb + rpb * (s + 1) / nslab;
-        reduce_rows(R, r0, r1, lts, 0, sc, sa, sb, tmp + tid * tmp_len);
-      }
-      if (R->moments && contiguous) { /* every target's slabs in slab order, as below, by columns */
-#pragma omp for schedule(static)
-        for (int64_t l0 = 0; l0 < ntl; l0 += 256) {
-          const int64_t nl = ntl - l0 < 256 ? ntl - l0 : 256, t = tblock + map[0] + l0;
-          for (int64_t s = 0; s < nslab; s++) {
-            const double *sc = ws + s * ntl * nacc + l0, *sa = sc + ntl, *sb = sa + ntl;
-            chan_merge_cols(&cnt[t], &a[t], &b[t], nl, sc, 1, sa, sb);
-          }
-        }
-      } else {
-#pragma omp for schedule(static)
-        for (int64_t l = 0; l < ntl; l++) {
-          const int64_t t = tblock + map[l];
-          for (int64_t s = 0; s < nslab; s++) {
-            const double *sc = ws + s * ntl * nacc, *sa = sc + ntl * (nacc - 2), *sb = sa + ntl;
-            if (R->moments) bn_chan_merge(&cnt[t], &a[t], &b[t], sc[l], sa[l], sb[l]);
-            else a[t] += sa[l], b[t] += sb[l];
-          }
-        }
-      }
+    S.r0 = blk * rpb;
+    S.tblock = R->t0 + row_at(P, S.r0, R->ts, &first);
+    if (par && nthreads > 1) { /* not an if clause: see BN_FOR */
+#pragma omp parallel num_threads(nthreads)
+      slab_block(&S);
+    } else {
+      slab_block(&S);
     }
   }
   bn_ws_free(R->ex, ws), bn_ws_free(R->ex, map), bn_ws_free(R->ex, tmp);
@@ -293,8 +328,7 @@ static void apply_rows(const bn_exec_t *ex, const bn_plan_t *P, const bn_cpu_coe
   const int64_t per_run = (run + tile_rows(P, 0, run) - 1) / tile_rows(P, 0, run), ntiles = nrows / run * per_run;
   const int64_t step = tile_rows(P, 0, run);
   const int nthreads = ex->nthreads;
-#pragma omp parallel for num_threads(nthreads) schedule(static) if (P->numel >= BN_PAR_MIN && ntiles > 1)
-  for (int64_t i = 0; i < ntiles; i++) {
+  BN_FOR(P->numel >= BN_PAR_MIN, nthreads, i, ntiles, {
     const int64_t r = (i / per_run) * run + (i % per_run) * step;
     bn_row_t tile;
     row_at(P, r, NULL, &tile);
@@ -302,7 +336,7 @@ static void apply_rows(const bn_exec_t *ex, const bn_plan_t *P, const bn_cpu_coe
     if (kind == APPLY_BACKWARD) K->apply_backward(&tile, c);
     else if (kind == APPLY_FORWARD) K->apply_forward(&tile, c);
     else K->mask_grad(&tile, kind == APPLY_MASK_RELU);
-  }
+  });
 }
 
 /* The kernels' view of `c`: compute-type copies of weight and bias and, for rows across
@@ -408,8 +442,7 @@ static void fused_forward(const bn_exec_t *ex, const bn_plan_t *P, const bn_cpu_
   if (W.rows == 1 && W.ngd == 1) { /* one-row groups along one dim: tiles of rows, one kernel call each */
     const bn_dim_t *gd = W.gd[0];
     const int64_t ntiles = (P->ngroups + BN_ROWS_PER_TILE - 1) / BN_ROWS_PER_TILE;
-#pragma omp parallel for num_threads(ex->nthreads) schedule(static) if (P->numel >= BN_PAR_MIN && ntiles > 1)
-    for (int64_t t = 0; t < ntiles; t++) {
+    BN_FOR(P->numel >= BN_PAR_MIN, ex->nthreads, t, ntiles, {
       const int64_t j0 = t * BN_ROWS_PER_TILE;
       bn_row_t tile;
       group_row(P, &W, j0, 0, &tile);
@@ -417,24 +450,22 @@ static void fused_forward(const bn_exec_t *ex, const bn_plan_t *P, const bn_cpu_
       tile.rx = gd->s[BN_OP_X], tile.rdy = gd->s[BN_OP_DY], tile.ro = gd->s[BN_OP_OUT];
       tile.rg = gd->sg, tile.rp = gd->sp;
       K->forward_rows(&tile, k, &c, (double)P->group_size);
-    }
+    });
     return;
   }
   if (W.nrd == 1) { /* a group's rows run along one dim: the group is a tile, one kernel call */
     const bn_dim_t *rd = W.rd[0];
-#pragma omp parallel for num_threads(ex->nthreads) schedule(static) if (P->numel >= BN_PAR_MIN && P->ngroups > 1)
-    for (int64_t j = 0; j < P->ngroups; j++) {
+    BN_FOR(P->numel >= BN_PAR_MIN, ex->nthreads, j, P->ngroups, {
       bn_row_t tile;
       group_row(P, &W, j, 0, &tile);
       tile.m = W.rows;
       tile.rx = rd->s[BN_OP_X], tile.rdy = rd->s[BN_OP_DY], tile.ro = rd->s[BN_OP_OUT];
       tile.rg = 0, tile.rp = rd->sp;
       K->forward_group(&tile, k, &c, (double)P->group_size);
-    }
+    });
     return;
   }
-#pragma omp parallel for num_threads(ex->nthreads) schedule(static) if (P->numel >= BN_PAR_MIN && P->ngroups > 1)
-  for (int64_t j = 0; j < P->ngroups; j++) {
+  BN_FOR(P->numel >= BN_PAR_MIN, ex->nthreads, j, P->ngroups, {
     bn_row_t row;
     double mean, m2;
     const int64_t g = group_moments(P, K, &W, j, &row, &mean, &m2); /* reduce */
@@ -444,7 +475,7 @@ static void fused_forward(const bn_exec_t *ex, const bn_plan_t *P, const bn_cpu_
       group_row(P, &W, j, r, &row);
       K->apply_forward(&row, k);
     }
-  }
+  });
 }
 
 /* Backward, one group at a time (the apply from cache when the plan has dx). Parameter sums
@@ -479,8 +510,7 @@ static bn_status_t fused_backward(const bn_exec_t *ex, const bn_plan_t *P, const
   else if (c->rms) apply.c.sum_dy = NULL;
   /* one-row groups along one dim, parameters along the row (layer and RMS norm): tiles of rows */
   const int rows_tiles = W.rows == 1 && W.ngd == 1 && !by_group && (ct_partials || !want_params);
-#pragma omp parallel for num_threads(ex->nthreads) schedule(static) if (P->numel >= BN_PAR_MIN && nslab > 1)
-  for (int64_t s = 0; s < nslab; s++) {
+  BN_FOR(P->numel >= BN_PAR_MIN, ex->nthreads, s, nslab, {
     char *pa = partials + (size_t)(s * 2 * np) * pbytes, *pb = pa + (size_t)np * pbytes;
     if (rows_tiles) { /* the slab's one-row groups as one tile, one kernel call */
       const int64_t j0 = ng * s / nslab, j1 = ng * (s + 1) / nslab;
@@ -521,7 +551,7 @@ static bn_status_t fused_backward(const bn_exec_t *ex, const bn_plan_t *P, const
           K->apply_backward(&row, &apply);
         }
     }
-  }
+  });
   if (want_params && by_group) {
     for (int64_t g = 0; g < ng; g++) {
       const int64_t p = c->param_of_group[g];
@@ -575,13 +605,12 @@ static bn_status_t cpu_stats(const bn_exec_t *ex, const bn_plan_t *P, bn_coef_t 
   const bn_kernels_t *K = bn_cpu_kernels(P->dtype);
   group_walk_t W;
   group_walk_init(P, &W);
-#pragma omp parallel for num_threads(ex->nthreads) schedule(static) if (P->numel >= BN_PAR_MIN && P->ngroups > 1)
-  for (int64_t j = 0; j < P->ngroups; j++) {
+  BN_FOR(P->numel >= BN_PAR_MIN, ex->nthreads, j, P->ngroups, {
     bn_row_t row;
     double mean, m2;
     const int64_t g = group_moments(P, K, &W, j, &row, &mean, &m2);
     c->mean[g] = mean, c->var[g] = m2;
-  }
+  });
   return BN_STATUS_SUCCESS;
 }
 
